@@ -1,0 +1,100 @@
+"""Every config key clipkd knows, with its default.
+
+Keys follow Dassl's names where Dassl has them (DATASET.*, INPUT.*, DATALOADER.*, OPTIM.*, TEST.*) so that
+users of CoOp / PromptKD configs feel at home. A key that is not here is an error when merged.
+"""
+
+from __future__ import annotations
+
+from yacs.config import CfgNode as CN
+
+_C = CN()
+_C.OUTPUT_DIR = ""
+_C.SEED = 1
+
+# ---------------------------------------------------------------- data
+_C.DATASET = CN()
+_C.DATASET.ROOT = ""  # the DATA root that holds one folder per dataset
+_C.DATASET.NAME = ""  # Dassl name (e.g. "OxfordPets") or clipkd stem (e.g. "oxford_pets")
+_C.DATASET.NUM_SHOTS = 16  # K images per class; <= 0 means the full train set
+_C.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new
+
+_C.INPUT = CN()
+_C.INPUT.SIZE = (224, 224)
+_C.INPUT.INTERPOLATION = "bicubic"
+_C.INPUT.PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
+_C.INPUT.PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+_C.INPUT.RRCROP_SCALE = (0.08, 1.0)
+_C.INPUT.FLIP_PROB = 0.5
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 2
+_C.DATALOADER.TRAIN_X = CN()
+_C.DATALOADER.TRAIN_X.BATCH_SIZE = 8
+_C.DATALOADER.TEST = CN()
+_C.DATALOADER.TEST.BATCH_SIZE = 100
+
+# ---------------------------------------------------------------- models
+_C.MODEL = CN()
+_C.MODEL.TEACHER = CN()
+_C.MODEL.TEACHER.NAME = "ViT-L-14"  # open_clip model name or a clipkd test-size config
+_C.MODEL.TEACHER.PRETRAINED = ""  # open_clip tag ("openai"), a local weights file, or "" (random init)
+_C.MODEL.TEACHER.CHECKPOINT = ""  # clipkd ivlp run whose prompts make the teacher a prompted teacher
+_C.MODEL.TEACHER.TEMPLATES = "dataset"  # dataset (PROTOCOL template) | ensemble (CLIP's 80 ImageNet templates)
+_C.MODEL.STUDENT = CN()
+_C.MODEL.STUDENT.NAME = "ViT-B-16"
+_C.MODEL.STUDENT.PRETRAINED = ""
+_C.MODEL.STUDENT.TYPE = "promptkd"  # promptkd | ivlp
+_C.MODEL.PROMPT = CN()
+_C.MODEL.PROMPT.N_CTX_VISION = 4
+_C.MODEL.PROMPT.N_CTX_TEXT = 4
+_C.MODEL.PROMPT.DEPTH_VISION = 9
+_C.MODEL.PROMPT.DEPTH_TEXT = 9
+_C.MODEL.PROMPT.CTX_INIT = "a photo of a"
+
+# ---------------------------------------------------------------- distillation
+_C.DISTILL = CN()
+_C.DISTILL.PROTOCOL = "inductive"  # inductive (K-shot base classes) | transductive (PromptKD: all train images)
+_C.DISTILL.LOSS = "ab"  # ab | kl | rkl | js | skl | promptkd_kl
+_C.DISTILL.ALPHA = 0.8
+_C.DISTILL.BETA = 0.3
+_C.DISTILL.TEMPERATURE = 1.0
+_C.DISTILL.WEIGHT = 1.0
+_C.DISTILL.CE_WEIGHT = 0.0  # optional cross-entropy on labels (inductive protocol only)
+
+# ---------------------------------------------------------------- optimisation
+_C.OPTIM = CN()
+_C.OPTIM.NAME = "sgd"  # sgd | adamw
+_C.OPTIM.LR = 0.005
+_C.OPTIM.WEIGHT_DECAY = 5e-4
+_C.OPTIM.MOMENTUM = 0.9
+_C.OPTIM.MAX_EPOCH = 20
+_C.OPTIM.LR_SCHEDULER = "cosine"
+_C.OPTIM.WARMUP_EPOCH = 1
+_C.OPTIM.WARMUP_CONS_LR = 1e-5
+_C.OPTIM.GRAD_CLIP = 0.0  # max gradient norm; 0 disables
+_C.OPTIM.PRECISION = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+
+# ---------------------------------------------------------------- evaluation
+_C.TEST = CN()
+_C.TEST.FINAL_MODEL = "last"  # last | val (best epoch on the held-out few-shot val split; never test)
+
+
+# Keys whose value must be one of a fixed set; checked after every merge.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "DATASET.SUBSAMPLE_CLASSES": ("all", "base", "new"),
+    "INPUT.INTERPOLATION": ("bicubic", "bilinear", "nearest"),
+    "MODEL.TEACHER.TEMPLATES": ("dataset", "ensemble"),
+    "MODEL.STUDENT.TYPE": ("promptkd", "ivlp"),
+    "DISTILL.PROTOCOL": ("inductive", "transductive"),
+    "DISTILL.LOSS": ("ab", "kl", "rkl", "js", "skl", "promptkd_kl"),
+    "OPTIM.NAME": ("sgd", "adamw"),
+    "OPTIM.LR_SCHEDULER": ("cosine", "constant"),
+    "OPTIM.PRECISION": ("auto", "fp32", "bf16", "fp16"),
+    "TEST.FINAL_MODEL": ("last", "val"),
+}
+
+
+def get_cfg_defaults() -> CN:
+    """A fresh copy of the defaults (callers may mutate it)."""
+    return _C.clone()
