@@ -1,0 +1,4 @@
+"""The data layer: dataset specs -> readers -> few-shot draw -> base/new split -> transforms -> loaders.
+
+Importing this package (and its readers, few-shot and split modules) does not import torch.
+"""

@@ -1,0 +1,93 @@
+"""A readable cache of few-shot draws.
+
+Dassl pickles draws next to the data with absolute paths; clipkd writes JSON with paths relative to the
+dataset folder, in a cache folder of its own (so read-only data roots work), keyed by K, seed and a hash of
+the parsed split, so a changed split file never serves a stale draw. Deleting the folder is always safe.
+
+Location: ``$CLIPKD_CACHE_DIR``, else ``$XDG_CACHE_HOME/clipkd``, else ``~/.cache/clipkd``; draws live in
+``<cache>/fewshot/<stem>/shot_<K>-seed_<S>-<hash>.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from clipkd.data.records import Datum
+
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Where clipkd keeps caches unless told otherwise."""
+    if os.environ.get("CLIPKD_CACHE_DIR"):
+        return Path(os.environ["CLIPKD_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clipkd"
+
+
+def split_digest(*lists: Sequence[Datum]) -> str:
+    """A hash of the parsed lists (paths, labels, class names, order): any change gives a new key."""
+    h = hashlib.sha256()
+    for items in lists:
+        h.update(b"\x00list\x00")
+        for d in items:
+            h.update(f"{d.relpath}\x01{d.label}\x01{d.classname}\x02".encode())
+    return h.hexdigest()
+
+
+def draw_path(cache_dir: Path, stem: str, shots: int, seed: int, digest: str) -> Path:
+    return cache_dir / "fewshot" / stem / f"shot_{shots}-seed_{seed}-{digest[:16]}.json"
+
+
+def load_draw(
+    path: Path, digest: str, train: Sequence[Datum], val: Sequence[Datum]
+) -> tuple[list[Datum], list[Datum]] | None:
+    """The cached draw from the full ``train``/``val`` lists, or None when absent, unreadable or stale."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or data.get("split_sha256") != digest:
+        return None
+    out = []
+    for key, full in (("train", train), ("val", val)):
+        lookup = {d.relpath: d for d in full}
+        try:
+            items = [lookup[rel] for rel, _ in data[key]]
+            labels = [label for _, label in data[key]]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if [d.label for d in items] != labels:
+            return None
+        out.append(items)
+    return out[0], out[1]
+
+
+def save_draw(
+    path: Path, digest: str, stem: str, shots: int, seed: int, train: list[Datum], val: list[Datum]
+) -> None:
+    """Write atomically (temp file + rename) so an interrupted run never leaves a half-written draw."""
+    payload = {
+        "version": FORMAT_VERSION,
+        "dataset": stem,
+        "shots": shots,
+        "seed": seed,
+        "split_sha256": digest,
+        "train": [[d.relpath, d.label] for d in train],
+        "val": [[d.relpath, d.label] for d in val],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=0)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

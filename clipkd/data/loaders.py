@@ -1,0 +1,77 @@
+"""torch Dataset / DataLoader over resolved splits."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from clipkd.data.records import Datum
+from clipkd.errors import DataError
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image as RGB, or a DataError that names the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path} is missing; restore it or re-download the dataset") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"image {path} cannot be read ({exc}); replace the file") from None
+
+
+class ImageListDataset(Dataset):
+    """Items -> (image tensor, label, index); the index lets a trainer look up cached per-image values."""
+
+    def __init__(self, items: Sequence[Datum], dataset_dir: str, transform: Callable[[Any], Any]):
+        import os
+
+        self.items = list(items)
+        self.paths = [os.path.join(dataset_dir, d.relpath) for d in self.items]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        image = self.transform(load_image(self.paths[index]))
+        return image, self.items[index].label, index
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    sampler: Any = None,
+) -> DataLoader:
+    """A DataLoader whose shuffling and worker seeds derive from ``seed`` alone (reproducible on CPU)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=generator,
+        worker_init_fn=_seed_worker,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

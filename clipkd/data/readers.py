@@ -1,0 +1,196 @@
+"""Readers for the three on-disk layouts (CoOp split JSON, FGVCAircraft txt files, ImageNet folders).
+
+Each returns a :class:`Split` with the lists in file order (few-shot sampling depends on it) and checks what
+it reads, so that a broken dataset fails here with the file and the fix rather than deep in training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from clipkd.data.records import Datum, Split
+from clipkd.data.specs import (
+    FGVC_CLASSES_FILE,
+    FGVC_SPLIT_FILES,
+    IMAGENET_CLASSNAMES_FILE,
+    IMAGENET_SPLIT_DIRS,
+    LAYOUT_FGVC,
+    LAYOUT_IMAGENET,
+    LAYOUT_SPLIT_JSON,
+    DatasetSpec,
+)
+from clipkd.errors import DataError
+
+README_HINT = "see datasets/README.md for the expected layout"
+
+
+def dataset_dir(root: str | os.PathLike, spec: DatasetSpec) -> Path:
+    """The dataset's folder under DATA, or a DataError that says what is missing."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"DATA root {root} does not exist; pass the folder that holds the dataset folders")
+    path = root / spec.folder
+    if not path.is_dir():
+        raise DataError(
+            f"{spec.name}: folder {path} not found; put the dataset at DATA/{spec.folder}/ ({README_HINT})"
+        )
+    return path
+
+
+def _check_classnames(items: list[Datum], source: str) -> None:
+    """Every label must carry one class name, or prompts would be ambiguous."""
+    seen: dict[int, str] = {}
+    for item in items:
+        known = seen.setdefault(item.label, item.classname)
+        if known != item.classname:
+            raise DataError(
+                f"{source}: label {item.label} is called both '{known}' and '{item.classname}'; "
+                "fix the file so each label has one class name"
+            )
+
+
+def read_split_json(path: Path, prefix: str) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """A CoOp ``split_zhou_*.json``: ``{"train": [[relpath, label, classname], ...], "val": ..., "test": ...}``."""
+    if not path.is_file():
+        raise DataError(
+            f"split file {path} not found; download it from the CoOp dataset instructions and place it "
+            f"there ({README_HINT}); clipkd never regenerates splits"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); re-download the split file") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected an object with keys train, val, test")
+    out = []
+    for key in ("train", "val", "test"):
+        entries = data.get(key)
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: missing list '{key}'; expected keys train, val, test")
+        items = []
+        for i, entry in enumerate(entries):
+            if (
+                not isinstance(entry, (list, tuple))
+                or len(entry) != 3
+                or not isinstance(entry[0], str)
+                or isinstance(entry[1], bool)
+                or not isinstance(entry[1], (int, str))
+                or not isinstance(entry[2], str)
+            ):
+                raise DataError(
+                    f"{path}: entry {key}[{i}] = {entry!r} is not [relative path, label, class name]"
+                )
+            try:
+                label = int(entry[1])
+            except ValueError:
+                raise DataError(f"{path}: entry {key}[{i}] has label {entry[1]!r}, not an integer") from None
+            if label < 0:
+                raise DataError(f"{path}: entry {key}[{i}] has negative label {label}")
+            relpath = f"{prefix}/{entry[0]}" if prefix else entry[0]
+            items.append(Datum(relpath, label, entry[2]))
+        _check_classnames(items, f"{path} ({key})")
+        out.append(items)
+    _check_classnames(out[0] + out[1] + out[2], str(path))
+    return out[0], out[1], out[2]
+
+
+def read_fgvc(folder: Path, spec: DatasetSpec) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """FGVCAircraft: labels are line indices in variants.txt (file order, not sorted)."""
+    variants = folder / FGVC_CLASSES_FILE
+    if not variants.is_file():
+        raise DataError(f"{spec.name}: {variants} not found ({README_HINT})")
+    classnames = [line.strip() for line in variants.read_text().splitlines() if line.strip()]
+    cname2lab: dict[str, int] = {}
+    for name in classnames:
+        cname2lab.setdefault(name, len(cname2lab))
+    if len(cname2lab) != len(classnames):
+        raise DataError(f"{variants}: class names repeat; each line must name a different class")
+    out = []
+    for key, fname in FGVC_SPLIT_FILES.items():
+        path = folder / fname
+        if not path.is_file():
+            raise DataError(f"{spec.name}: {path} not found ({README_HINT})")
+        items = []
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            parts = line.strip().split(" ")
+            if not parts or not parts[0]:
+                continue
+            if len(parts) < 2:
+                raise DataError(
+                    f"{path}:{lineno}: '{line.strip()}' has no class name; lines are '<image id> <class name>'"
+                )
+            classname = " ".join(parts[1:])
+            if classname not in cname2lab:
+                raise DataError(f"{path}:{lineno}: class '{classname}' is not listed in {variants}")
+            items.append(Datum(f"{spec.image_dir}/{parts[0]}.jpg", cname2lab[classname], classname))
+        out.append(items)
+    return out[0], out[1], out[2]
+
+
+def read_imagenet_classnames(path: Path) -> dict[str, str]:
+    """``classnames.txt``: lines ``<wnid> <class name>``."""
+    if not path.is_file():
+        raise DataError(
+            f"ImageNet: {path} not found; write it with 'clipkd data imagenet-classnames --root DATA' "
+            f"({README_HINT})"
+        )
+    mapping: dict[str, str] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.strip().split(" ")
+        if not parts[0]:
+            continue
+        if len(parts) < 2:
+            raise DataError(f"{path}:{lineno}: '{line.strip()}' has no class name; lines are '<wnid> <class name>'")
+        mapping[parts[0]] = " ".join(parts[1:])
+    return mapping
+
+
+def list_wnid_folders(split_dir: Path) -> list[str]:
+    """Class folders in sorted order: the label is the index in this list (as in CoOp)."""
+    if not split_dir.is_dir():
+        raise DataError(f"ImageNet: {split_dir} not found; expected images/train/<wnid>/ and images/val/<wnid>/")
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+
+
+def read_imagenet(folder: Path, spec: DatasetSpec) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """ImageNet: the val images serve as the test set; there is no held-out val (returned empty).
+
+    Dassl lists the images of a class in os.listdir order, which depends on the file system; clipkd sorts
+    them so that a seed gives the same draw everywhere (so draws can differ from a Dassl run's).
+    Dassl also uses test as val; clipkd leaves val empty so nothing can select a model on the test split.
+    """
+    classnames = read_imagenet_classnames(folder / IMAGENET_CLASSNAMES_FILE)
+    out = {}
+    for key, sub in IMAGENET_SPLIT_DIRS.items():
+        split_dir = folder / spec.image_dir / sub
+        items = []
+        for label, wnid in enumerate(list_wnid_folders(split_dir)):
+            if wnid not in classnames:
+                raise DataError(
+                    f"ImageNet: folder {split_dir / wnid} has no line in {folder / IMAGENET_CLASSNAMES_FILE}; "
+                    "rewrite it with 'clipkd data imagenet-classnames --root DATA'"
+                )
+            names = sorted(n for n in os.listdir(split_dir / wnid) if not n.startswith("."))
+            rel = f"{spec.image_dir}/{sub}/{wnid}"
+            items.extend(Datum(f"{rel}/{n}", label, classnames[wnid]) for n in names)
+        out[key] = items
+    return out["train"], [], out["test"]
+
+
+def read_dataset(root: str | os.PathLike, spec: DatasetSpec) -> Split:
+    """Read one dataset's full split (all classes, all images) from DATA."""
+    folder = dataset_dir(root, spec)
+    if spec.layout == LAYOUT_SPLIT_JSON:
+        assert spec.split_file is not None
+        train, val, test = read_split_json(folder / spec.split_file, spec.image_dir)
+    elif spec.layout == LAYOUT_FGVC:
+        train, val, test = read_fgvc(folder, spec)
+    elif spec.layout == LAYOUT_IMAGENET:
+        train, val, test = read_imagenet(folder, spec)
+    else:  # pragma: no cover - specs are data in this package
+        raise DataError(f"{spec.name}: unknown layout {spec.layout}")
+    if not train:
+        raise DataError(f"{spec.name}: the train split under {folder} is empty ({README_HINT})")
+    return Split(str(folder), train, val, test)

@@ -1,0 +1,77 @@
+"""From DATA to the lists a run uses: read -> few-shot draw (cached) -> base/new split -> class names."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipkd.data.cache import default_cache_dir, draw_path, load_draw, save_draw, split_digest
+from clipkd.data.fewshot import classnames_for_prompts, sample_few_shot, subsample_classes
+from clipkd.data.readers import read_dataset
+from clipkd.data.records import Datum
+from clipkd.data.specs import LAYOUT_IMAGENET, DatasetSpec, get_spec
+
+
+@dataclass(frozen=True)
+class ResolvedSplit:
+    """What a run trains and evaluates on; labels are 0..len(classnames)-1 after relabelling."""
+
+    spec: DatasetSpec
+    dataset_dir: str
+    classnames: list[str]  # prompt-ready: ordered by label, "_" -> " "
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+
+    def impath(self, item: Datum) -> str:
+        return os.path.join(self.dataset_dir, item.relpath)
+
+    def to_json(self) -> dict:
+        """The shape ``clipkd data split --json`` prints: paths relative to the dataset folder."""
+        return {
+            "classnames": self.classnames,
+            **{
+                key: [[d.relpath, d.label] for d in getattr(self, key)]
+                for key in ("train", "val", "test")
+            },
+        }
+
+
+def resolve_split(
+    root: str | os.PathLike,
+    dataset: str | DatasetSpec,
+    shots: int,
+    seed: int,
+    subsample: str = "all",
+    cache_dir: str | os.PathLike | None | bool = None,
+) -> ResolvedSplit:
+    """The Dassl/CoOp procedure: K-shot draw over all classes (shared by base and new runs), then the half.
+
+    ``cache_dir``: None = default cache location, False = no cache, else a folder.
+    """
+    spec = dataset if isinstance(dataset, DatasetSpec) else get_spec(dataset)
+    full = read_dataset(root, spec)
+    sample_val = spec.layout != LAYOUT_IMAGENET
+    if shots > 0:
+        digest = split_digest(full.train, full.val)
+        path = None
+        if cache_dir is not False:
+            base = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]
+            path = draw_path(base, spec.stem, shots, seed, digest)
+        drawn = load_draw(path, digest, full.train, full.val) if path is not None else None
+        if drawn is None:
+            drawn = sample_few_shot(
+                full.train, full.val, shots, seed, sample_val=sample_val, warn_source=f"{spec.name}: "
+            )
+            if path is not None:
+                try:
+                    save_draw(path, digest, spec.stem, shots, seed, *drawn)
+                except OSError as exc:  # a read-only cache must not stop a run
+                    warnings.warn(f"could not cache the few-shot draw at {path}: {exc}", stacklevel=2)
+        train, val = drawn
+    else:
+        train, val = list(full.train), list(full.val)
+    train, val, test = subsample_classes(train, val, full.test, subsample=subsample)
+    return ResolvedSplit(spec, full.dataset_dir, classnames_for_prompts(train), train, val, test)
