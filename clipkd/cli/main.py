@@ -20,7 +20,7 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clipkd.cli import data_cmd
+    from clipkd.cli import data_cmd, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="clipkd",
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     data_cmd.add_parser(sub)
+    train_cmd.add_parsers(sub)
     return parser
 
 
