@@ -81,18 +81,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = pick_device()
     torch.manual_seed(cfg.SEED)
     data = prepare_data(cfg)
-    teacher, student = build_models(cfg, data.spec, device)
     if args.zero_shot == "teacher":
-        if teacher is None:
-            from clipkd.models.student import build_teacher
+        from clipkd.models.student import build_teacher
 
-            teacher = build_teacher(cfg, data.spec.template, device=device)
-        model = teacher
+        model = build_teacher(cfg, data.spec.template, device=device)
     else:
-        model = student
+        _, model = build_models(cfg, data.spec, device)
         if args.run:
             path = Path(args.run) / MODEL_FILE
-            student.load_trainable_state_dict(load_checkpoint(path)["state_dict"], source=str(path))
+            model.load_trainable_state_dict(load_checkpoint(path)["state_dict"], source=str(path))
     halves = (args.subsample,) if args.subsample else ("base", "new")
     results = evaluate_run(model, data, cfg, device, halves=halves)
     for half in halves:

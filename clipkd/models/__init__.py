@@ -1,0 +1,39 @@
+"""CLIP models for distillation: factory (open_clip + weights), IVLP prompts, frozen teacher, students.
+
+open_clip is imported lazily (only when a model is built), so importing this package stays cheap.
+"""
+
+from clipkd.models.factory import create_clip, register_model_configs, uses_quick_gelu
+from clipkd.models.prompts import (
+    PromptedTextEncoder,
+    PromptedVisionEncoder,
+    ivlp_state_dict,
+    load_ivlp_state_dict,
+)
+from clipkd.models.state import read_prompt_checkpoint
+from clipkd.models.student import (
+    IVLPStudent,
+    Projector,
+    PromptKDStudent,
+    build_student,
+    build_teacher,
+)
+from clipkd.models.teacher import Teacher, ensemble_templates
+
+__all__ = [
+    "IVLPStudent",
+    "Projector",
+    "PromptKDStudent",
+    "PromptedTextEncoder",
+    "PromptedVisionEncoder",
+    "Teacher",
+    "build_student",
+    "build_teacher",
+    "create_clip",
+    "ensemble_templates",
+    "ivlp_state_dict",
+    "load_ivlp_state_dict",
+    "read_prompt_checkpoint",
+    "register_model_configs",
+    "uses_quick_gelu",
+]

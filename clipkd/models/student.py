@@ -1,0 +1,279 @@
+"""Students: PromptKD (prompted image encoder + projector into the teacher's space) and IVLP (prompts in both
+towers, its own text encoder), plus the cfg builders for teacher and student.
+
+Every model here (and :class:`~clipkd.models.teacher.Teacher`) offers the interface a trainer needs:
+``image_features(images)`` (L2-normalised ``[B, D]``), ``text_features(classnames)`` (L2-normalised
+``[C, D]``), ``logit_scale`` (float), ``trainable_state_dict()`` / ``load_trainable_state_dict(sd)``, and a
+``train()`` that leaves frozen CLIP parts in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from clipkd.errors import ConfigError, ModelError
+from clipkd.models.prompts import (
+    PromptedTextEncoder,
+    PromptedVisionEncoder,
+    ivlp_prompt_parameters,
+    ivlp_state_dict,
+    normalize,
+)
+from clipkd.models.state import copy_state_strict
+from clipkd.models.teacher import Teacher, clip_logit_scale, ensemble_templates
+
+if TYPE_CHECKING:
+    from yacs.config import CfgNode
+
+ClassEmbedder = Callable[[Sequence[str]], torch.Tensor]
+
+
+class Projector(nn.Module):
+    """PromptKD's feature projector: Conv1x1 -> BatchNorm -> ReLU -> Conv1x1 on a ``[B, C, 1, 1]`` view.
+
+    ``hidden_dim`` defaults to ``out_dim`` (the teacher's embedding size): with ViT-B/16 -> ViT-L/14
+    (512 -> 768 -> 768) this gives the ~1.01M trainable parameters PromptKD reports together with the visual
+    prompts. BatchNorm needs more than one image per batch in train mode.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
+        super().__init__()
+        hidden = int(hidden_dim or out_dim)
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_dim, hidden, kernel_size=1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_dim, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x[:, :, None, None]).flatten(1)
+
+
+class _Student(nn.Module):
+    """Shared parts of the two students."""
+
+    image_encoder: PromptedVisionEncoder
+
+    def _trainable_modules(self) -> dict[str, nn.Module]:
+        """Trainable submodules (besides the prompts) whose whole state is saved, e.g. the projector."""
+        return {}
+
+    @property
+    def logit_scale(self) -> float:
+        return self._logit_scale
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_encoder.visual.class_embedding.device
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that training changes: prompts under PromptSRC's names, then e.g. ``projector.*``.
+
+        Names are stable across runs and versions; an IVLP student's dict is a PromptSRC checkpoint that
+        :class:`~clipkd.models.teacher.Teacher` can load as a prompted teacher.
+        """
+        out = ivlp_state_dict(self)
+        for prefix, module in self._trainable_modules().items():
+            out.update({f"{prefix}.{k}": v.detach() for k, v in module.state_dict().items()})
+        return out
+
+    def _trainable_targets(self) -> dict[str, torch.Tensor]:
+        targets: dict[str, torch.Tensor] = dict(ivlp_prompt_parameters(self))
+        for prefix, module in self._trainable_modules().items():
+            targets.update({f"{prefix}.{k}": v for k, v in module.state_dict(keep_vars=True).items()})
+        return targets
+
+    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor], *,
+                                  source: str = "the student checkpoint") -> None:
+        """Strict inverse of :meth:`trainable_state_dict` (all problems listed in one ModelError)."""
+        copy_state_strict(
+            self._trainable_targets(),
+            state_dict,
+            source=source,
+            hint="MODEL.STUDENT.* / MODEL.PROMPT.* must match the run that saved it",
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer should update."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class PromptKDStudent(_Student):
+    """PromptKD's student: frozen CLIP image encoder + deep visual prompts + projector, no text encoder.
+
+    Its image features live in the teacher's embedding space; its classifier is the teacher's class
+    embeddings (``class_embedder``, normally ``teacher.text_features``), so it has no text tower of its own
+    (the CLIP text tower is not kept).
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        *,
+        out_dim: int,
+        n_ctx: int = 4,
+        depth: int = 9,
+        hidden_dim: int | None = None,
+        class_embedder: ClassEmbedder | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = PromptedVisionEncoder(clip_model.visual, n_ctx, depth)
+        self.projector = Projector(self.image_encoder.output_dim, int(out_dim), hidden_dim)
+        self.projector.to(device=self.device, dtype=self.image_encoder.visual.class_embedding.dtype)
+        self._logit_scale = clip_logit_scale(clip_model)
+        # A plain attribute, not a submodule: the teacher is not part of the student's state.
+        self._class_embedder = class_embedder
+
+    def _trainable_modules(self) -> dict[str, nn.Module]:
+        return {"projector": self.projector}
+
+    def __deepcopy__(self, memo: dict) -> PromptKDStudent:
+        """Copy the student but share its class embedder: a copy must not drag a copy of the teacher along."""
+        memo[id(self._class_embedder)] = self._class_embedder
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    @property
+    def embed_dim(self) -> int:
+        return self.projector.layers[-1].out_channels
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features ``[B, D_teacher]`` (prompted encoder, then projector)."""
+        return normalize(self.projector(self.image_encoder(images)))
+
+    def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
+        """The teacher's class embeddings (PromptKD's classifier)."""
+        if self._class_embedder is None:
+            raise ModelError("this PromptKD student has no class embedder; build it with the teacher's "
+                             "text_features (build_student(cfg, teacher))")
+        return self._class_embedder(classnames)
+
+
+class IVLPStudent(_Student):
+    """Frozen CLIP with learnable deep prompts in both towers and its own text encoder (PromptSRC's IVLP).
+
+    ``text_features`` is differentiable through the text prompts and recomputed on every call while training.
+    In eval mode under ``torch.no_grad()`` it is cached per class list; the cache is keyed on the prompts'
+    version counters, so any in-place update (optimizer step, load) invalidates it.
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        tokenizer: Callable[[Sequence[str]], torch.Tensor],
+        *,
+        n_ctx_text: int = 4,
+        n_ctx_vision: int = 4,
+        depth_text: int = 9,
+        depth_vision: int = 9,
+        ctx_init: str = "a photo of a",
+    ) -> None:
+        super().__init__()
+        self.image_encoder = PromptedVisionEncoder(clip_model.visual, n_ctx_vision, depth_vision)
+        self.text_encoder = PromptedTextEncoder(clip_model, tokenizer, n_ctx_text, depth_text, ctx_init)
+        self._logit_scale = clip_logit_scale(clip_model)
+        self._text_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def embed_dim(self) -> int:
+        return self.image_encoder.output_dim
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(self.image_encoder(images))
+
+    def _prompt_versions(self) -> tuple:
+        return tuple((p._version, p.data_ptr()) for p in self.text_encoder.prompt_parameters().values())
+
+    def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
+        """L2-normalised class embeddings ``[C, D]`` of ``"<ctx> <name>."`` through the prompted text tower."""
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable:
+            key = (tuple(classnames), self._prompt_versions(), self.device)
+            feats = self._text_cache.get(key)
+            if feats is not None:
+                return feats
+        feats = normalize(self.text_encoder.encode(self.text_encoder.class_prompts(list(classnames))))
+        if cacheable:
+            self._text_cache = {key: feats}  # keep only the latest class list
+        return feats
+
+    def train(self, mode: bool = True) -> IVLPStudent:
+        self._text_cache = {}
+        return super().train(mode)
+
+
+# ------------------------------------------------------------------------------------------------ builders
+
+
+def build_teacher(cfg: CfgNode, template: str | None = None, *, device: str | torch.device = "cpu") -> Teacher:
+    """The teacher that ``cfg.MODEL.TEACHER`` describes.
+
+    A ``CHECKPOINT`` makes it a prompted teacher; otherwise ``TEMPLATES`` picks the dataset template
+    (``template``, else the one of ``cfg.DATASET.NAME``) or CLIP's 80-template ensemble.
+    """
+    from clipkd.models.factory import create_clip
+    from clipkd.models.state import read_prompt_checkpoint
+
+    t = cfg.MODEL.TEACHER
+    clip_model, tokenizer = create_clip(t.NAME, t.PRETRAINED, device=device,
+                                        config_key="MODEL.TEACHER.PRETRAINED")
+    if t.CHECKPOINT:
+        if not t.PRETRAINED:
+            warnings.warn(
+                "MODEL.TEACHER.CHECKPOINT is set but MODEL.TEACHER.PRETRAINED is empty: the prompts will run on "
+                "a randomly initialised CLIP", stacklevel=2)
+        prompts = read_prompt_checkpoint(t.CHECKPOINT)
+        return Teacher(clip_model, tokenizer, prompts=prompts, prompts_source=f"checkpoint {t.CHECKPOINT}")
+    if t.TEMPLATES == "ensemble":
+        templates: Sequence = ensemble_templates()
+    elif t.TEMPLATES == "dataset":
+        if template is None:
+            if not cfg.DATASET.NAME:
+                raise ConfigError("MODEL.TEACHER.TEMPLATES 'dataset' needs DATASET.NAME (or an explicit template)")
+            from clipkd.data.specs import get_spec
+
+            template = get_spec(cfg.DATASET.NAME).template
+        templates = (template,)
+    else:
+        raise ConfigError(f"MODEL.TEACHER.TEMPLATES must be 'dataset' or 'ensemble', not '{t.TEMPLATES}'")
+    return Teacher(clip_model, tokenizer, templates=templates)
+
+
+STUDENT_TYPES = ("promptkd", "ivlp")
+
+
+def build_student(cfg: CfgNode, teacher: Teacher | None = None, *,
+                  device: str | torch.device = "cpu") -> PromptKDStudent | IVLPStudent:
+    """The student that ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe (``promptkd`` needs the teacher)."""
+    from clipkd.models.factory import create_clip
+
+    s, p = cfg.MODEL.STUDENT, cfg.MODEL.PROMPT
+    kind = str(s.TYPE).lower()
+    if kind not in STUDENT_TYPES:
+        raise ConfigError(f"MODEL.STUDENT.TYPE must be one of {', '.join(STUDENT_TYPES)}, not '{s.TYPE}'")
+    if kind == "promptkd" and teacher is None:
+        raise ConfigError("MODEL.STUDENT.TYPE promptkd needs the teacher (its classifier is the teacher's "
+                          "text features)")
+    clip_model, tokenizer = create_clip(s.NAME, s.PRETRAINED, device=device,
+                                        config_key="MODEL.STUDENT.PRETRAINED")
+    if kind == "promptkd":
+        student: PromptKDStudent | IVLPStudent = PromptKDStudent(
+            clip_model, out_dim=teacher.embed_dim, n_ctx=p.N_CTX_VISION, depth=p.DEPTH_VISION,
+            class_embedder=teacher.text_features,
+        )
+    else:
+        student = IVLPStudent(
+            clip_model, tokenizer, n_ctx_text=p.N_CTX_TEXT, n_ctx_vision=p.N_CTX_VISION,
+            depth_text=p.DEPTH_TEXT, depth_vision=p.DEPTH_VISION, ctx_init=p.CTX_INIT,
+        )
+    return student.to(device)

@@ -1,0 +1,148 @@
+"""The frozen teacher: zero-shot CLIP (one template or CLIP's 80-template ensemble) or an IVLP-prompted CLIP.
+
+The teacher never changes, so its class embeddings are computed once per class list and reused by every
+training and test batch (the reference code recomputed them per batch; caching made training ~5x faster,
+PromptKD issue #33).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from clipkd.errors import ModelError
+from clipkd.models.prompts import (
+    PromptedTextEncoder,
+    PromptedVisionEncoder,
+    infer_ivlp_sizes,
+    load_ivlp_state_dict,
+    normalize,
+)
+
+Template = str | Callable[[str], str]
+LOGIT_SCALE_MAX = 100.0  # CLIP clamps exp(logit_scale) at 100
+
+
+def clip_logit_scale(clip_model: nn.Module) -> float:
+    """CLIP's exp(logit_scale), clamped at 100 as CLIP does (about 100 for trained CLIP)."""
+    return float(clip_model.logit_scale.detach().float().exp().clamp(max=LOGIT_SCALE_MAX).reshape(-1)[0])
+
+
+def ensemble_templates() -> tuple[Callable[[str], str], ...]:
+    """CLIP's 80 ImageNet prompt templates (the usual zero-shot ensemble)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(OPENAI_IMAGENET_TEMPLATES)
+
+
+class Teacher(nn.Module):
+    """Frozen CLIP teacher with cached class embeddings.
+
+    Modes: ``template`` (one template, e.g. the dataset's CoOp template), ``ensemble`` (several templates:
+    mean of the normalised per-template features, renormalised), or ``prompted`` (IVLP prompts in both towers,
+    from a PromptSRC-named state dict; sizes are read from the state dict itself).
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        tokenizer: Callable[[Sequence[str]], torch.Tensor],
+        *,
+        templates: Sequence[Template] = ("a photo of a {}.",),
+        prompts: Mapping[str, torch.Tensor] | None = None,
+        prompts_source: str = "the teacher's prompt checkpoint",
+        text_batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if prompts:
+            sizes = infer_ivlp_sizes(prompts)
+            for tower, blocks in (("vision", clip_model.visual.transformer.resblocks),
+                                  ("text", clip_model.transformer.resblocks if hasattr(clip_model, "transformer")
+                                   else clip_model.text.transformer.resblocks)):
+                if sizes[f"depth_{tower}"] > len(blocks):
+                    raise ModelError(
+                        f"{prompts_source} has {tower} prompts for {sizes[f'depth_{tower}']} blocks but the teacher's "
+                        f"{tower} transformer has {len(blocks)}; MODEL.TEACHER.NAME must be the architecture "
+                        "the prompts were trained on"
+                    )
+            self.mode = "prompted"
+            self.templates: tuple[Template, ...] = ()
+        else:
+            sizes = {"n_ctx_text": 0, "depth_text": 0, "n_ctx_vision": 0, "depth_vision": 0}
+            if not templates:
+                raise ModelError("a zero-shot teacher needs at least one prompt template")
+            self.templates = tuple(templates)
+            self.mode = "template" if len(self.templates) == 1 else "ensemble"
+        self.image_encoder = PromptedVisionEncoder(clip_model.visual, sizes["n_ctx_vision"], sizes["depth_vision"])
+        self.text_encoder = PromptedTextEncoder(clip_model, tokenizer, sizes["n_ctx_text"], sizes["depth_text"])
+        if prompts:
+            load_ivlp_state_dict(self, prompts, source=prompts_source)
+        self._logit_scale = clip_logit_scale(clip_model)
+        self.text_batch_size = int(text_batch_size)
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self.requires_grad_(False)
+        super().train(False)
+
+    # ---------------------------------------------------------------- common interface
+    @property
+    def logit_scale(self) -> float:
+        return self._logit_scale
+
+    @property
+    def embed_dim(self) -> int:
+        return self.image_encoder.output_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.device
+
+    def train(self, mode: bool = True) -> Teacher:
+        """The teacher is frozen: it stays in eval mode whatever the trainer asks."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings ``[B, D]``."""
+        return normalize(self.image_encoder(images))
+
+    def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
+        """L2-normalised class embeddings ``[C, D]``, computed once per class list and cached."""
+        key = (tuple(classnames), self.mode)
+        feats = self._cache.get(key)
+        if feats is None or feats.device != self.device:
+            feats = self._compute_text_features(list(classnames))
+            self._cache[key] = feats
+        return feats
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Nothing of the teacher is trained."""
+        return {}
+
+    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        if state_dict:
+            raise ModelError(f"the teacher has no trainable tensors; unexpected keys: {', '.join(state_dict)}")
+
+    # ---------------------------------------------------------------- internals
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        chunks = [
+            self.text_encoder(self.text_encoder.tokenize(texts[i : i + self.text_batch_size]))
+            for i in range(0, len(texts), self.text_batch_size)
+        ]
+        return normalize(torch.cat(chunks).float())
+
+    @torch.no_grad()
+    def _compute_text_features(self, classnames: list[str]) -> torch.Tensor:
+        if not classnames:
+            raise ModelError("text_features needs at least one class name")
+        if self.mode == "prompted":
+            return self._encode(self.text_encoder.class_prompts(classnames))
+        # All templates in one pass (chunked), then CLIP's ensembling: mean of unit vectors, renormalised.
+        texts = [t for template in self.templates for t in self.text_encoder.class_prompts(classnames, template)]
+        per_template = self._encode(texts).view(len(self.templates), len(classnames), -1)
+        return normalize(per_template.mean(dim=0))
