@@ -55,6 +55,15 @@ def test_split_human_and_check(synth_root, capsys):
     assert rc == 0 and out.startswith("OK   dtd (DescribableTextures): 7 classes")
 
 
+def test_data_commands_do_not_import_torch(synth_root):
+    code = ("import sys; from clipkd.cli.main import main; "
+            f"rc = main(['data', 'split', '--root', {str(synth_root)!r}, '--dataset', 'dtd', '--shots', '2', "
+            "'--seed', '1', '--json']); "
+            f"rc |= main(['data', 'check', '--root', {str(synth_root)!r}, '--dataset', 'dtd']); "
+            "assert rc == 0 and 'torch' not in sys.modules and 'open_clip' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
 def test_cli_help_does_not_import_torch():
     code = ("import sys; from clipkd.cli.main import build_parser; build_parser(); "
             "assert 'torch' not in sys.modules and 'open_clip' not in sys.modules")
