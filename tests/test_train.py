@@ -190,6 +190,18 @@ def test_bad_run_inputs(synth_root, tmp_path, capsys, extra, pattern):
     assert train_cli(synth_root, out, *extra) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err) and err.startswith("clipkd: error:") and "Traceback" not in err
+    assert not out.exists()  # a run that cannot start leaves nothing behind
+
+
+def test_inconsistent_settings_are_refused(synth_root, tmp_path):
+    with pytest.raises(ClipkdError, match="CE_WEIGHT needs labels"):
+        train_mod.train(config(synth_root, "abkd_promptkd", "DISTILL.PROTOCOL", "transductive",
+                               "DISTILL.CE_WEIGHT", "1"), tmp_path / "a", echo=False)
+    with pytest.raises(ClipkdError, match="nothing to learn from"):
+        train_mod.train(config(synth_root, "abkd_ivlp", "DISTILL.WEIGHT", "0"), tmp_path / "b", echo=False)
+    imagenet = ["DATASET.NAME", "ImageNet", "TEST.FINAL_MODEL", "val"]
+    with pytest.raises(ClipkdError, match="ImageNet has no held-out val split"):
+        train_mod.train(config(synth_root, "abkd_promptkd", *imagenet), tmp_path / "c", echo=False)
 
 
 def test_output_dir_not_empty_is_left_alone(synth_root, tmp_path, capsys):

@@ -177,8 +177,11 @@ def _flat(cfg: CfgNode, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare_output_dir(out: Path, cfg: CfgNode, resume: bool) -> bool:
-    """Refuse to touch a non-empty folder unless resuming the same config; True when there is a checkpoint."""
+def check_output_dir(out: Path, cfg: CfgNode, resume: bool) -> bool:
+    """Refuse a non-empty folder unless resuming the same config; True when there is a checkpoint to resume.
+
+    Writes nothing, so a run that fails while setting up leaves the folder as it was.
+    """
     if resume:
         saved = out / CONFIG_FILE
         if not saved.is_file():
@@ -193,8 +196,6 @@ def prepare_output_dir(out: Path, cfg: CfgNode, resume: bool) -> bool:
         return (out / LAST_CKPT).is_file()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TrainingError(f"output dir {out} is not empty; pick a new --output-dir or pass --resume")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(cfg.dump())
     return False
 
 
@@ -206,24 +207,32 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
     from clipkd.losses import build_distill_loss_from_cfg
 
     out = Path(output_dir)
-    has_checkpoint = prepare_output_dir(out, cfg, resume)
+    has_checkpoint = check_output_dir(out, cfg, resume)
+    device = pick_device()
+    seed_everything(cfg.SEED)
+    data = prepare_data(cfg)
+    kd_loss = build_distill_loss_from_cfg(cfg) if cfg.DISTILL.WEIGHT > 0 else None
+    ce_weight = cfg.DISTILL.CE_WEIGHT
+    if ce_weight > 0 and cfg.DISTILL.PROTOCOL != "inductive":
+        raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
+                          "set it to 0 or use DISTILL.PROTOCOL inductive")
+    if kd_loss is None and ce_weight == 0:
+        raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
+    if cfg.TEST.FINAL_MODEL == "val" and not data.base.val:
+        raise ConfigError(f"{data.spec.name} has no held-out val split (its val would be the test set); "
+                          "use TEST.FINAL_MODEL last")
+    teacher, student = build_models(cfg, data.spec, device)
+    optimizer = build_optimizer(student.trainable_parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    autocast, use_scaler = autocast_for(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    classnames = data.train.classnames
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / CONFIG_FILE).write_text(cfg.dump())
     log = RunLog(out, echo=echo)
     try:
-        device = pick_device()
-        seed_everything(cfg.SEED)
-        data = prepare_data(cfg)
-        teacher, student = build_models(cfg, data.spec, device)
-        kd_loss = build_distill_loss_from_cfg(cfg) if cfg.DISTILL.WEIGHT > 0 else None
-        ce_weight = cfg.DISTILL.CE_WEIGHT if cfg.DISTILL.PROTOCOL == "inductive" else 0.0
-        if kd_loss is None and ce_weight == 0:
-            raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0 "
-                              "(CE needs the inductive protocol)")
-        optimizer = build_optimizer(student.trainable_parameters(), cfg)
-        scheduler = build_scheduler(optimizer, cfg)
-        autocast, use_scaler = autocast_for(cfg, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-        classnames = data.train.classnames
-
         start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
         if has_checkpoint:
             ckpt = load_checkpoint(out / LAST_CKPT)
