@@ -1,8 +1,8 @@
 """The frozen teacher: zero-shot CLIP (one template or CLIP's 80-template ensemble) or an IVLP-prompted CLIP.
 
 The teacher never changes, so its class embeddings are computed once per class list and reused by every
-training and test batch (the reference code recomputed them per batch; caching made training ~5x faster,
-PromptKD issue #33).
+training and test batch (the reference code recomputed them per batch, PromptKD issue #33; with a ViT-L/14
+teacher this makes a training step 1.6x faster at 100 classes and 7x at 1000, benchmarks/README.md).
 """
 
 from __future__ import annotations
