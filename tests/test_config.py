@@ -73,3 +73,10 @@ def test_missing_and_malformed_files(tmp_path):
 def test_tuple_override_and_string_values():
     cfg = build_config([], ["INPUT.SIZE", "(32, 32)", "DATASET.ROOT", "/some/where", "DATASET.NAME", "dtd"])
     assert tuple(cfg.INPUT.SIZE) == (32, 32) and cfg.DATASET.ROOT == "/some/where"
+
+
+def test_yaml_literals_like_yacs(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text('INPUT:\n  SIZE: "(32, 32)"\nOPTIM:\n  LR: "1e-4"\n')
+    cfg = build_config([f])
+    assert tuple(cfg.INPUT.SIZE) == (32, 32) and cfg.OPTIM.LR == 1e-4

@@ -18,6 +18,8 @@ from clipkd.errors import ConfigError
 
 
 def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    if isinstance(value, str) and default is not None and not isinstance(default, str):
+        value = _parse_value(value)  # YAML "(32, 32)" or "1e-4" means the Python literal, as in yacs
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
