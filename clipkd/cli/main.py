@@ -20,7 +20,7 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clipkd.cli import data_cmd, train_cmd
+    from clipkd.cli import data_cmd, toy_cmd, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="clipkd",
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     data_cmd.add_parser(sub)
     train_cmd.add_parsers(sub)
+    toy_cmd.add_parsers(sub)
     return parser
 
 

@@ -51,8 +51,12 @@ _SPECS = (
                 "split_zhou_UCF101.json", 101, "a photo of a person doing {}.", (7639, 1898, 3783)),
 )
 
-DATASETS: dict[str, DatasetSpec] = {s.stem: s for s in _SPECS}
-STEMS: tuple[str, ...] = tuple(DATASETS)
+# The embedded offline benchmark (clipkd demo): a generated colour x shape world in the CoOp layout.
+TOY_SPEC = DatasetSpec("toy", "Toy", "toy", LAYOUT_SPLIT_JSON, "images", "split_toy.json", 36,
+                       "a photo of a {}.", (720, 288, 900))
+
+STEMS: tuple[str, ...] = tuple(s.stem for s in _SPECS)  # the 11 benchmark datasets
+DATASETS: dict[str, DatasetSpec] = {**{s.stem: s for s in _SPECS}, TOY_SPEC.stem: TOY_SPEC}
 
 # FGVCAircraft's official files, inside its folder.
 FGVC_CLASSES_FILE = "variants.txt"
@@ -72,10 +76,10 @@ def get_spec(name: str) -> DatasetSpec:
 
     if name in DATASETS:
         return DATASETS[name]
-    for spec in _SPECS:
+    for spec in DATASETS.values():
         if spec.name == name:
             return spec
     raise DataError(
-        f"unknown dataset '{name}'; choose a stem ({', '.join(STEMS)}) or its Dassl NAME"
+        f"unknown dataset '{name}'; choose a stem ({', '.join(DATASETS)}) or its Dassl NAME"
     )
 

@@ -1,0 +1,150 @@
+"""``clipkd demo``: the whole pipeline on the embedded toy benchmark, offline, in minutes.
+
+For each seed: the zero-shot teacher and zero-shot student (each CLIP with its own text tower), then the
+PromptKD student distilled with KD (forward KL) and with ABKD (alpha-beta divergence), in the inductive
+protocol (K-shot base classes) and, unless ``--no-transductive``, the transductive one. Prints a Base / New /
+HM table (the last thing printed) and writes it as Markdown and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from clipkd.config import build_config
+from clipkd.data.cache import default_cache_dir
+from clipkd.engine.evaluate import harmonic_mean
+from clipkd.errors import ClipkdError
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+METHODS = {"kd": ["DISTILL.LOSS", "kl"], "abkd": ["DISTILL.LOSS", "ab"]}
+
+
+def prepare_assets(cache_dir: Path, progress: bool = True) -> tuple[Path, dict[str, Path]]:
+    """The toy dataset and the tiny CLIPs' weight files, generated into ``cache_dir`` when missing."""
+    import hashlib
+
+    from clipkd.toy.dataset import WORLD_VERSION, write_toy_dataset
+    from clipkd.toy.pretrain import RECIPES, expand_compact, pretrain, weights_path
+
+    data_root = cache_dir / f"data-v{WORLD_VERSION}"
+    write_toy_dataset(data_root)
+    weights = {}
+    for role, recipe in RECIPES.items():
+        compact = weights_path(role)
+        if not compact.is_file():  # not shipped (e.g. deleted): pretrain it here, once
+            compact = cache_dir / "weights" / f"{recipe.model}-v{WORLD_VERSION}.compact.pt"
+            if not compact.is_file():
+                pretrain(role, out=compact, progress=progress)
+        digest = hashlib.sha256(compact.read_bytes()).hexdigest()[:12]
+        full = cache_dir / "weights" / f"{recipe.model}-{digest}.pt"  # keyed by content: never stale
+        if not full.is_file():
+            expand_compact(compact, full)
+        weights[role] = full
+    return data_root, weights
+
+
+def demo_config(data_root: Path, weights: dict[str, Path], seed: int, *overrides: str):
+    return build_config([DEMO_CONFIG], [
+        "DATASET.ROOT", str(data_root), "SEED", str(seed),
+        "MODEL.TEACHER.PRETRAINED", str(weights["teacher"]), "MODEL.STUDENT.PRETRAINED", str(weights["student"]),
+        *overrides,
+    ])
+
+
+@torch.no_grad()
+def predictions(model, split, cfg) -> torch.Tensor:  # noqa: ANN001
+    """Predicted labels of ``model`` on ``split.test`` (for teacher-student agreement)."""
+    from clipkd.data.loaders import ImageListDataset, build_loader
+    from clipkd.data.transforms import build_transform
+    from clipkd.engine.evaluate import predict
+
+    model.eval()
+    feats = model.text_features(split.classnames).float()
+    ds = ImageListDataset(split.test, split.dataset_dir, build_transform(cfg, is_train=False))
+    loader = build_loader(ds, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False)
+    import contextlib
+
+    pred, _ = predict(model.image_features, feats, loader, torch.device("cpu"), contextlib.nullcontext)
+    return pred
+
+
+def run_demo(
+    output_dir: Path, cache_dir: Path | None = None, seeds: Sequence[int] = (1,), transductive: bool = True,
+    progress: bool = True, overrides: Sequence[str] = (),
+) -> dict:
+    """Run the demo and write ``demo_results.json`` and ``demo_results.md`` into ``output_dir``.
+
+    ``overrides`` (KEY VALUE pairs) change the distillation runs' config, e.g. a shorter schedule in tests.
+    """
+    from clipkd.engine.checkpoint import load_checkpoint
+    from clipkd.engine.train import evaluate_run, prepare_data, train
+    from clipkd.models.student import build_student, build_teacher
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ClipkdError(f"output dir {output_dir} is not empty; pass a new --output-dir")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "toy"
+    started = time.time()
+    data_root, weights = prepare_assets(cache_dir, progress)
+    protocols = ["inductive", "transductive"] if transductive else ["inductive"]
+    rows = []
+    for seed in seeds:
+        cfg = demo_config(data_root, weights, seed)
+        data = prepare_data(cfg)
+        teacher = build_teacher(cfg, data.spec.template)
+        teacher_pred = predictions(teacher, data.base, cfg)
+        student_clip = build_teacher(demo_config(data_root, weights, seed, "MODEL.TEACHER.NAME",
+                                                 cfg.MODEL.STUDENT.NAME, "MODEL.TEACHER.PRETRAINED",
+                                                 str(weights["student"])), data.spec.template)
+        for method, model in (("teacher_zeroshot", teacher), ("student_zeroshot", student_clip)):
+            res = evaluate_run(model, data, cfg, torch.device("cpu"))
+            agree = 100.0 * float((predictions(model, data.base, cfg) == teacher_pred).float().mean())
+            rows.append(_row(method, "zero-shot", seed, res, agree))
+        for protocol in protocols:
+            for method, extra in METHODS.items():
+                run_cfg = demo_config(data_root, weights, seed, "DISTILL.PROTOCOL", protocol, *extra, *overrides)
+                run_dir = output_dir / "runs" / f"{method}-{protocol}" / f"seed{seed}"
+                res = train(run_cfg, run_dir, echo=False)
+                student = build_student(run_cfg, teacher)
+                student.load_trainable_state_dict(load_checkpoint(run_dir / "model.pt")["state_dict"])
+                agree = 100.0 * float((predictions(student, data.base, run_cfg) == teacher_pred).float().mean())
+                rows.append(_row(method, protocol, seed, res, agree))
+    payload = {"rows": rows, "seconds": round(time.time() - started, 1),
+               "alpha": cfg.DISTILL.ALPHA, "beta": cfg.DISTILL.BETA}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "demo_results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = format_table(rows)
+    (output_dir / "demo_results.md").write_text(table + "\n")
+    return payload
+
+
+def _row(method: str, protocol: str, seed: int, res: dict, agreement: float) -> dict:
+    return {"method": method, "protocol": protocol, "seed": seed, "base": res["base"]["accuracy"],
+            "new": res["new"]["accuracy"], "hm": res["hm"], "agreement": agreement}
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: one line per (method, protocol), mean +- population std over seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["protocol"]), []).append(r)
+    lines = ["| method | protocol | seeds | Base | New | HM | agreement with teacher (base) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.2f}"
+        return f"{statistics.fmean(values):.2f} ± {statistics.pstdev(values):.2f}"
+
+    for (method, protocol), rs in groups.items():
+        base, new = [r["base"] for r in rs], [r["new"] for r in rs]
+        hm = harmonic_mean(statistics.fmean(base), statistics.fmean(new))
+        lines.append(f"| {method} | {protocol} | {len(rs)} | {cell(base)} | {cell(new)} | {hm:.2f} | "
+                     f"{cell([r['agreement'] for r in rs])} |")
+    return "\n".join(lines)
