@@ -253,3 +253,13 @@ def test_unreadable_checkpoint(tmp_path):
         load_checkpoint(path)
     with pytest.raises(ClipkdError):
         main(["eval", "--run", str(tmp_path), "--debug"])
+
+
+def test_fewshot_setting_trains_and_evaluates_all_classes(synth_root, tmp_path, capsys):
+    cfg = config(synth_root, "abkd_promptkd", "DATASET.SUBSAMPLE_CLASSES", "all", "OPTIM.MAX_EPOCH", "1")
+    results = train_mod.train(cfg, tmp_path / "run", echo=False)
+    assert set(results) == {"all", "epoch"} and results["all"]["n"] == 7 * 8
+    assert "7 classes" in (tmp_path / "run" / "log.txt").read_text()
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--subsample", "base"]) == 2
+    assert "evaluates all, not base" in capsys.readouterr().err

@@ -14,7 +14,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "test images and write DIR/results.json. Trailing KEY VALUE pairs override config keys.")
     p.add_argument("--root", help="DATA root (sets DATASET.ROOT)")
     p.add_argument("--dataset-config", help="configs/datasets/STEM.yaml")
-    p.add_argument("--config", help="configs/methods/METHOD.yaml")
+    p.add_argument("--config", action="append", default=[],
+                   help="configs/methods/METHOD.yaml; repeat to add per-dataset settings merged after it")
     p.add_argument("--seed", type=int, help="run seed (sets SEED; also seeds the few-shot draw)")
     p.add_argument("--output-dir", required=True, help="run folder; must be new or empty unless --resume")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
@@ -27,7 +28,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "with the same config arguments as train).")
     p.add_argument("--run", help="a run folder written by clipkd train")
     p.add_argument("--zero-shot", choices=("teacher", "student"), help="evaluate an untrained model instead")
-    p.add_argument("--subsample", choices=("base", "new"), help="evaluate one half only (default both)")
+    p.add_argument("--subsample", choices=("base", "new", "all"),
+                   help="evaluate one half only (default: base and new, or all for few-shot runs)")
     p.add_argument("--root", help="DATA root (overrides the run's DATASET.ROOT)")
     p.add_argument("--dataset-config")
     p.add_argument("--config")
@@ -53,7 +55,7 @@ def _config(args: argparse.Namespace, files: list[str | Path]) -> "object":
 def cmd_train(args: argparse.Namespace) -> int:
     from clipkd.engine.train import train
 
-    cfg = _config(args, [args.dataset_config, args.config])
+    cfg = _config(args, [args.dataset_config, *args.config])
     cfg.defrost()
     cfg.OUTPUT_DIR = str(args.output_dir)
     cfg.freeze()
@@ -90,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.run:
             path = Path(args.run) / MODEL_FILE
             model.load_trainable_state_dict(load_checkpoint(path)["state_dict"], source=str(path))
-    halves = (args.subsample,) if args.subsample else ("base", "new")
+    halves = (args.subsample,) if args.subsample else tuple(data.halves)
     results = evaluate_run(model, data, cfg, device, halves=halves)
     for half in halves:
         print(f"{half}: accuracy {results[half]['accuracy']:.2f}%  macro-F1 {results[half]['macro_f1']:.2f}%  "

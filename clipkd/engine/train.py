@@ -74,22 +74,37 @@ class RunData:
 
     spec: DatasetSpec
     train: ResolvedSplit  # what the student learns from
-    base: ResolvedSplit  # base classes: test = Base accuracy, val = model selection
-    new: ResolvedSplit  # new classes: test = New accuracy
+    halves: dict[str, ResolvedSplit]  # evaluated halves: base + new (base-to-new) or all (few-shot setting)
+
+    @property
+    def select(self) -> ResolvedSplit:
+        """Whose few-shot val split picks the epoch for TEST.FINAL_MODEL val (never a test split)."""
+        return self.halves.get("base") or self.halves["all"]
+
+    @property
+    def base(self) -> ResolvedSplit:
+        return self.halves["base"]
 
 
 def prepare_data(cfg: CfgNode) -> RunData:
+    """DATASET.SUBSAMPLE_CLASSES base = the base-to-new setting (train on base, evaluate base and new);
+    all = the few-shot setting (train and evaluate on all classes)."""
     if not cfg.DATASET.ROOT:
         raise ConfigError("DATASET.ROOT is empty; pass --root DATA")
     spec = get_spec(cfg.DATASET.NAME)
-    shots, seed = cfg.DATASET.NUM_SHOTS, cfg.SEED
-    base = resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "base")
-    new = resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "new")
+    shots, seed, sub = cfg.DATASET.NUM_SHOTS, cfg.SEED, cfg.DATASET.SUBSAMPLE_CLASSES
+    if sub == "new":
+        raise ConfigError("DATASET.SUBSAMPLE_CLASSES new: runs train on base (then evaluate base and new) or "
+                          "on all classes; use base or all")
+    if sub == "base":
+        halves = {h: resolve_split(cfg.DATASET.ROOT, spec, shots, seed, h) for h in ("base", "new")}
+    else:
+        halves = {"all": resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "all")}
     if cfg.DISTILL.PROTOCOL == "inductive":
-        train = base
+        train = halves.get("base") or halves["all"]
     else:  # transductive (PromptKD): train images of all classes, labels unused, logits over all classes
-        train = resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "all")
-    return RunData(spec, train, base, new)
+        train = halves.get("all") or resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "all")
+    return RunData(spec, train, halves)
 
 
 def needs_teacher(cfg: CfgNode) -> bool:
@@ -149,13 +164,16 @@ def evaluate_half(
 
 
 def evaluate_run(
-    model: Any, data: RunData, cfg: CfgNode, device: torch.device, halves: tuple[str, ...] = ("base", "new"),
+    model: Any, data: RunData, cfg: CfgNode, device: torch.device, halves: tuple[str, ...] | None = None,
     log: RunLog | None = None,
 ) -> dict:
     autocast, _ = autocast_for(cfg, device)
     metrics = {}
-    for half in halves:
-        metrics[half] = evaluate_half(model, getattr(data, half), cfg, device, autocast)
+    for half in halves or tuple(data.halves):
+        if half not in data.halves:
+            raise ConfigError(f"this run evaluates {', '.join(data.halves)}, not {half} "
+                              "(DATASET.SUBSAMPLE_CLASSES base gives base and new, all gives all)")
+        metrics[half] = evaluate_half(model, data.halves[half], cfg, device, autocast)
         if log is not None:
             for line in format_dassl_lines(half, metrics[half]):
                 log.info(line)
@@ -218,7 +236,7 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
                           "set it to 0 or use DISTILL.PROTOCOL inductive")
     if kd_loss is None and ce_weight == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
-    if cfg.TEST.FINAL_MODEL == "val" and not data.base.val:
+    if cfg.TEST.FINAL_MODEL == "val" and not data.select.val:
         raise ConfigError(f"{data.spec.name} has no held-out val split (its val would be the test set); "
                           "use TEST.FINAL_MODEL last")
     teacher, student = build_models(cfg, data.spec, device)
@@ -290,7 +308,7 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
             n_steps = max(step + 1, 1)
             epoch_metrics: dict[str, Any] = {"loss": total / n_steps}
             if cfg.TEST.FINAL_MODEL == "val":
-                val = evaluate_half(student, data.base, cfg, device, autocast, items="val")
+                val = evaluate_half(student, data.select, cfg, device, autocast, items="val")
                 epoch_metrics["val_accuracy"] = val["accuracy"]
                 if val["accuracy"] > best["accuracy"]:
                     best = {"accuracy": val["accuracy"], "epoch": epoch + 1}
