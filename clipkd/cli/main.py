@@ -21,6 +21,8 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:  # n
 
 def build_parser() -> argparse.ArgumentParser:
     from clipkd.cli import data_cmd, toy_cmd, train_cmd
+    from clipkd.cli import report_cmd
+    from clipkd.cli import sweep_cmd
 
     parser = argparse.ArgumentParser(
         prog="clipkd",
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.add_parser(sub)
     train_cmd.add_parsers(sub)
     toy_cmd.add_parsers(sub)
+    report_cmd.add_parsers(sub)
+    sweep_cmd.add_parsers(sub)
     return parser
 
 

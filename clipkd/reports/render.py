@@ -1,0 +1,236 @@
+"""Render aggregated tables as Markdown, CSV or JSON (all plain text, returned as strings)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from clipkd.data.specs import STEMS
+from clipkd.reports.aggregate import FewShotTable, MethodTable, Stat, Sweep
+from clipkd.reports.collect import Run
+from clipkd.reports.published import Published
+
+Reference = tuple[dict[str, Published], Published, str]  # per-dataset, average, source
+
+
+def _pm(s: Stat) -> str:
+    return f"{s.mean:.2f} ± {s.std:.2f}"
+
+
+def _n(k: int) -> str:
+    return f"{k} dataset" + ("" if k == 1 else "s")
+
+
+def _d(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def average_reference(table: MethodTable, ref: Reference | None) -> Published | None:
+    """The published average is only comparable when all 11 benchmark datasets are in the table."""
+    if ref is None or {r.stem for r in table.rows} != set(STEMS):
+        return None
+    return ref[1]
+
+
+# ---------------------------------------------------------------- base-to-new
+def b2n_markdown(tables: list[MethodTable], ref: Reference | None = None) -> str:
+    out: list[str] = []
+    for t in tables:
+        avg = t.average
+        header = ["Dataset", "Base", "New", "HM", "Seeds"]
+        if ref:
+            header += ["Pub. Base", "Pub. New", "Pub. HM", "Δ Base", "Δ New", "Δ HM"]
+        rows = []
+        for r in t.rows:
+            row = [r.name, _pm(r.base), _pm(r.new), f"{r.hm:.2f}", str(r.base.n)]
+            if ref:
+                p = ref[0].get(r.stem)
+                row += ([f"{p.base:.2f}", f"{p.new:.2f}", f"{p.hm:.2f}",
+                         _d(r.base.mean - p.base), _d(r.new.mean - p.new), _d(r.hm - p.hm)] if p else ["—"] * 6)
+            rows.append(row)
+        if avg:
+            row = [f"**Average** ({_n(avg.n_datasets)})", f"{avg.base:.2f}", f"{avg.new:.2f}", f"{avg.hm:.2f}", ""]
+            if ref:
+                p = average_reference(t, ref)
+                row += ([f"{p.base:.2f}", f"{p.new:.2f}", f"{p.hm:.2f}",
+                         _d(avg.base - p.base), _d(avg.new - p.new), _d(avg.hm - p.hm)] if p else ["—"] * 6)
+            rows.append(row)
+        out.append(f"### {t.method}")
+        out.append("")
+        out += _md_table(header, rows, "l" + "r" * (len(header) - 1))
+        out.append("")
+        out.append("Base/New: mean ± population std over seeds; HM: harmonic mean of the mean Base and mean New; "
+                   "Average: HM of the dataset-mean Base and New.")
+        if ref:
+            note = f"Published: {ref[2]}; Δ = ours - published."
+            if avg and average_reference(t, ref) is None:
+                note += " The published average is compared only when all 11 datasets are present."
+            out.append(note)
+        out.append("")
+    return "\n".join(out)
+
+
+def b2n_dict(table: MethodTable, ref: Reference | None = None) -> dict:
+    """The JSON shape: {"datasets": {NAME: {"base": {mean,std,n}, "new": {...}, "hm"}}, "average": {...}}."""
+    datasets = {}
+    for r in table.rows:
+        entry: dict = {"base": {"mean": r.base.mean, "std": r.base.std, "n": r.base.n},
+                       "new": {"mean": r.new.mean, "std": r.new.std, "n": r.new.n}, "hm": r.hm}
+        if ref and r.stem in ref[0]:
+            p = ref[0][r.stem]
+            entry["published"] = {"base": p.base, "new": p.new, "hm": p.hm}
+            entry["delta"] = {"base": r.base.mean - p.base, "new": r.new.mean - p.new, "hm": r.hm - p.hm}
+        datasets[r.name] = entry
+    avg = table.average
+    out: dict = {"datasets": datasets,
+                 "average": {"base": avg.base, "new": avg.new, "hm": avg.hm} if avg else None}
+    if ref:
+        p = average_reference(table, ref)
+        out["published_source"] = ref[2]
+        if p and avg:
+            out["average"]["published"] = {"base": p.base, "new": p.new, "hm": p.hm}
+            out["average"]["delta"] = {"base": avg.base - p.base, "new": avg.new - p.new, "hm": avg.hm - p.hm}
+    return out
+
+
+B2N_CSV_FIELDS = ["method", "dataset", "name", "base_mean", "base_std", "base_n", "new_mean", "new_std", "new_n",
+                  "hm"]
+COMPARE_CSV_FIELDS = ["pub_base", "pub_new", "pub_hm", "delta_base", "delta_new", "delta_hm"]
+
+
+def b2n_csv(tables: list[MethodTable], ref: Reference | None = None) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(B2N_CSV_FIELDS + (COMPARE_CSV_FIELDS if ref else []))
+    for t in tables:
+        for r in t.rows:
+            row = [t.method, r.stem, r.name, r.base.mean, r.base.std, r.base.n, r.new.mean, r.new.std, r.new.n, r.hm]
+            if ref:
+                p = ref[0].get(r.stem)
+                row += ([p.base, p.new, p.hm, r.base.mean - p.base, r.new.mean - p.new, r.hm - p.hm]
+                        if p else [""] * 6)
+            w.writerow(row)
+        avg = t.average
+        if avg:
+            row = [t.method, "average", "Average", avg.base, "", avg.n_datasets, avg.new, "", avg.n_datasets, avg.hm]
+            if ref:
+                p = average_reference(t, ref)
+                row += ([p.base, p.new, p.hm, avg.base - p.base, avg.new - p.new, avg.hm - p.hm]
+                        if p else [""] * 6)
+            w.writerow(row)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- few-shot
+def fewshot_markdown(tables: list[FewShotTable]) -> str:
+    out: list[str] = []
+    for t in tables:
+        rows = [[r.name, _pm(r.acc), str(r.acc.n)] for r in t.rows]
+        rows.append([f"**Average** ({_n(len(t.rows))})", f"{t.average:.2f}", ""])
+        out += [f"### {t.method}, {t.shots} shots", ""]
+        out += _md_table(["Dataset", "Accuracy", "Seeds"], rows, "lrr")
+        out += ["", "Accuracy: mean ± population std over seeds; Average: mean of the dataset means.", ""]
+    return "\n".join(out)
+
+
+def fewshot_dict(tables: list[FewShotTable]) -> dict:
+    out: dict = {}
+    for t in tables:
+        out.setdefault(t.method, {})[str(t.shots)] = {
+            "datasets": {r.name: {"mean": r.acc.mean, "std": r.acc.std, "n": r.acc.n} for r in t.rows},
+            "average": t.average}
+    return {"methods": out}
+
+
+def fewshot_csv(tables: list[FewShotTable]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "shots", "dataset", "name", "acc_mean", "acc_std", "n"])
+    for t in tables:
+        for r in t.rows:
+            w.writerow([t.method, t.shots, r.stem, r.name, r.acc.mean, r.acc.std, r.acc.n])
+        w.writerow([t.method, t.shots, "average", "Average", t.average, "", len(t.rows)])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- sweep
+def _g(x: float) -> str:
+    return format(x, "g")
+
+
+def best_line(s: Sweep) -> str:
+    b = s.best
+    return (f"Best cell: alpha={_g(b.alpha)}, beta={_g(b.beta)}: HM {b.hm:.2f} "
+            f"(Base {_pm(b.base)}, New {_pm(b.new)}, {b.base.n} seeds)")
+
+
+def sweep_markdown(sweeps: list[Sweep]) -> str:
+    out: list[str] = []
+    for s in sweeps:
+        header = ["alpha \\ beta"] + [_g(b) for b in s.betas]
+        rows = []
+        best = s.best
+        for a in s.alphas:
+            row = [_g(a)]
+            for b in s.betas:
+                c = s.cell(a, b)
+                text = "—" if c is None else f"{c.hm:.2f}"
+                row.append(f"**{text}**" if c is best else text)
+            rows.append(row)
+        out += [f"### {s.method}, {s.name}: HM over (alpha, beta)", ""]
+        out += _md_table(header, rows, "l" + "r" * len(s.betas))
+        out += ["", "HM of the seed-mean Base and New of each cell; — = no completed run.", best_line(s), ""]
+    return "\n".join(out)
+
+
+def sweep_dict(sweeps: list[Sweep]) -> dict:
+    def cell(c) -> dict:  # noqa: ANN001
+        return {"alpha": c.alpha, "beta": c.beta, "base": {"mean": c.base.mean, "std": c.base.std, "n": c.base.n},
+                "new": {"mean": c.new.mean, "std": c.new.std, "n": c.new.n}, "hm": c.hm}
+
+    return {"sweeps": [{"method": s.method, "dataset": s.name, "cells": [cell(c) for c in s.cells],
+                        "best": cell(s.best)} for s in sweeps]}
+
+
+def sweep_csv(sweeps: list[Sweep]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "dataset", "name", "alpha", "beta", "base_mean", "base_std", "new_mean", "new_std", "n",
+                "hm", "best"])
+    for s in sweeps:
+        for c in s.cells:
+            w.writerow([s.method, s.stem, s.name, c.alpha, c.beta, c.base.mean, c.base.std, c.new.mean, c.new.std,
+                        c.base.n, c.hm, int(c is s.best)])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- incomplete runs
+def incomplete_lines(runs: list[Run], root: Path) -> list[str]:
+    if not runs:
+        return []
+    lines = [f"Incomplete or failed runs ({len(runs)}):"]
+    for r in runs:
+        lines.append(f"- {r.path.relative_to(root).as_posix()}: {r.problem}")
+    return lines
+
+
+def dumps(obj: dict) -> str:
+    def clean(x):  # noqa: ANN001, ANN202 - JSON has no NaN/inf
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=2)

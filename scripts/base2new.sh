@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Base-to-new: train on the base classes of DATASET with SEED, evaluate base and new.
+# Usage: DATA=/path/to/data scripts/base2new.sh DATASET SEED [METHOD] [KEY VALUE ...]
+# Writes $OUTPUT/base2new/METHOD/DATASET/seedSEED/results.json (OUTPUT defaults to ./output); finished runs
+# are skipped, interrupted ones resumed. METHOD names configs/methods/METHOD.yaml (default abkd_promptkd).
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+if [ $# -lt 2 ]; then
+  echo "usage: DATA=... $0 DATASET SEED [METHOD] [KEY VALUE ...]" >&2
+  exit 2
+fi
+DATASET=$1 SEED=$2 METHOD=${3:-abkd_promptkd}
+shift $(( $# < 3 ? $# : 3 ))
+method_configs "$METHOD" "$DATASET"
+run_once "$OUTPUT/base2new/$METHOD/$DATASET/seed$SEED" \
+  --root "$DATA" --dataset-config "$REPO/configs/datasets/$DATASET.yaml" "${CONFIGS[@]}" --seed "$SEED" \
+  DATASET.SUBSAMPLE_CLASSES base "$@"

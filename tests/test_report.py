@@ -1,0 +1,237 @@
+"""clipkd report: tables recomputed from fake run trees (results.json files written here)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from clipkd.cli.main import main
+from clipkd.reports.published import PROMPTKD, PROMPTKD_SOURCE, TABLE1_AVERAGES
+
+# method promptkd: oxford_pets 3 seeds, dtd 2 complete seeds + seed3 failed (log.txt only)
+PETS = {1: (95.0, 97.0), 2: (96.0, 98.0), 3: (97.5, 99.5)}
+DTD = {1: (80.0, 60.0), 2: (82.0, 66.0)}
+KD_PETS = {1: (90.0, 91.0), 2: (92.0, 93.0)}
+FEWSHOT = {  # (K, stem) -> {seed: accuracy}
+    (4, "oxford_pets"): {1: 85.0, 2: 87.0, 3: 86.0},
+    (4, "dtd"): {1: 50.0, 2: 54.0},
+    (16, "oxford_pets"): {1: 91.0, 2: 93.0},
+}
+ALPHAS, BETAS = (0.0, 0.5, 1.0), (-0.5, 0.3, 1.0)
+
+
+def sweep_values(a: float, b: float, seed: int) -> tuple[float, float]:
+    # best HM at alpha=0.5, beta=0.3 by construction
+    bonus = 5.0 if (a, b) == (0.5, 0.3) else 0.0
+    return 80.0 + 2 * a + b + seed + bonus, 70.0 - a + 2 * b - seed + bonus
+
+
+def write_run(folder: Path, payload: dict | str | None) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("SEED: 1\n")
+    if payload is None:
+        return
+    text = payload if isinstance(payload, str) else json.dumps(payload)
+    (folder / "results.json").write_text(text)
+
+
+def b2n(base: float, new: float) -> dict:
+    return {"base": {"accuracy": base, "macro_f1": base - 1, "n": 100},
+            "new": {"accuracy": new, "macro_f1": new - 1, "n": 90},
+            "hm": 2 * base * new / (base + new), "epoch": 20}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "runs"
+    for s, (b, n) in PETS.items():
+        write_run(r / "promptkd" / "oxford_pets" / f"seed{s}", b2n(b, n))
+    for s, (b, n) in DTD.items():
+        write_run(r / "promptkd" / "dtd" / f"seed{s}", b2n(b, n))
+    failed = r / "promptkd" / "dtd" / "seed3"
+    failed.mkdir(parents=True)
+    (failed / "log.txt").write_text("loss is nan\n")
+    for s, (b, n) in KD_PETS.items():
+        write_run(r / "kd" / "oxford_pets" / f"seed{s}", b2n(b, n))
+    for (k, stem), accs in FEWSHOT.items():
+        for s, acc in accs.items():
+            write_run(r / "fewshot" / "promptkd" / stem / f"shots{k}" / f"seed{s}",
+                      {"all": {"accuracy": acc, "macro_f1": acc, "n": 50}, "epoch": 20})
+    write_run(r / "fewshot" / "promptkd" / "dtd" / "shots16" / "seed1", "{not json")
+    for a in ALPHAS:
+        for b in BETAS:
+            for s in (1, 2):
+                write_run(r / "abkd" / "eurosat" / f"a{format(a, 'g')}_b{format(b, 'g')}" / f"seed{s}",
+                          b2n(*sweep_values(a, b, s)))
+    return r
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def pstd(xs):
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def hm(b, n):
+    return 2 * b * n / (b + n)
+
+
+def test_json_numbers_recomputed(root, capsys):
+    rc, out, err = run_cli(capsys, "report", str(root), "--method", "promptkd", "--format", "json")
+    assert rc == 0
+    data = json.loads(out)
+    assert set(data) == {"datasets", "average"}
+    assert list(data["datasets"]) == ["OxfordPets", "DescribableTextures"]  # benchmark order, Dassl NAMEs
+    pets = data["datasets"]["OxfordPets"]
+    pb, pn = [v[0] for v in PETS.values()], [v[1] for v in PETS.values()]
+    assert pets["base"] == pytest.approx({"mean": mean(pb), "std": pstd(pb), "n": 3})
+    assert pets["new"] == pytest.approx({"mean": mean(pn), "std": pstd(pn), "n": 3})
+    assert pets["hm"] == pytest.approx(hm(mean(pb), mean(pn)))
+    db, dn = [v[0] for v in DTD.values()], [v[1] for v in DTD.values()]
+    dtd = data["datasets"]["DescribableTextures"]
+    assert dtd["base"]["n"] == 2 and dtd["base"]["std"] == pytest.approx(1.0)  # population std, not ddof=1
+    assert dtd["new"]["std"] == pytest.approx(3.0)
+    avg_b, avg_n = mean([mean(pb), mean(db)]), mean([mean(pn), mean(dn)])
+    assert data["average"] == pytest.approx({"base": avg_b, "new": avg_n, "hm": hm(avg_b, avg_n)})
+    # the Average HM is the HM of the mean Base/New, not the mean of the per-dataset HMs
+    assert data["average"]["hm"] != pytest.approx(mean([pets["hm"], dtd["hm"]]))
+    assert "promptkd/dtd/seed3" in err and "no results.json" in err
+
+
+def test_json_needs_method_when_several(root, capsys):
+    rc, out, err = run_cli(capsys, "report", str(root), "--format", "json")
+    assert rc == 2 and "--method" in err and "kd" in err and "promptkd" in err
+
+
+def test_markdown_tables_and_failed_runs(root, capsys):
+    rc, out, _ = run_cli(capsys, "report", str(root))
+    assert rc == 0
+    assert "### kd" in out and "### promptkd" in out
+    pb, pn = [v[0] for v in PETS.values()], [v[1] for v in PETS.values()]
+    row = next(line for line in out.splitlines() if line.startswith("| OxfordPets") and "96.17" in line)
+    assert f"{mean(pb):.2f} ± {pstd(pb):.2f}" in row and f"{mean(pn):.2f} ± {pstd(pn):.2f}" in row
+    assert f"{hm(mean(pb), mean(pn)):.2f}" in row and row.rstrip(" |").endswith("3")
+    assert "| DescribableTextures | 81.00 ± 1.00 | 63.00 ± 3.00 |" in out
+    assert "**Average** (2 datasets)" in out
+    tail = out.split("Incomplete or failed runs")[1]
+    assert "promptkd/dtd/seed3" in tail
+    assert "fewshot" not in tail  # a failed few-shot run belongs to the few-shot report
+
+
+def test_compare_published(root, capsys):
+    rc, out, _ = run_cli(capsys, "report", str(root), "--method", "promptkd", "--format", "json",
+                         "--compare", "published")
+    assert rc == 0
+    data = json.loads(out)
+    pets, pub = data["datasets"]["OxfordPets"], PROMPTKD["oxford_pets"]
+    assert pets["published"] == {"base": 96.30, "new": 98.01, "hm": 97.15}
+    assert pets["delta"]["base"] == pytest.approx(pets["base"]["mean"] - pub.base)
+    assert pets["delta"]["new"] == pytest.approx(pets["new"]["mean"] - pub.new)
+    assert pets["delta"]["hm"] == pytest.approx(pets["hm"] - pub.hm)
+    assert data["published_source"] == PROMPTKD_SOURCE
+    assert "published" not in data["average"]  # 2 of 11 datasets: not comparable with the 11-dataset average
+
+    rc, out, _ = run_cli(capsys, "report", str(root), "--method", "promptkd", "--compare", "published")
+    assert "Δ HM" in out and f"{pets['delta']['hm']:+.2f}" in out and "PromptKD" in out
+
+
+def test_published_data():
+    assert len(PROMPTKD) == 11
+    assert TABLE1_AVERAGES["PromptKD"].hm == 83.73
+    # stored as printed (PROTOCOL.md section 2), not recomputed
+    assert (PROMPTKD["ucf101"].base, PROMPTKD["ucf101"].new, PROMPTKD["ucf101"].hm) == (89.71, 82.27, 86.10)
+    assert PROMPTKD["fgvc_aircraft"].hm == 45.17
+
+
+def test_csv_parses(root, capsys):
+    rc, out, err = run_cli(capsys, "report", str(root), "--format", "csv", "--compare", "published")
+    assert rc == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    by = {(r["method"], r["dataset"]): r for r in rows}
+    assert set(by) == {("kd", "oxford_pets"), ("kd", "average"), ("promptkd", "oxford_pets"),
+                       ("promptkd", "dtd"), ("promptkd", "average")}
+    kb = [v[0] for v in KD_PETS.values()]
+    assert float(by["kd", "oxford_pets"]["base_mean"]) == pytest.approx(mean(kb))
+    assert float(by["kd", "oxford_pets"]["base_std"]) == pytest.approx(pstd(kb))
+    assert float(by["promptkd", "dtd"]["delta_new"]) == pytest.approx(63.0 - PROMPTKD["dtd"].new)
+    avg = by["promptkd", "average"]
+    assert float(avg["hm"]) == pytest.approx(hm(float(avg["base_mean"]), float(avg["new_mean"])))
+    assert "promptkd/dtd/seed3" in err
+
+
+def test_fewshot_tables(root, capsys):
+    rc, out, err = run_cli(capsys, "report", str(root), "--fewshot", "--format", "json")
+    assert rc == 0
+    data = json.loads(out)["methods"]["promptkd"]
+    assert set(data) == {"4", "16"}
+    pets4 = list(FEWSHOT[4, "oxford_pets"].values())
+    assert data["4"]["datasets"]["OxfordPets"] == pytest.approx({"mean": 86.0, "std": pstd(pets4), "n": 3})
+    assert data["4"]["average"] == pytest.approx(mean([86.0, 52.0]))
+    assert data["16"]["datasets"] == {"OxfordPets": pytest.approx({"mean": 92.0, "std": 1.0, "n": 2})}
+    assert "shots16/seed1" in err and "unreadable" in err
+    rc, out, _ = run_cli(capsys, "report", str(root), "--fewshot")
+    assert "### promptkd, 4 shots" in out and "| OxfordPets | 86.00 ± 0.82 | 3 |" in out
+    assert "Incomplete or failed runs (1)" in out
+
+
+def test_sweep_best_cell(root, capsys):
+    rc, out, _ = run_cli(capsys, "report", str(root), "--sweep", "--format", "json")
+    assert rc == 0
+    (sweep,) = json.loads(out)["sweeps"]
+    assert sweep["method"] == "abkd" and sweep["dataset"] == "EuroSAT" and len(sweep["cells"]) == 9
+    for c in sweep["cells"]:
+        vals = [sweep_values(c["alpha"], c["beta"], s) for s in (1, 2)]
+        assert c["hm"] == pytest.approx(hm(mean([v[0] for v in vals]), mean([v[1] for v in vals])))
+    assert (sweep["best"]["alpha"], sweep["best"]["beta"]) == (0.5, 0.3)
+    assert sweep["best"]["hm"] == pytest.approx(max(c["hm"] for c in sweep["cells"]))
+    rc, out, _ = run_cli(capsys, "report", str(root), "--sweep")
+    assert "Best cell: alpha=0.5, beta=0.3" in out
+    assert "| alpha \\ beta | -0.5 | 0.3 | 1 |" in out
+
+
+def test_sweep_plot(root, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "plots" / "sweep.png"
+    rc, _, err = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(png))
+    assert rc == 0 and str(png) in err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_errors(tmp_path, root, capsys):
+    rc, _, err = run_cli(capsys, "report", str(tmp_path / "missing"))
+    assert rc == 2 and "not a folder" in err
+    rc, _, err = run_cli(capsys, "report", str(root), "--plot", "x.png")
+    assert rc == 2 and "--sweep" in err
+    rc, _, err = run_cli(capsys, "report", str(root), "--method", "nope")
+    assert rc == 2 and "no completed" in err
+
+
+def test_plot_without_matplotlib(root, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    rc, _, err = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(tmp_path / "s.png"))
+    assert rc == 2 and "pip install matplotlib" in err
+
+
+def test_sweep_plot_with_missing_cell(root, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import shutil
+
+    shutil.rmtree(root / "abkd" / "eurosat" / "a1_b1")
+    rc, out, _ = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(tmp_path / "s.png"))
+    assert rc == 0 and "—" in out and (tmp_path / "s.png").is_file()
