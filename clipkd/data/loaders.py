@@ -32,12 +32,21 @@ class ImageListDataset(Dataset):
         self.items = list(items)
         self.paths = [os.path.join(dataset_dir, d.relpath) for d in self.items]
         self.transform = transform
+        self.aug_seed: int | None = None  # set per epoch: each item's augmentation then depends on (seed, index)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image = self.transform(load_image(self.paths[index]))
+        image = load_image(self.paths[index])
+        if self.aug_seed is None:
+            image = self.transform(image)
+        else:
+            # the same random crop/flip for an image whichever process or worker loads it, so multi-process
+            # training sees exactly the batches a single process would
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.aug_seed * 1_000_003 + index)
+                image = self.transform(image)
         return image, self.items[index].label, index
 
 

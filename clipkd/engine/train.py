@@ -25,6 +25,7 @@ from clipkd.data.loaders import ImageListDataset, build_loader
 from clipkd.data.specs import DatasetSpec, get_spec
 from clipkd.data.splits import ResolvedSplit, resolve_split
 from clipkd.data.transforms import build_transform
+from clipkd.engine import distributed as dist
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.evaluate import classification_metrics, format_dassl_lines, predict, results_payload
 from clipkd.engine.optim import build_optimizer, build_scheduler
@@ -40,7 +41,10 @@ BEST_CKPT = "checkpoints/best-val.pt"
 
 # ------------------------------------------------------------------------------------------------ set-up
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (this process's GPU under torchrun), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -120,6 +124,22 @@ def build_models(cfg: CfgNode, spec: DatasetSpec, device: torch.device) -> tuple
 
 
 # ------------------------------------------------------------------------------------------------ the loss
+def student_logits(student: Any, images: torch.Tensor, classnames: list[str]) -> torch.Tensor:
+    return student.logit_scale * student.image_features(images) @ student.text_features(classnames).t()
+
+
+class _LogitsModule(torch.nn.Module):
+    """The student as a module whose forward gives logits, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, student: Any, classnames: list[str]):
+        super().__init__()
+        self.student = student
+        self.classnames = classnames
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return student_logits(self.student, images, self.classnames)
+
+
 def distill_loss(
     student: Any,
     teacher: Any,
@@ -130,13 +150,17 @@ def distill_loss(
     kd_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     kd_weight: float,
     ce_weight: float,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One batch's loss: KD_WEIGHT * D(teacher || student) + CE_WEIGHT * CE(student, labels).
 
     ``teacher_text`` is the teacher's class embeddings, computed once per run by the caller: the reference
     code recomputed them for every batch.
     """
-    logits = student.logit_scale * student.image_features(images) @ student.text_features(classnames).t()
+    if logits_fn is not None:  # e.g. the DistributedDataParallel wrapper, whose forward syncs gradients
+        logits = logits_fn(images)
+    else:
+        logits = student_logits(student, images, classnames)
     loss = torch.zeros((), device=images.device)
     if kd_loss is not None:
         with torch.no_grad():
@@ -157,9 +181,22 @@ def evaluate_half(
     with torch.no_grad(), autocast():
         class_features = model.text_features(split.classnames).float()
     dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))
+    sampler = None
+    if dist.is_initialized():  # each rank predicts a share; rank 0 puts them back in order
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=False)
     loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
-                          num_workers=cfg.DATALOADER.NUM_WORKERS)
+                          num_workers=cfg.DATALOADER.NUM_WORKERS, sampler=sampler)
     pred, true = predict(model.image_features, class_features, loader, device, autocast)
+    if sampler is not None:
+        order = list(sampler)
+        shares = dist.gather_objects((order, pred.tolist(), true.tolist()))
+        merged = {}
+        for idx, p, t in shares:
+            merged.update({i: (a, b) for i, a, b in zip(idx, p, t)})  # padding repeats are dropped here
+        pred = torch.tensor([merged[i][0] for i in range(len(dataset))], dtype=torch.long)
+        true = torch.tensor([merged[i][1] for i in range(len(dataset))], dtype=torch.long)
     return classification_metrics(pred, true, len(split.classnames))
 
 
@@ -218,6 +255,19 @@ def check_output_dir(out: Path, cfg: CfgNode, resume: bool) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ training
+class _SilentLog:
+    """What ranks other than 0 log to: nothing (only rank 0 writes)."""
+
+    def info(self, message: str) -> None:
+        pass
+
+    def metrics(self, kind: str, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool = True) -> dict:
     """Train the student, write ``model.pt`` and ``results.json`` into ``output_dir``; returns the results."""
     from tqdm import tqdm
@@ -225,8 +275,10 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
     from clipkd.losses import build_distill_loss_from_cfg
 
     out = Path(output_dir)
-    has_checkpoint = check_output_dir(out, cfg, resume)
     device = pick_device()
+    distributed = dist.init(device)
+    has_checkpoint = check_output_dir(out, cfg, resume)
+    dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
     seed_everything(cfg.SEED)
     data = prepare_data(cfg)
     kd_loss = build_distill_loss_from_cfg(cfg) if cfg.DISTILL.WEIGHT > 0 else None
@@ -246,10 +298,22 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     classnames = data.train.classnames
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out / CONFIG_FILE).write_text(cfg.dump())
-    log = RunLog(out, echo=echo)
+    world = dist.world_size()
+    batch_size = cfg.DATALOADER.TRAIN_X.BATCH_SIZE  # the global batch, split across processes
+    if batch_size % world:
+        raise ConfigError(f"DATALOADER.TRAIN_X.BATCH_SIZE {batch_size} must divide among {world} processes")
+    logits_fn = None
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        logits_fn = DistributedDataParallel(_LogitsModule(student, data.train.classnames),
+                                            device_ids=[device.index] if device.type == "cuda" else None)
+    main_rank = dist.is_main()
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (out / CONFIG_FILE).write_text(cfg.dump())
+    log = RunLog(out, echo=echo) if main_rank else _SilentLog()
     try:
         start_epoch, best = 0, {"accuracy": -1.0, "epoch": -1}
         if has_checkpoint:
@@ -268,14 +332,21 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
                      f"loss {cfg.DISTILL.LOSS} x {cfg.DISTILL.WEIGHT}, device {device}")
 
         dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
-        batch_size = cfg.DATALOADER.TRAIN_X.BATCH_SIZE
         steps_per_epoch = len(dataset) // batch_size if len(dataset) >= batch_size else 1
         teacher_text = teacher.text_features(classnames) if kd_loss is not None else None  # once per run
 
         for epoch in range(start_epoch, cfg.OPTIM.MAX_EPOCH):
             torch.manual_seed(epoch_seed(cfg.SEED, epoch))
-            loader = build_loader(dataset, batch_size, shuffle=True, num_workers=cfg.DATALOADER.NUM_WORKERS,
-                                  seed=epoch_seed(cfg.SEED, epoch), drop_last=len(dataset) >= batch_size)
+            # One permutation per epoch, the same in every process; process r takes items r, r+W, ...: the
+            # union of the processes' k-th batches is the single-process k-th batch.
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True,
+                                         seed=epoch_seed(cfg.SEED, epoch), drop_last=True)
+            dataset.aug_seed = epoch_seed(cfg.SEED, epoch)
+            loader = build_loader(dataset, max(batch_size // world, 1), shuffle=False, sampler=sampler,
+                                  num_workers=cfg.DATALOADER.NUM_WORKERS,
+                                  drop_last=len(dataset) >= batch_size)
             student.train()
             lr = optimizer.param_groups[0]["lr"]
             total, started, step = 0.0, time.time(), -1
@@ -284,9 +355,9 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 with autocast():
                     loss = distill_loss(student, teacher, teacher_text, classnames, images, labels, kd_loss,
-                                        cfg.DISTILL.WEIGHT, ce_weight)
+                                        cfg.DISTILL.WEIGHT, ce_weight, logits_fn=logits_fn)
                 global_step = epoch * steps_per_epoch + step
-                if not torch.isfinite(loss):
+                if dist.any_rank(not bool(torch.isfinite(loss))):
                     kept = f"{out / LAST_CKPT} (after epoch {epoch})" if epoch > 0 else "none (first epoch)"
                     raise TrainingError(
                         f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} (global step "
@@ -300,10 +371,11 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
                     torch.nn.utils.clip_grad_norm_(student.trainable_parameters(), cfg.OPTIM.GRAD_CLIP)
                 scaler.step(optimizer)
                 scaler.update()
-                total += loss.item()
+                step_loss = dist.mean(loss.item())  # the global batch's loss
+                total += step_loss
                 log.metrics("step", epoch=epoch + 1, step=step + 1, global_step=global_step + 1,
-                            loss=loss.item(), lr=lr)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                            loss=step_loss, lr=lr)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
             scheduler.step()
             n_steps = max(step + 1, 1)
             epoch_metrics: dict[str, Any] = {"loss": total / n_steps}
@@ -312,26 +384,32 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
                 epoch_metrics["val_accuracy"] = val["accuracy"]
                 if val["accuracy"] > best["accuracy"]:
                     best = {"accuracy": val["accuracy"], "epoch": epoch + 1}
-                    save_checkpoint(out / BEST_CKPT, student.trainable_state_dict(), epoch=epoch + 1)
+                    if main_rank:
+                        save_checkpoint(out / BEST_CKPT, student.trainable_state_dict(), epoch=epoch + 1)
             log.metrics("epoch", epoch=epoch + 1, lr=lr, time=round(time.time() - started, 3), **epoch_metrics)
             log.info(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] loss {epoch_metrics['loss']:.4f} lr {lr:.3e}"
                      + (f" val acc {epoch_metrics['val_accuracy']:.2f}%" if "val_accuracy" in epoch_metrics else "")
                      + f" ({time.time() - started:.1f}s)")
-            save_checkpoint(out / LAST_CKPT, student.trainable_state_dict(), epoch=epoch + 1,
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            scaler=scaler.state_dict(), best=best)
+            if main_rank:
+                save_checkpoint(out / LAST_CKPT, student.trainable_state_dict(), epoch=epoch + 1,
+                                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                                scaler=scaler.state_dict(), best=best)
+            dist.barrier()
 
         final_epoch = cfg.OPTIM.MAX_EPOCH
         if cfg.TEST.FINAL_MODEL == "val" and best["epoch"] > 0:
             student.load_trainable_state_dict(load_checkpoint(out / BEST_CKPT)["state_dict"])
             final_epoch = best["epoch"]
             log.info(f"final model: epoch {final_epoch} (best few-shot val accuracy {best['accuracy']:.2f}%)")
-        save_checkpoint(out / MODEL_FILE, student.trainable_state_dict(), epoch=final_epoch,
-                        student_type=cfg.MODEL.STUDENT.TYPE)
+        if main_rank:
+            save_checkpoint(out / MODEL_FILE, student.trainable_state_dict(), epoch=final_epoch,
+                            student_type=cfg.MODEL.STUDENT.TYPE)
         results = evaluate_run(student, data, cfg, device, log=log)
         results["epoch"] = final_epoch
-        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        if main_rank:
+            (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         log.metrics("results", **results)
+        dist.barrier()
         return results
     finally:
         log.close()
