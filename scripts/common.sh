@@ -4,7 +4,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${OUTPUT:=output}"
 : "${CLIPKD:=clipkd}"
 if [ -z "${DATA:-}" ]; then
-  echo "set DATA to the folder that holds the datasets (see datasets/README.md), e.g. DATA=/data/coop $0 ..." >&2
+  echo "set DATA to the folder that holds the datasets (see datasets/README.md), e.g. DATA=~/datasets $0 ..." >&2
   exit 2
 fi
 

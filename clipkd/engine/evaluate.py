@@ -7,10 +7,9 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
+from clipkd.engine.metrics import harmonic_mean
 
-def harmonic_mean(base: float, new: float) -> float:
-    """HM = 2BN / (B + N); 0 when both are 0."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+__all__ = ["harmonic_mean", "predict", "classification_metrics", "results_payload", "format_dassl_lines"]
 
 
 @torch.no_grad()

@@ -11,13 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 from clipkd.data.specs import DATASETS, STEMS
+from clipkd.engine.metrics import harmonic_mean  # torch-free, shared with the evaluator
 from clipkd.reports.collect import Run
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    """HM = 2BN / (B + N); 0 when both are 0. Same as clipkd.engine.evaluate.harmonic_mean, kept here so
-    that reports never import torch."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
 @dataclass(frozen=True)
