@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data.distributed import DistributedSampler
 from yacs.config import CfgNode
 
 from clipkd.config import build_config
@@ -172,19 +173,17 @@ def distill_loss(
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def evaluate_half(
+def predict_half(
     model: Any, split: ResolvedSplit, cfg: CfgNode, device: torch.device, autocast: Callable[[], Any],
     items: str = "test",
-) -> dict:
-    """Accuracy / macro-F1 of ``model`` on one half, among that half's classes only."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels of ``model`` on one half's ``items`` list, among that half's classes only."""
     model.eval()
     with torch.no_grad(), autocast():
         class_features = model.text_features(split.classnames).float()
     dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))
     sampler = None
     if dist.is_initialized():  # each rank predicts a share; rank 0 puts them back in order
-        from torch.utils.data.distributed import DistributedSampler
-
         sampler = DistributedSampler(dataset, shuffle=False)
     loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
                           num_workers=cfg.DATALOADER.NUM_WORKERS, sampler=sampler)
@@ -197,6 +196,15 @@ def evaluate_half(
             merged.update({i: (a, b) for i, a, b in zip(idx, p, t)})  # padding repeats are dropped here
         pred = torch.tensor([merged[i][0] for i in range(len(dataset))], dtype=torch.long)
         true = torch.tensor([merged[i][1] for i in range(len(dataset))], dtype=torch.long)
+    return pred, true
+
+
+def evaluate_half(
+    model: Any, split: ResolvedSplit, cfg: CfgNode, device: torch.device, autocast: Callable[[], Any],
+    items: str = "test",
+) -> dict:
+    """Accuracy / macro-F1 of ``model`` on one half, among that half's classes only."""
+    pred, true = predict_half(model, split, cfg, device, autocast, items)
     return classification_metrics(pred, true, len(split.classnames))
 
 
@@ -339,8 +347,6 @@ def train(cfg: CfgNode, output_dir: str | Path, resume: bool = False, echo: bool
             torch.manual_seed(epoch_seed(cfg.SEED, epoch))
             # One permutation per epoch, the same in every process; process r takes items r, r+W, ...: the
             # union of the processes' k-th batches is the single-process k-th batch.
-            from torch.utils.data.distributed import DistributedSampler
-
             sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True,
                                          seed=epoch_seed(cfg.SEED, epoch), drop_last=True)
             dataset.aug_seed = epoch_seed(cfg.SEED, epoch)

@@ -57,20 +57,13 @@ def demo_config(data_root: Path, weights: dict[str, Path], seed: int, *overrides
     ])
 
 
-@torch.no_grad()
 def predictions(model, split, cfg) -> torch.Tensor:  # noqa: ANN001
     """Predicted labels of ``model`` on ``split.test`` (for teacher-student agreement)."""
-    from clipkd.data.loaders import ImageListDataset, build_loader
-    from clipkd.data.transforms import build_transform
-    from clipkd.engine.evaluate import predict
-
-    model.eval()
-    feats = model.text_features(split.classnames).float()
-    ds = ImageListDataset(split.test, split.dataset_dir, build_transform(cfg, is_train=False))
-    loader = build_loader(ds, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False)
     import contextlib
 
-    pred, _ = predict(model.image_features, feats, loader, torch.device("cpu"), contextlib.nullcontext)
+    from clipkd.engine.train import predict_half
+
+    pred, _ = predict_half(model, split, cfg, torch.device("cpu"), contextlib.nullcontext)
     return pred
 
 
