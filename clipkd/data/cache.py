@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from clipkd.data.records import Datum
+from clipkd.fileio import atomic_write_text
 
 FORMAT_VERSION = 1
 
@@ -81,13 +81,4 @@ def save_draw(
         "train": [[d.relpath, d.label] for d in train],
         "val": [[d.relpath, d.label] for d in val],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=0)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(payload, indent=0))

@@ -12,6 +12,7 @@ from pathlib import Path
 from clipkd.data.readers import dataset_dir, list_wnid_folders
 from clipkd.data.specs import IMAGENET_CLASSNAMES_FILE, IMAGENET_SPLIT_DIRS, get_spec
 from clipkd.errors import DataError
+from clipkd.fileio import atomic_write_text
 
 
 def imagenet_wnids() -> list[str]:
@@ -60,7 +61,5 @@ def write_imagenet_classnames(root: str | Path, force: bool = False) -> Path:
     text = "\n".join(lines) + "\n"
     if path.exists() and path.read_text() != text and not force:
         raise DataError(f"{path} exists and differs; pass --force to replace it")
-    tmp = path.with_suffix(".txt.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from clipkd.data.specs import TOY_SPEC
 from clipkd.errors import DataError
+from clipkd.fileio import atomic_write_text
 from clipkd.toy.world import all_classes, render
 
 SPLIT_SIZES = {"train": 20, "val": 8, "test": 25}  # images per class
@@ -38,7 +39,5 @@ def write_toy_dataset(root: str | Path, seed: int = WORLD_SEED) -> Path:
                 split[key].append([rel, label, cls.name])
     for entries in split.values():
         rng.shuffle(entries)
-    tmp = split_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(split))
-    tmp.replace(split_path)  # the split file last: its presence means the dataset is complete
+    atomic_write_text(split_path, json.dumps(split))  # the split file last: its presence means the dataset is complete
     return folder

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clipkd.fileio import atomic_write
 from clipkd.toy.world import CAPTION_TEMPLATES, all_classes, render
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -132,10 +133,7 @@ def save_compact(model, tokenizer, path: Path, **meta) -> None:  # noqa: ANN001
     payload = {"format": FORMAT, "version": 1, "token_ids": ids, "token_rows": emb[ids].clone(),
                "vocab_size": emb.shape[0], "state_dict": state,
                "meta": {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in meta.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def expand_compact(path: Path, out: Path) -> Path:
@@ -148,8 +146,5 @@ def expand_compact(path: Path, out: Path) -> Path:
     emb = torch.zeros(payload["vocab_size"], rows.shape[1], dtype=rows.dtype)
     emb[payload["token_ids"]] = rows
     state["token_embedding.weight"] = emb
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out)
+    atomic_write(out, lambda f: torch.save(state, f))
     return out
