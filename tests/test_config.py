@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from clipkd.config import build_config, get_cfg_defaults
+from clipkd.config import build_config, get_cfg_defaults, merge_overrides, validate
 from clipkd.data.specs import DATASETS, get_spec
 from clipkd.errors import ConfigError
 
@@ -51,7 +55,8 @@ def test_unknown_key_in_file_names_key_and_file(tmp_path):
         (["DATASET.NUM_SHOTS", "1.5"], "DATASET.NUM_SHOTS must be int"),
         (["OPTIM.LR", "fast"], "OPTIM.LR must be float"),
         (["INPUT.SIZE", "(32,)"], "INPUT.SIZE needs 2 values"),
-        (["DATASET.SUBSAMPLE_CLASSES", "half"], "SUBSAMPLE_CLASSES must be one of all, base, new"),
+        (["DATASET.SUBSAMPLE_CLASSES", "half"], "SUBSAMPLE_CLASSES must be one of all, base; got 'half'"),
+        (["DATASET.SUBSAMPLE_CLASSES", "new"], "SUBSAMPLE_CLASSES must be one of all, base; got 'new'"),
         (["DATASET", "1"], "DATASET is a group"),
         (["DATASET.NUM_SHOTS"], "KEY VALUE pairs"),
     ],
@@ -80,3 +85,182 @@ def test_yaml_literals_like_yacs(tmp_path):
     f.write_text('INPUT:\n  SIZE: "(32, 32)"\nOPTIM:\n  LR: "1e-4"\n')
     cfg = build_config([f])
     assert tuple(cfg.INPUT.SIZE) == (32, 32) and cfg.OPTIM.LR == 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ every shipped config
+def _method_files():
+    """Each method yaml alone, and with each of its per-dataset files (as the scripts merge them)."""
+    for method in sorted((CONFIGS / "methods").glob("*.yaml")):
+        yield method.stem, [method]
+        for extra in sorted((CONFIGS / "per_dataset" / method.stem).glob("*.yaml")):
+            yield f"{method.stem}+{extra.stem}", [method, extra]
+
+
+@pytest.mark.parametrize("dataset_yaml", sorted((CONFIGS / "datasets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_dataset_method_combination_merges(dataset_yaml):
+    combos = list(_method_files())
+    assert len(combos) >= 5
+    for _, files in combos:
+        cfg = build_config([dataset_yaml, *files])
+        validate(cfg)
+
+
+def test_demo_config_merges():
+    demo = Path(__file__).resolve().parents[1] / "clipkd" / "toy" / "demo.yaml"
+    assert build_config([demo]).DATASET.SUBSAMPLE_CLASSES == "base"
+
+
+# ------------------------------------------------------------------------------------------------ value checks
+# (key, a value that passes, values that fail): each rule at its edge.
+RULES = [
+    ("SEED", "0", ["-1"]),
+    ("DATASET.NUM_SHOTS", "0", ["-3", "-1"]),
+    ("INPUT.SIZE", "(32, 48)", ["(0, 32)", "(32, -1)"]),
+    ("INPUT.RRCROP_SCALE", "(0.5, 0.5)", ["(0.0, 1.0)", "(0.6, 0.5)", "(0.5, 1.5)", "(-0.1, 0.5)"]),
+    ("INPUT.FLIP_PROB", "1", ["1.5", "-0.1"]),
+    ("INPUT.PIXEL_STD", "(0.1, 0.2, 0.3)", ["(0.1, 0.0, 0.3)", "(-0.1, 0.2, 0.3)"]),
+    ("DATALOADER.NUM_WORKERS", "0", ["-1"]),
+    ("DATALOADER.TRAIN_X.BATCH_SIZE", "1", ["0", "-8"]),
+    ("DATALOADER.TEST.BATCH_SIZE", "1", ["0"]),
+    ("DISTILL.TEMPERATURE", "0.5", ["0", "-1"]),
+    ("DISTILL.WEIGHT", "0", ["-1"]),
+    ("DISTILL.CE_WEIGHT", "0", ["-0.5"]),
+    ("OPTIM.LR", "1e-6", ["0", "-0.1"]),
+    ("OPTIM.WEIGHT_DECAY", "0", ["-1e-4"]),
+    ("OPTIM.MOMENTUM", "0", ["1", "1.0", "-0.1"]),
+    ("OPTIM.MAX_EPOCH", "1", ["0", "-2"]),
+    ("OPTIM.WARMUP_EPOCH", "0", ["-1"]),
+    ("OPTIM.WARMUP_CONS_LR", "0", ["-1e-5"]),
+    ("OPTIM.GRAD_CLIP", "0", ["-1"]),
+]
+
+
+@pytest.mark.parametrize("key, good, bads", RULES, ids=[r[0] for r in RULES])
+def test_value_rules(key, good, bads):
+    build_config([], [key, good])  # the edge value passes
+    for bad in bads:
+        with pytest.raises(ConfigError) as err:
+            build_config([], [key, bad])
+        msg = str(err.value)
+        assert msg.startswith(f"{key} must be ") and "(got " in msg and "\n" not in msg, msg
+
+
+def test_value_rule_messages():
+    cases = {
+        ("DATASET.NUM_SHOTS", "-3"): "DATASET.NUM_SHOTS must be >= 0 (got -3); K images per class, or 0 for the full",
+        ("OPTIM.MAX_EPOCH", "0"): "OPTIM.MAX_EPOCH must be >= 1 (got 0); to evaluate untrained prompts use clipkd eval",
+        ("OPTIM.LR", "-0.1"): "OPTIM.LR must be > 0 (got -0.1)",
+        ("SEED", "-1"): "SEED must be >= 0 (got -1)",
+        ("DATALOADER.TRAIN_X.BATCH_SIZE", "0"): "DATALOADER.TRAIN_X.BATCH_SIZE must be >= 1 (got 0)",
+        ("OPTIM.MOMENTUM", "1"): "OPTIM.MOMENTUM must be in [0, 1) (got 1.0)",
+    }
+    for (key, bad), start in cases.items():
+        with pytest.raises(ConfigError) as err:
+            build_config([], [key, bad])
+        assert str(err.value).startswith(start), str(err.value)
+
+
+def test_values_in_files_are_checked_too(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text("DATASET:\n  NUM_SHOTS: -3\n")
+    with pytest.raises(ConfigError, match=r"^DATASET.NUM_SHOTS must be >= 0 \(got -3\)"):
+        build_config([f])
+
+
+def test_validate_refuses_hand_set_values_of_the_wrong_type():
+    cfg = get_cfg_defaults()
+    cfg.SEED = "one"
+    with pytest.raises(ConfigError, match="^SEED must be >= 0"):
+        validate(cfg)
+    cfg = get_cfg_defaults()
+    cfg.INPUT.RRCROP_SCALE = (0.5,)
+    with pytest.raises(ConfigError, match="^INPUT.RRCROP_SCALE must be"):
+        validate(cfg)
+
+
+def test_defaults_pass_validation():
+    validate(get_cfg_defaults())
+
+
+def _float_keys():
+    out = []
+
+    def walk(node, prefix=""):
+        for name, value in node.items():
+            if isinstance(value, type(node)):
+                walk(value, f"{prefix}{name}.")
+            elif isinstance(value, float):
+                out.append(f"{prefix}{name}")
+
+    walk(get_cfg_defaults())
+    return out
+
+
+def test_float_keys_cover_the_brief():
+    keys = set(_float_keys())
+    assert {"OPTIM.LR", "OPTIM.WEIGHT_DECAY", "OPTIM.MOMENTUM", "OPTIM.WARMUP_CONS_LR", "OPTIM.GRAD_CLIP",
+            "DISTILL.ALPHA", "DISTILL.BETA", "DISTILL.TEMPERATURE", "DISTILL.WEIGHT", "DISTILL.CE_WEIGHT",
+            "INPUT.FLIP_PROB"} <= keys
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN", "Infinity", "1e999"])
+def test_non_finite_floats_are_refused_as_such(key, text):
+    with pytest.raises(ConfigError) as err:
+        build_config([], [key, text])
+    msg = str(err.value)
+    assert f"{key} must be a finite number" in msg and "must be float" not in msg, msg
+
+
+def test_non_finite_in_tuples_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"^INPUT.RRCROP_SCALE must be a finite number, got \[0.5, inf\]"):
+        build_config([], ["INPUT.RRCROP_SCALE", "(0.5, 1e999)"])
+    f = tmp_path / "m.yaml"
+    f.write_text("DISTILL:\n  ALPHA: .nan\n")
+    with pytest.raises(ConfigError, match="^DISTILL.ALPHA must be a finite number, got nan"):
+        build_config([f])
+    assert math.isfinite(build_config([], ["DISTILL.ALPHA", "-2.5"]).DISTILL.ALPHA)  # any finite alpha is fine
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["OPTIM.LR", "0.1", "DISTILL.ALPHA"],
+         "overrides come in KEY VALUE pairs, got 3 tokens: OPTIM.LR 0.1, DISTILL.ALPHA; "
+         "'DISTILL.ALPHA' has no value"),
+        (["DATASET.NUM_SHOTS"],
+         "overrides come in KEY VALUE pairs, got 1 tokens: DATASET.NUM_SHOTS; 'DATASET.NUM_SHOTS' has no value"),
+        (["MODEL.PROMPT.CTX_INIT", "a photo of a", "SEED"],
+         "overrides come in KEY VALUE pairs, got 3 tokens: MODEL.PROMPT.CTX_INIT 'a photo of a', SEED; "
+         "'SEED' has no value"),
+    ],
+)
+def test_odd_number_of_overrides(opts, message):
+    with pytest.raises(ConfigError) as err:
+        merge_overrides(get_cfg_defaults(), opts)
+    assert str(err.value) == message
+
+
+def test_config_imports_neither_torch_nor_open_clip():
+    code = ("import sys, clipkd.config, clipkd.registry; "
+            "from clipkd.config import build_config; build_config([], ['DISTILL.LOSS', 'kl']); "
+            "bad = [m for m in ('torch', 'open_clip', 'clipkd.losses', 'clipkd.models') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_choice_message_names_key_value_and_choices():
+    with pytest.raises(ConfigError, match=re.escape("DISTILL.LOSS must be one of ab, kl, rkl, js, skl, promptkd_kl; "
+                                                    "got 'kld'")):
+        build_config([], ["DISTILL.LOSS", "kld"])
+    with pytest.raises(ConfigError, match=re.escape("(base trains on the base classes")):
+        build_config([], ["DATASET.SUBSAMPLE_CLASSES", "new"])
+
+
+def test_all_choices_accept_their_names():
+    from clipkd.config.defaults import CHOICES
+
+    for key, allowed in CHOICES.items():
+        for value in allowed:
+            assert build_config([], [key, value])  # each name passes

@@ -6,7 +6,11 @@ users of CoOp / PromptKD configs feel at home. A key that is not here is an erro
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from yacs.config import CfgNode as CN
+
+from clipkd.registry import REGISTRIES
 
 _C = CN()
 _C.OUTPUT_DIR = ""
@@ -16,8 +20,8 @@ _C.SEED = 1
 _C.DATASET = CN()
 _C.DATASET.ROOT = ""  # the DATA root that holds one folder per dataset
 _C.DATASET.NAME = ""  # Dassl name (e.g. "OxfordPets") or clipkd stem (e.g. "oxford_pets")
-_C.DATASET.NUM_SHOTS = 16  # K images per class; <= 0 means the full train set
-_C.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base | new
+_C.DATASET.NUM_SHOTS = 16  # K images per class; 0 means the full train set (negative is an error)
+_C.DATASET.SUBSAMPLE_CLASSES = "all"  # all (few-shot) | base (train on base, evaluate base and new)
 
 _C.INPUT = CN()
 _C.INPUT.SIZE = (224, 224)
@@ -39,11 +43,16 @@ _C.MODEL = CN()
 _C.MODEL.TEACHER = CN()
 _C.MODEL.TEACHER.NAME = "ViT-L-14"  # open_clip model name or a clipkd test-size config
 _C.MODEL.TEACHER.PRETRAINED = ""  # open_clip tag ("openai"), a local weights file, or "" (random init)
+# QuickGELU is declared, never guessed from a path: True for OpenAI-trained weights in a local file. The
+# openai tag (and any open_clip tag marked quick_gelu), a "-quickgelu" model name and OpenAI's TorchScript
+# archives turn it on by themselves.
+_C.MODEL.TEACHER.QUICK_GELU = False
 _C.MODEL.TEACHER.CHECKPOINT = ""  # clipkd ivlp run whose prompts make the teacher a prompted teacher
 _C.MODEL.TEACHER.TEMPLATES = "dataset"  # dataset (PROTOCOL template) | ensemble (CLIP's 80 ImageNet templates)
 _C.MODEL.STUDENT = CN()
 _C.MODEL.STUDENT.NAME = "ViT-B-16"
 _C.MODEL.STUDENT.PRETRAINED = ""
+_C.MODEL.STUDENT.QUICK_GELU = False  # as MODEL.TEACHER.QUICK_GELU
 _C.MODEL.STUDENT.TYPE = "promptkd"  # promptkd | ivlp
 _C.MODEL.PROMPT = CN()
 _C.MODEL.PROMPT.N_CTX_VISION = 4
@@ -80,19 +89,40 @@ _C.TEST = CN()
 _C.TEST.FINAL_MODEL = "last"  # last | val (best epoch on the held-out few-shot val split; never test)
 
 
-# Keys whose value must be one of a fixed set; checked after every merge.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "DATASET.SUBSAMPLE_CLASSES": ("all", "base", "new"),
+# Keys whose value must be one of a fixed set that no registry holds.
+_FIXED_CHOICES: dict[str, tuple[str, ...]] = {
+    "DATASET.SUBSAMPLE_CLASSES": ("all", "base"),
     "INPUT.INTERPOLATION": ("bicubic", "bilinear", "nearest"),
-    "MODEL.TEACHER.TEMPLATES": ("dataset", "ensemble"),
-    "MODEL.STUDENT.TYPE": ("promptkd", "ivlp"),
     "DISTILL.PROTOCOL": ("inductive", "transductive"),
-    "DISTILL.LOSS": ("ab", "kl", "rkl", "js", "skl", "promptkd_kl"),
-    "OPTIM.NAME": ("sgd", "adamw"),
     "OPTIM.LR_SCHEDULER": ("cosine", "constant"),
     "OPTIM.PRECISION": ("auto", "fp32", "bf16", "fp16"),
     "TEST.FINAL_MODEL": ("last", "val"),
 }
+
+
+class _Choices(Mapping[str, tuple[str, ...]]):
+    """Key -> allowed values: the fixed choices above, and the names of each registry in clipkd.registry
+    (MODEL.TEACHER.TEMPLATES, MODEL.STUDENT.TYPE, DISTILL.LOSS, OPTIM.NAME), read when asked, so a name
+    registered later is accepted too."""
+
+    def __getitem__(self, key: str) -> tuple[str, ...]:
+        if key in REGISTRIES:
+            return REGISTRIES[key].names()
+        return _FIXED_CHOICES[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from _FIXED_CHOICES
+        yield from REGISTRIES
+
+    def __len__(self) -> int:
+        return len(_FIXED_CHOICES) + len(REGISTRIES)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+# Keys whose value must be one of a fixed set; checked after every merge.
+CHOICES: Mapping[str, tuple[str, ...]] = _Choices()
 
 
 def get_cfg_defaults() -> CN:

@@ -1,12 +1,16 @@
 """Strict merging of YAML files and ``KEY VALUE`` overrides into the defaults.
 
 yacs already refuses unknown keys, but its messages are terse and it refuses ``OPTIM.LR 1`` (int for a
-float). Here every problem names the key and where it came from, and ints widen to floats.
+float). Here every problem names the key and where it came from, and ints widen to floats. After merging,
+:func:`validate` checks the values themselves (ranges, choices, finite floats), one line per problem.
 """
 
 from __future__ import annotations
 
 import ast
+import math
+import shlex
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -26,6 +30,8 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _non_finite(value):
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
     elif isinstance(default, int):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -79,6 +85,14 @@ def merge_file(cfg: CN, path: str | Path) -> None:
         cfg.freeze()
 
 
+def _non_finite(text: str) -> bool:
+    """True for the words float() reads as nan or +-inf (literal_eval leaves them strings)."""
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def _parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
@@ -89,8 +103,10 @@ def _parse_value(text: str) -> Any:
 def merge_overrides(cfg: CN, opts: Sequence[str]) -> None:
     """Merge ``KEY VALUE`` pairs from the command line (in place)."""
     if len(opts) % 2:
+        pairs = [f"{shlex.quote(k)} {shlex.quote(v)}" for k, v in zip(opts[0:-1:2], opts[1:-1:2])]
+        read = ", ".join([*pairs, shlex.quote(opts[-1])])
         raise ConfigError(
-            f"overrides come in KEY VALUE pairs; '{opts[-1]}' has no value"
+            f"overrides come in KEY VALUE pairs, got {len(opts)} tokens: {read}; '{opts[-1]}' has no value"
         )
     was_frozen = cfg.is_frozen()
     cfg.defrost()
@@ -123,11 +139,75 @@ def build_config(
     return cfg
 
 
+def _get(cfg: CN, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _leaves(cfg: CN, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, value in cfg.items():
+        if isinstance(value, CN):
+            yield from _leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _show(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, (tuple, list)) else repr(value)
+
+
+# Fixes to add when a key's value is not one of its CHOICES.
+_CHOICE_HINTS = {
+    "DATASET.SUBSAMPLE_CLASSES": "base trains on the base classes and evaluates on base and new",
+}
+
+# (key, test, what the value must be, how to fix it): checked in order by validate(); "" means no hint.
+_RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
+    ("SEED", lambda v: v >= 0, ">= 0", "e.g. 1, 2, 3 (the seed picks the few-shot split and every draw)"),
+    ("DATASET.NUM_SHOTS", lambda v: v >= 0, ">= 0", "K images per class, or 0 for the full train set"),
+    ("INPUT.SIZE", lambda v: all(x >= 1 for x in v), "2 positive ints", "(height, width), e.g. (224, 224)"),
+    ("INPUT.RRCROP_SCALE", lambda v: 0 < v[0] <= v[1] <= 1, "(lo, hi) with 0 < lo <= hi <= 1",
+     "the area range of the random resized crop, e.g. (0.08, 1.0)"),
+    ("INPUT.FLIP_PROB", lambda v: 0 <= v <= 1, "in [0, 1]", "a probability"),
+    ("INPUT.PIXEL_STD", lambda v: all(x > 0 for x in v), "> 0 in every channel", "images are divided by it"),
+    ("DATALOADER.NUM_WORKERS", lambda v: v >= 0, ">= 0", "0 loads in the main process"),
+    ("DATALOADER.TRAIN_X.BATCH_SIZE", lambda v: v >= 1, ">= 1", ""),
+    ("DATALOADER.TEST.BATCH_SIZE", lambda v: v >= 1, ">= 1", ""),
+    ("DISTILL.TEMPERATURE", lambda v: v > 0, "> 0", "1 uses the logits as they are"),
+    ("DISTILL.WEIGHT", lambda v: v >= 0, ">= 0", "0 turns distillation off"),
+    ("DISTILL.CE_WEIGHT", lambda v: v >= 0, ">= 0", "0 turns the label loss off"),
+    ("OPTIM.LR", lambda v: v > 0, "> 0", "e.g. 0.005"),
+    ("OPTIM.WEIGHT_DECAY", lambda v: v >= 0, ">= 0", "0 turns it off"),
+    ("OPTIM.MOMENTUM", lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.9"),
+    ("OPTIM.MAX_EPOCH", lambda v: v >= 1, ">= 1",
+     "to evaluate untrained prompts use clipkd eval --zero-shot student"),
+    ("OPTIM.WARMUP_EPOCH", lambda v: v >= 0, ">= 0", "0 means no warm-up"),
+    ("OPTIM.WARMUP_CONS_LR", lambda v: v >= 0, ">= 0", "the constant lr of the warm-up epochs"),
+    ("OPTIM.GRAD_CLIP", lambda v: v >= 0, ">= 0", "0 turns clipping off"),
+)
+
+
 def validate(cfg: CN) -> None:
-    """Check the keys that take one of a fixed set of values."""
+    """Check the merged values: floats are finite, choices are known names, numbers are in range.
+
+    The first problem raises ConfigError with one line naming the key, the value and the fix.
+    """
+    for key, value in _leaves(cfg):
+        floats = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in floats):
+            raise ConfigError(f"{key} must be a finite number, got {_show(value)}")
     for key, allowed in CHOICES.items():
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        if node not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {node!r}")
+        value = _get(cfg, key)
+        if value not in allowed:
+            hint = f" ({_CHOICE_HINTS[key]})" if key in _CHOICE_HINTS else ""
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}{hint}")
+    for key, ok, must, fix in _RULES:
+        value = _get(cfg, key)
+        try:
+            good = ok(value)
+        except (TypeError, IndexError):  # a value of the wrong type or length set by hand, not merged
+            good = False
+        if not good:
+            raise ConfigError(f"{key} must be {must} (got {_show(value)})" + (f"; {fix}" if fix else ""))

@@ -9,6 +9,7 @@ import torch
 from yacs.config import CfgNode
 
 from clipkd.errors import ConfigError
+from clipkd.registry import OPTIMIZERS
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: CfgNode) -> torch.optim.Optimizer:
@@ -16,11 +17,9 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: CfgNode) -> torch
     params = list(params)
     if not params:
         raise ConfigError("the student has no trainable parameters; check MODEL.PROMPT.* (depth and n_ctx)")
-    if o.NAME == "sgd":
-        return torch.optim.SGD(params, lr=o.LR, momentum=o.MOMENTUM, weight_decay=o.WEIGHT_DECAY)
-    if o.NAME == "adamw":
-        return torch.optim.AdamW(params, lr=o.LR, weight_decay=o.WEIGHT_DECAY)
-    raise ConfigError(f"OPTIM.NAME must be sgd or adamw, not {o.NAME!r}")
+    optimizer_cls = OPTIMIZERS.get(o.NAME)  # ConfigError for a name the registry does not hold
+    extra = {"momentum": o.MOMENTUM} if o.NAME == "sgd" else {}
+    return optimizer_cls(params, lr=o.LR, weight_decay=o.WEIGHT_DECAY, **extra)
 
 
 class WarmupCosine:

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from clipkd.errors import ConfigError
+from clipkd.registry import LOSSES
 
 __all__ = [
     "LOSS_NAMES",
@@ -464,7 +465,7 @@ def promptkd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
 
 
 # ------------------------------------------------------------------------------------------------ registry
-LOSS_NAMES: tuple[str, ...] = ("ab", "kl", "rkl", "js", "skl", "promptkd_kl")
+LOSS_NAMES: tuple[str, ...] = LOSSES.names()  # DISTILL.LOSS's names, from clipkd.registry
 
 _SIMPLE: dict[str, Callable[..., Tensor]] = {
     "kl": kl_divergence,
@@ -506,9 +507,7 @@ def build_distill_loss(
     All losses but promptkd_kl average over the batch and sum over classes; DISTILL.WEIGHT is applied by the
     trainer. Bad values raise ConfigError naming the config key, so the CLI can report them in one line.
     """
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in LOSS_NAMES:
-        raise ConfigError(f"DISTILL.LOSS must be one of {', '.join(LOSS_NAMES)}; got {name!r}")
+    key = LOSSES.check(name.strip().lower() if isinstance(name, str) else name)
     a = _finite_real(alpha, "DISTILL.ALPHA")
     b = _finite_real(beta, "DISTILL.BETA")
     t = _finite_real(temperature, "DISTILL.TEMPERATURE")

@@ -1,0 +1,136 @@
+"""Named choices of the config, one registry per kind: the single list of what a key may name.
+
+Each :class:`Registry` belongs to one config key (e.g. ``DISTILL.LOSS``) and maps a name to its target: an
+import path ``"package.module:attribute"`` that is imported only when :meth:`Registry.get` asks for it, or an
+object registered directly. So ``clipkd.config`` can list and check names without importing torch or
+open_clip, and the code that uses a value asks the same registry (no second list to keep in sync).
+
+    >>> from clipkd.registry import LOSSES
+    >>> LOSSES.names()
+    ('ab', 'kl', 'rkl', 'js', 'skl', 'promptkd_kl')
+    >>> LOSSES.get("kl")  # imports clipkd.losses.divergences now  # doctest: +SKIP
+    <function kl_divergence ...>
+
+This module imports nothing but :mod:`clipkd.errors`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from clipkd.errors import ConfigError
+
+__all__ = ["Registry", "REGISTRIES", "STUDENTS", "LOSSES", "OPTIMIZERS", "TEMPLATES"]
+
+_MISSING = object()
+
+
+def _resolve(path: str) -> Any:
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"a registry target must look like 'package.module:attribute', got {path!r}")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Registry:
+    """Names a config key accepts, each with a lazily resolved target.
+
+    A target is an import path ``"package.module:attribute"`` (resolved, then cached, on the first
+    :meth:`get`), any other object (returned as is), or ``None`` for a name whose meaning the code that reads
+    the key implements itself. Names keep their registration order, which is the order messages list them in.
+    """
+
+    def __init__(self, key: str, entries: Mapping[str, Any] | None = None) -> None:
+        self.key = key
+        self._targets: dict[str, Any] = {}
+        self._resolved: dict[str, Any] = {}
+        for name, target in (entries or {}).items():
+            self.register(name, target)
+
+    def register(self, name: str, target: Any = _MISSING) -> Any:
+        """Add ``name``; without ``target``, a decorator that registers what it decorates and returns it."""
+        if target is _MISSING:
+            def decorator(obj: Any) -> Any:
+                self.register(name, obj)
+                return obj
+
+            return decorator
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.key}: a registered name must be a non-empty string, got {name!r}")
+        if name in self._targets:
+            raise ValueError(f"{self.key}: {name!r} is registered already")
+        self._targets[name] = target
+        return target
+
+    def names(self) -> tuple[str, ...]:
+        """The accepted names, in registration order."""
+        return tuple(self._targets)
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            return name in self._targets
+        except TypeError:  # unhashable
+            return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._targets)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.key}: {', '.join(self._targets)})"
+
+    def check(self, name: object) -> str:
+        """``name`` if it is registered; otherwise ConfigError naming the key and the allowed names.
+
+        Imports nothing, so the config can call it.
+        """
+        if name not in self:
+            raise ConfigError(f"{self.key} must be one of {', '.join(self._targets)}; got {name!r}")
+        assert isinstance(name, str)
+        return name
+
+    def get(self, name: object) -> Any:
+        """The target of ``name``, importing it on first use (ConfigError for an unknown name)."""
+        key = self.check(name)
+        if key not in self._resolved:
+            target = self._targets[key]
+            self._resolved[key] = _resolve(target) if isinstance(target, str) else target
+        return self._resolved[key]
+
+
+# ------------------------------------------------------------------------------------------------ registries
+STUDENTS = Registry("MODEL.STUDENT.TYPE", {
+    "promptkd": "clipkd.models.student:PromptKDStudent",
+    "ivlp": "clipkd.models.student:IVLPStudent",
+})
+
+LOSSES = Registry("DISTILL.LOSS", {
+    "ab": "clipkd.losses.divergences:alpha_beta_divergence",
+    "kl": "clipkd.losses.divergences:kl_divergence",
+    "rkl": "clipkd.losses.divergences:reverse_kl",
+    "js": "clipkd.losses.divergences:js_divergence",
+    "skl": "clipkd.losses.divergences:symmetric_kl",
+    "promptkd_kl": "clipkd.losses.divergences:promptkd_kl",
+})
+
+OPTIMIZERS = Registry("OPTIM.NAME", {
+    "sgd": "torch.optim:SGD",
+    "adamw": "torch.optim:AdamW",
+})
+
+# "dataset": the dataset's own template (DATASET.NAME's spec, or the one the caller passes), which
+# build_teacher looks up itself; "ensemble": CLIP's 80 ImageNet templates.
+TEMPLATES = Registry("MODEL.TEACHER.TEMPLATES", {
+    "dataset": None,
+    "ensemble": "clipkd.models.teacher:ensemble_templates",
+})
+
+# config key -> its registry; clipkd.config.defaults.CHOICES reads the names from here.
+REGISTRIES: dict[str, Registry] = {r.key: r for r in (TEMPLATES, STUDENTS, LOSSES, OPTIMIZERS)}
