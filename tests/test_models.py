@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import pickle
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from clipkd.models import (  # noqa: E402
     build_student,
     build_teacher,
     create_clip,
+    image_size,
     ivlp_state_dict,
     load_ivlp_state_dict,
     read_prompt_checkpoint,
@@ -59,6 +63,38 @@ def prompted_cfg(**prompt):
 # ------------------------------------------------------------------------------------------------ factory
 
 
+class _Pickled:
+    """A Python object in a checkpoint: weights_only loading must refuse it."""
+
+
+def _save_safetensors(model, path):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _random_init_notices(records):
+    return [r for r in records
+            if "No pretrained weights" in r.getMessage() or "initialized randomly" in r.getMessage()]
+
+
+@pytest.fixture(scope="module")
+def torchscript_archive(tmp_path_factory):
+    """A tiny QuickGELU CLIP scripted once and saved as a TorchScript archive, as OpenAI's .pt files are."""
+    src, _ = tiny(TEACHER, seed=4, quick_gelu=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
+            scripted = torch.jit.script(copy.deepcopy(src))
+    except Exception as e:  # pragma: no cover - depends on torch / open_clip scriptability
+        pytest.skip(f"open_clip CLIP cannot be scripted with this torch: {e}")
+    path = tmp_path_factory.mktemp("archive") / "ViT-tiny.pt"  # no 'openai' in the path
+    scripted.save(str(path))
+    return path, src.state_dict()
+
+
 def test_tiny_models_build_randomly_initialised(images):
     t, tok = tiny(TEACHER, seed=0)
     s, _ = tiny(STUDENT, seed=0)
@@ -74,12 +110,69 @@ def test_tiny_models_build_randomly_initialised(images):
     assert tok.context_length == t.context_length == 32
 
 
-def test_quick_gelu_for_declared_openai_weights():
+def test_random_init_is_quiet(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    tiny(TEACHER)
+    path = _save_safetensors(tiny(STUDENT)[0], tmp_path / "w.safetensors")
+    create_clip(STUDENT, str(path))  # clipkd loads the weights right after open_clip builds the model
+    assert _random_init_notices(caplog.records) == []
+    # The filter lives only for the call: open_clip's own random build still says so.
+    open_clip.create_model(STUDENT)
+    assert len(_random_init_notices(caplog.records)) == 1
+
+
+def test_quick_gelu_when_declared():
     assert not uses_quick_gelu(tiny(TEACHER)[0])
-    model, _ = tiny(TEACHER, openai_weights=True)
+    model, _ = tiny(TEACHER, quick_gelu=True)
     assert uses_quick_gelu(model)
     assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     assert isinstance(model.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+def test_quick_gelu_from_quickgelu_model_name(monkeypatch):
+    assert open_clip.get_model_config("ViT-B-16-quickgelu")["quick_gelu"] is True  # open_clip's own names
+    cfg = open_clip.get_model_config(TEACHER)
+    cfg["quick_gelu"] = True
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, f"{TEACHER}-quickgelu", cfg)
+    assert uses_quick_gelu(create_clip(f"{TEACHER}-quickgelu")[0])
+
+
+def test_quick_gelu_from_config_keys():
+    cfg = prompted_cfg()
+    cfg.MODEL.STUDENT.TYPE = "ivlp"
+    assert not uses_quick_gelu(build_teacher(cfg)) and not uses_quick_gelu(build_student(cfg))
+    cfg.MODEL.TEACHER.QUICK_GELU = True
+    cfg.MODEL.STUDENT.QUICK_GELU = True
+    assert uses_quick_gelu(build_teacher(cfg)) and uses_quick_gelu(build_student(cfg))
+
+
+@pytest.mark.parametrize("folder", ["not-openai-weights", "openai"])
+def test_path_never_picks_quick_gelu(tmp_path, images, folder):
+    src, tok = tiny(TEACHER, seed=3)
+    path = _save_safetensors(src, tmp_path / folder / "open_clip_model.safetensors")
+    torch.manual_seed(99)
+    model, _ = create_clip(TEACHER, str(path))
+    assert not uses_quick_gelu(model)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), src.encode_image(images))
+    declared, _ = create_clip(TEACHER, str(path), quick_gelu=True)
+    assert uses_quick_gelu(declared)
+    assert torch.equal(declared.visual.conv1.weight, src.visual.conv1.weight)
+
+
+def test_gelu_file_for_openai_architecture_warns(tmp_path, monkeypatch, caplog):
+    path = _save_safetensors(tiny(TEACHER, seed=3)[0], tmp_path / "w.safetensors")
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TEACHER, {"openai": {"hf_hub": "fake/tiny/"}})
+    caplog.set_level(logging.WARNING, logger="clipkd.models.factory")
+    model, _ = create_clip(TEACHER, str(path), config_key="MODEL.STUDENT.PRETRAINED")
+    assert not uses_quick_gelu(model)
+    [record] = [r for r in caplog.records if r.name == "clipkd.models.factory"]
+    msg = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert str(path) in msg and "MODEL.STUDENT.QUICK_GELU" in msg and f"{TEACHER}-quickgelu" in msg
+    caplog.clear()
+    assert uses_quick_gelu(create_clip(TEACHER, str(path), quick_gelu=True)[0])
+    assert [r for r in caplog.records if r.name == "clipkd.models.factory"] == []
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt", "bin_wrapped"])
@@ -87,10 +180,7 @@ def test_local_weights_file_roundtrip(tmp_path, images, fmt):
     src, tok = tiny(TEACHER, seed=3)
     sd = src.state_dict()
     if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        path = tmp_path / "w.safetensors"
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+        path = _save_safetensors(src, tmp_path / "w.safetensors")
     elif fmt == "pt":
         path = tmp_path / "w.pt"
         torch.save(sd, path)
@@ -105,31 +195,23 @@ def test_local_weights_file_roundtrip(tmp_path, images, fmt):
         assert torch.equal(model.encode_text(tok(CLASSES)), src.encode_text(tok(CLASSES)))
 
 
-@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")
-def test_torchscript_archive_is_loaded_with_quick_gelu(tmp_path):
-    src, _ = tiny(TEACHER, seed=4, openai_weights=True)
-    try:
-        scripted = torch.jit.script(copy.deepcopy(src))
-    except Exception as e:  # pragma: no cover - depends on torch / open_clip scriptability
-        pytest.skip(f"open_clip CLIP cannot be scripted with this torch: {e}")
-    path = tmp_path / "ViT-tiny.pt"  # no 'openai' in the path: detection must come from the archive itself
-    scripted.save(str(path))
-    model, _ = create_clip(TEACHER, str(path))
+def test_torchscript_archive_is_loaded_with_quick_gelu(torchscript_archive):
+    path, ref = torchscript_archive
+    model, _ = create_clip(TEACHER, str(path))  # detection comes from the archive itself, not its path
     assert uses_quick_gelu(model)
-    ref = src.state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(v, ref[k]), k
+    with pytest.raises(ModelError, match=r"ViT-tiny\.pt does not fit the model clipkd-tiny-student: unexpected "
+                                         r"keys: visual\.transformer\.resblocks\.2\..*MODEL\.STUDENT\.NAME"):
+        create_clip(STUDENT, str(path), config_key="MODEL.STUDENT.PRETRAINED")
 
 
 def test_openai_tag_forces_quick_gelu(tmp_path, monkeypatch):
     src, _ = tiny(TEACHER, seed=5)
-    path = tmp_path / "open_clip_model.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    path = _save_safetensors(src, tmp_path / "open_clip_model.safetensors")
     monkeypatch.setitem(open_clip.pretrained._PRETRAINED, TEACHER, {"openai": {"hf_hub": "fake/tiny/"}})
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_hf", lambda *a, **k: str(path))
-    model, _ = create_clip(TEACHER, "openai")
+    model, _ = create_clip(TEACHER, "openai", quick_gelu=False)
     assert uses_quick_gelu(model)
     assert torch.equal(model.visual.conv1.weight, src.visual.conv1.weight)
 
@@ -138,6 +220,8 @@ def test_missing_and_bad_weights_files(tmp_path):
     missing = tmp_path / "nope" / "ViT-B-16.pt"
     with pytest.raises(ModelError, match="not found.*nope"):
         create_clip(TEACHER, str(missing))
+    with pytest.raises(ModelError, match="is a folder"):
+        create_clip(TEACHER, str(tmp_path))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="junk.pt"):
@@ -145,8 +229,24 @@ def test_missing_and_bad_weights_files(tmp_path):
     student, _ = tiny(STUDENT)
     wrong = tmp_path / "student.pt"
     torch.save(student.state_dict(), wrong)
-    with pytest.raises(ModelError, match=r"student.pt does not fit the model.*shape.*clipkd-tiny-teacher"):
+    with pytest.raises(ModelError, match=r"student.pt does not fit the model.*shape.*clipkd-tiny-teacher") as err:
         create_clip(TEACHER, str(wrong))
+    msg = str(err.value)
+    assert "missing keys: visual.transformer.resblocks.2." in msg and "MODEL.TEACHER.NAME" in msg
+    assert "tensor 'visual.class_embedding' has shape (64,) in the file but the model expects (96,)" in msg
+    teacher_sd = tiny(TEACHER)[0].state_dict()
+    short = tmp_path / "short.pt"
+    torch.save({k: v for k, v in teacher_sd.items() if k != "logit_scale"}, short)
+    with pytest.raises(ModelError, match=r"short.pt does not fit the model.*missing keys: logit_scale"):
+        create_clip(TEACHER, str(short))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": teacher_sd, "optimizer": _Pickled()}, pickled)
+    with pytest.raises(ModelError, match=r"pickled.pt is not a plain state dict.*weights_only=False"):
+        create_clip(TEACHER, str(pickled))
+    empty = tmp_path / "empty.pt"
+    torch.save({"epoch": 3}, empty)
+    with pytest.raises(ModelError, match=r"empty.pt holds no state dict.*epoch"):
+        create_clip(TEACHER, str(empty))
     with pytest.raises(ModelError, match="neither a pretrained tag"):
         create_clip(TEACHER, "laion2b")
     with pytest.raises(ModelError, match="unknown model architecture"):
@@ -167,6 +267,14 @@ def test_offline_tag_names_the_cache(tmp_path, monkeypatch):
     assert str(tmp_path / "hf" / "hub") in msg
     assert "HF_HUB_OFFLINE=1" in msg and "HF_HOME" in msg
     assert "MODEL.STUDENT.PRETRAINED /path/to/file" in msg
+
+
+def test_image_size():
+    assert image_size(tiny(TEACHER)[0]) == (32, 32)
+    assert image_size(SimpleNamespace(visual=SimpleNamespace(image_size=224))) == (224, 224)  # ModifiedResNet
+    assert image_size(SimpleNamespace(visual=SimpleNamespace(image_size=(224, 336)))) == (224, 336)
+    with pytest.raises(ModelError, match="input size"):
+        image_size(SimpleNamespace(visual=SimpleNamespace()))
 
 
 # ------------------------------------------------------------------------------------------------ prompts
