@@ -235,3 +235,113 @@ def test_sweep_plot_with_missing_cell(root, tmp_path, capsys):
     shutil.rmtree(root / "abkd" / "eurosat" / "a1_b1")
     rc, out, _ = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(tmp_path / "s.png"))
     assert rc == 0 and "—" in out and (tmp_path / "s.png").is_file()
+
+
+# ------------------------------------------------ ROOT below the results folder (method, dataset, run folder)
+def b2n_json(capsys, folder: Path, *extra: str) -> dict:
+    rc, out, err = run_cli(capsys, "report", str(folder), "--format", "json", *extra)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def test_method_and_dataset_folders_give_the_same_numbers(root, capsys):
+    full = b2n_json(capsys, root, "--method", "promptkd")
+    assert b2n_json(capsys, root / "promptkd") == full  # one method: no --method needed
+    assert b2n_json(capsys, root / "promptkd", "--method", "promptkd") == full
+    for stem, name in (("oxford_pets", "OxfordPets"), ("dtd", "DescribableTextures")):
+        one = b2n_json(capsys, root / "promptkd" / stem)
+        assert one["datasets"] == {name: full["datasets"][name]}
+        assert b2n_json(capsys, root / "promptkd" / stem, "--method", "promptkd", "--dataset", name) == one
+    # markdown from the method folder: the same table under the method's name
+    rc, out, _ = run_cli(capsys, "report", str(root / "promptkd"))
+    assert rc == 0 and "### promptkd" in out and "### kd" not in out
+    assert "| DescribableTextures | 81.00 ± 1.00 | 63.00 ± 3.00 |" in out
+    # a single run folder: that run's numbers
+    data = b2n_json(capsys, root / "promptkd" / "oxford_pets" / "seed2")
+    assert data["datasets"]["OxfordPets"]["base"] == pytest.approx({"mean": PETS[2][0], "std": 0.0, "n": 1})
+
+
+def test_method_folder_names_from_the_path_above(tmp_path, capsys):
+    # the run scripts' tree: output/base2new/<method>/<dataset>/seed<S>
+    b2n_root = tmp_path / "output" / "base2new"
+    for s, (b, n) in PETS.items():
+        write_run(b2n_root / "abkd_promptkd" / "oxford_pets" / f"seed{s}", b2n(b, n))
+    want = b2n_json(capsys, b2n_root)
+    for folder in (b2n_root / "abkd_promptkd", b2n_root / "abkd_promptkd" / "oxford_pets"):
+        assert b2n_json(capsys, folder, "--method", "abkd_promptkd") == want
+    rc, out, _ = run_cli(capsys, "report", str(b2n_root / "abkd_promptkd" / "oxford_pets"), "--format", "csv")
+    assert {(r["method"], r["dataset"]) for r in csv.DictReader(io.StringIO(out))} == {
+        ("abkd_promptkd", "oxford_pets"), ("abkd_promptkd", "average")}
+    # one level too high: the error names the folder to pass
+    rc, _, err = run_cli(capsys, "report", str(tmp_path / "output"))
+    assert rc == 2 and f"pass {b2n_root}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_incomplete_run_listed_at_every_depth(root, capsys):
+    write_run(root / "promptkd" / "oxford_pets" / "seed4", None)  # interrupted: config.yaml, no results.json
+    pets = root / "promptkd" / "oxford_pets"
+    for folder, shown in ((root, "promptkd/oxford_pets/seed4"), (root / "promptkd", "oxford_pets/seed4"),
+                          (pets, "seed4")):
+        rc, out, err = run_cli(capsys, "report", str(folder), "--method", "promptkd", "--format", "json")
+        assert rc == 0
+        assert json.loads(out)["datasets"]["OxfordPets"]["base"]["n"] == 3  # the 3 finished seeds only
+        assert f"- {shown}: no results.json" in err
+        rc, out, _ = run_cli(capsys, "report", str(folder))
+        assert rc == 0 and f"- {shown}: no results.json" in out.split("Incomplete or failed runs")[1]
+    # the interrupted run folder itself: nothing completed, and the error says the run is incomplete
+    rc, _, err = run_cli(capsys, "report", str(pets / "seed4"))
+    assert rc == 2 and "1 incomplete" in err and str(pets / "seed4") in err and "no results.json" in err
+
+
+def test_sweep_from_method_and_dataset_folders(root, capsys):
+    write_run(root / "abkd" / "eurosat" / "a0.5_b0.3" / "seed3", None)  # interrupted cell run
+    full = json.loads(run_cli(capsys, "report", str(root), "--sweep", "--format", "json")[1])
+    for folder in (root / "abkd", root / "abkd" / "eurosat"):
+        rc, out, err = run_cli(capsys, "report", str(folder), "--sweep", "--format", "json")
+        assert rc == 0 and json.loads(out) == full
+        assert "a0.5_b0.3/seed3: no results.json" in err
+    rc, out, _ = run_cli(capsys, "report", str(root / "abkd"), "--sweep")
+    assert rc == 0 and "Best cell: alpha=0.5, beta=0.3" in out and "a0.5_b0.3/seed3" in out
+    # one cell folder: a 1-cell sweep of the right method and dataset
+    rc, out, _ = run_cli(capsys, "report", str(root / "abkd" / "eurosat" / "a0_b1"), "--sweep", "--format", "json")
+    (sweep,) = json.loads(out)["sweeps"]
+    assert (sweep["method"], sweep["dataset"], len(sweep["cells"])) == ("abkd", "EuroSAT", 1)
+    # a sweep folder without --sweep is not read as base-to-new runs of method "eurosat"
+    rc, _, err = run_cli(capsys, "report", str(root / "abkd"))
+    assert rc == 2 and "holds sweep runs" in err and "--sweep" in err
+
+
+def test_fewshot_from_lower_folders(root, capsys):
+    full = json.loads(run_cli(capsys, "report", str(root), "--fewshot", "--format", "json")[1])
+    for folder in (root / "fewshot", root / "fewshot" / "promptkd"):
+        rc, out, err = run_cli(capsys, "report", str(folder), "--fewshot", "--format", "json")
+        assert rc == 0 and json.loads(out) == full and "shots16/seed1" in err and "unreadable" in err
+    rc, out, _ = run_cli(capsys, "report", str(root / "fewshot" / "promptkd" / "oxford_pets" / "shots4"),
+                         "--fewshot", "--format", "json")
+    four = json.loads(out)["methods"]["promptkd"]
+    assert list(four) == ["4"] and four["4"]["average"] == pytest.approx(86.0)
+    assert four["4"]["datasets"] == {"OxfordPets": full["methods"]["promptkd"]["4"]["datasets"]["OxfordPets"]}
+
+
+def test_folder_without_runs(tmp_path, capsys):
+    empty = tmp_path / "output" / "base2new" / "nothing_here"
+    (empty / "notes").mkdir(parents=True)
+    for extra in ((), ("--sweep",), ("--fewshot",)):
+        rc, out, err = run_cli(capsys, "report", str(empty), *extra)
+        assert rc == 2 and out == ""
+        (line,) = err.strip().splitlines()  # one line
+        assert f"no run folders under {empty}" in line and "pass the folder" in line
+
+
+def test_ambiguous_layouts_are_explained(tmp_path, capsys):
+    # runs written straight into a results folder (no method level): not read as method "base2new"
+    write_run(tmp_path / "base2new" / "dtd" / "seed1", b2n(80.0, 60.0))
+    rc, _, err = run_cli(capsys, "report", str(tmp_path / "base2new"))
+    assert rc == 2 and "'base2new' would be the method" in err and "base2new/<method>/<dataset>/seed<S>" in err
+    # runs at two depths: the deeper ones set the layout, the others are listed, never dropped
+    mixed = tmp_path / "mixed"
+    write_run(mixed / "kd" / "dtd" / "seed1", b2n(80.0, 60.0))
+    write_run(mixed / "dtd" / "seed2", b2n(70.0, 50.0))
+    rc, out, _ = run_cli(capsys, "report", str(mixed))
+    assert rc == 0 and "### kd" in out and "| DescribableTextures | 80.00 ± 0.00 |" in out
+    assert "- dtd/seed2: sits higher than the other runs" in out

@@ -12,6 +12,10 @@ Collect the runs under ROOT and print seed-averaged tables.
 Layouts: base-to-new ROOT/<method>/<dataset>/seed<S>/results.json;
 few-shot ROOT/fewshot/<method>/<dataset>/shots<K>/seed<S>/results.json (--fewshot);
 sweep ROOT/<method>/<dataset>/a<alpha>_b<beta>/seed<S>/results.json (--sweep).
+ROOT may also be a folder lower in these trees: a method folder (output/base2new/<method>,
+output/sweep/<method>, output/fewshot/<method>), a dataset folder below it, or a single run folder (seed<S>);
+the method and dataset names are then read from the folders above ROOT. A run folder holds config.yaml
+(and results.json once finished).
 
 Base/New: mean and population std (ddof=0) over seeds; HM: harmonic mean of the mean Base and mean New.
 Average row: HM of the dataset-mean Base and dataset-mean New (not the mean of per-dataset HMs).
@@ -30,7 +34,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report", help="seed-averaged Base/New/HM tables (or few-shot / sweep tables) from a folder of runs",
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("root", metavar="ROOT", help="results folder holding <method>/<dataset>/seed<S>/ run folders")
+    p.add_argument("root", metavar="ROOT",
+                   help="results folder holding <method>/<dataset>/seed<S>/ run folders (e.g. output/base2new), "
+                        "or a method, dataset or run folder below it")
     p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     p.add_argument("--method", help="only this method (required for --format json when ROOT holds several)")
     p.add_argument("--dataset", help="only this dataset (stem, e.g. oxford_pets, or NAME, e.g. OxfordPets)")
@@ -54,6 +60,43 @@ def _dataset_stem(name: str) -> str:
     return name  # an unknown dataset folder is still selectable by its folder name
 
 
+def _no_runs_message(col, kind: str, args: argparse.Namespace, bad: list) -> str:  # noqa: ANN001
+    """One line: why ROOT gave no completed runs of ``kind``, and which folder or option to use instead."""
+    from clipkd.reports.collect import KIND_B2N, KIND_FEWSHOT, KIND_SWEEP, LAYOUTS
+
+    name = {KIND_B2N: "base-to-new", KIND_FEWSHOT: "few-shot", KIND_SWEEP: "sweep"}
+    flag = {KIND_B2N: "run without --fewshot/--sweep", KIND_FEWSHOT: "add --fewshot", KIND_SWEEP: "add --sweep"}
+    example = {KIND_B2N: "output/base2new or output/base2new/<method>",
+               KIND_FEWSHOT: "output or output/fewshot/<method>", KIND_SWEEP: "output/sweep or output/sweep/<method>"}
+    root = args.root
+    if not col.runs:
+        return (f"no run folders under {root} (a run folder is seed<S>/ holding config.yaml, and results.json "
+                f"once finished): pass the folder the runs were written to, e.g. {example[kind]}")
+    msg = f"no completed {name[kind]} {LAYOUTS[kind]} runs under {root}"
+    placed = [r for r in col.runs if r.kind == kind and r.placed]
+    if args.method or args.dataset:
+        msg += (f" for --method {args.method}" if args.method else "") + \
+            (f" --dataset {args.dataset}" if args.dataset else "")
+        methods = sorted({r.method for r in placed})
+        if methods:
+            msg += f" (methods here: {', '.join(methods)})"
+    hints = []
+    folders = [str(f) for f in col.deeper.get(kind, [])]
+    if folders:
+        more = f" or one of {len(folders) - 3} more" if len(folders) > 3 else ""
+        hints.append(f"its {name[kind]} runs sit deeper than that: pass {' or '.join(folders[:3])}{more}")
+    if not placed:
+        others = [k for k in col.kinds() if k != kind]
+        if others:
+            hints.append(f"it holds {' and '.join(name[k] for k in others)} runs: "
+                         + " or ".join(flag[k] for k in others))
+    if hints:
+        msg += "; " + "; ".join(hints)
+    elif bad:
+        msg += f" ({len(bad)} incomplete: {bad[0].path}: {bad[0].problem})"
+    return msg
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from clipkd.errors import ClipkdError
     from clipkd.reports import aggregate, render
@@ -72,14 +115,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         return (args.method is None or r.method == args.method) and (stem is None or r.dataset == stem)
 
     runs = [r for r in col.complete(kind) if keep(r)]
-    bad = [r for r in col.incomplete(kind) if r.kind is None or keep(r)]
+    # runs that fit no layout, or sit where method/dataset cannot be read, are listed whatever the filters
+    bad = [r for r in col.incomplete(kind) if not r.placed or keep(r)]
     if not runs:
-        what = {KIND_B2N: "base-to-new <method>/<dataset>/seed<S>", KIND_FEWSHOT: "few-shot fewshot/<method>/"
-                "<dataset>/shots<K>/seed<S>", KIND_SWEEP: "sweep <method>/<dataset>/a<alpha>_b<beta>/seed<S>"}[kind]
-        found = f" ({len(bad)} incomplete: {bad[0].path})" if bad else ""
-        raise ClipkdError(f"no completed {what} runs under {args.root}"
-                          + (f" for --method {args.method}" if args.method else "")
-                          + (f" --dataset {args.dataset}" if args.dataset else "") + found)
+        raise ClipkdError(_no_runs_message(col, kind, args, bad))
 
     if kind == KIND_B2N:
         tables = aggregate.base_to_new_tables(runs)
@@ -109,7 +148,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 print(f"wrote {path}", file=sys.stderr)
 
     print(text.rstrip("\n"))
-    lines = render.incomplete_lines(bad, col.root)
+    # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
+    lines = render.incomplete_lines(bad, col.root.parent if any(r.path == col.root for r in bad) else col.root)
     if lines:
         if args.format == "md":
             print()

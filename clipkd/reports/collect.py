@@ -3,11 +3,19 @@
 Layouts (written by ``clipkd train`` and the scripts):
 
 - base-to-new: ``ROOT/<method>/<stem>/seed<S>/results.json``
-- few-shot:    ``ROOT/fewshot/<method>/<stem>/shots<K>/seed<S>/results.json``
+- few-shot:    ``ROOT/fewshot/<method>/<stem>/shots<K>/seed<S>/results.json`` (or ``ROOT`` = the ``fewshot`` folder)
 - sweep:       ``ROOT/<method>/<stem>/a<alpha>_b<beta>/seed<S>/results.json``
 
 A run folder is a ``seed<S>`` folder, or any folder holding ``results.json``, ``config.yaml`` or ``log.txt``.
 A run folder without a readable, well-formed results.json is kept as *incomplete* (never dropped).
+
+ROOT may also sit lower in these trees: a method folder (``output/base2new/<method>``), a dataset folder
+(``.../<method>/<stem>``), a sweep cell or few-shot ``shots<K>`` folder, or one run folder. What a run is
+follows from the folder names at its bottom (``seed<S>`` under ``a<A>_b<B>`` is a sweep cell, under
+``shots<K>`` a few-shot run, otherwise base-to-new); the names the layout needs but ROOT does not hold
+(method, dataset) are read from the folders above ROOT. Per kind, the depth is set by the deepest runs
+under ROOT (the plain layout whenever it occurs); runs of that kind at another depth are listed as not
+fitting, with the reason, never dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +37,18 @@ KIND_B2N = "base2new"
 KIND_FEWSHOT = "fewshot"
 KIND_SWEEP = "sweep"
 
+# Folder names the run scripts use for results ROOTs (output/base2new, output/sweep, output/fewshot):
+# read from above ROOT as a method or dataset name they mean the ROOT was passed one level too low.
+CONTAINER_DIRS = (KIND_B2N, KIND_SWEEP, FEWSHOT_DIR)
+
+LAYOUTS = {
+    KIND_B2N: "<method>/<dataset>/seed<S>",
+    KIND_FEWSHOT: "fewshot/<method>/<dataset>/shots<K>/seed<S>",
+    KIND_SWEEP: "<method>/<dataset>/a<alpha>_b<beta>/seed<S>",
+}
+# how many path components a run's location needs, counting the run folder: method ... seed<S>
+_DEPTH = {KIND_B2N: 3, KIND_FEWSHOT: 4, KIND_SWEEP: 4}
+
 _SEED = re.compile(r"^seed(-?\d+)$")
 _SHOTS = re.compile(r"^shots(-?\d+)$")
 _CELL = re.compile(r"^a(.+)_b(.+)$")
@@ -46,16 +66,27 @@ class Run:
     beta: float | None = None
     results: dict | None = None  # the parsed metrics (accuracies in %), None when incomplete
     problem: str = ""  # why the run is incomplete / not understood
+    # how many of method/dataset/... were read from the folders above ROOT (0: ROOT holds <method>/...);
+    # None when the run has the shape of ``kind`` but does not sit where the layout needs it
+    level: int | None = None
 
     @property
     def ok(self) -> bool:
-        return self.kind is not None and self.results is not None
+        return self.kind is not None and self.level is not None and self.results is not None
+
+    @property
+    def placed(self) -> bool:
+        """Whether the run sits where its layout needs it (so that method and dataset are known)."""
+        return self.kind is not None and self.level is not None
 
 
 @dataclass
 class Collection:
     root: Path
     runs: list[Run] = field(default_factory=list)
+    # per kind: the depth used (see Run.level) and the folders to pass instead when its runs sit too deep
+    levels: dict[str, int] = field(default_factory=dict)
+    deeper: dict[str, list[Path]] = field(default_factory=dict)
 
     def complete(self, kind: str) -> list[Run]:
         return [r for r in self.runs if r.kind == kind and r.ok]
@@ -63,6 +94,10 @@ class Collection:
     def incomplete(self, kind: str | None = None) -> list[Run]:
         """Runs that are failed/unfinished (of ``kind``, or of any kind incl. unknown layouts)."""
         return [r for r in self.runs if not r.ok and (kind is None or r.kind in (kind, None))]
+
+    def kinds(self) -> list[str]:
+        """The kinds with at least one run placed under ROOT (complete or not)."""
+        return sorted({r.kind for r in self.runs if r.placed})  # type: ignore[misc]
 
 
 def _is_run_folder(path: Path, names: list[str]) -> bool:
@@ -94,47 +129,120 @@ def _read_results(path: Path, keys: tuple[str, ...]) -> tuple[dict | None, str]:
         return None, f"malformed {RESULTS_FILE}: {exc}"
 
 
-def _classify(root: Path, path: Path) -> Run:
-    parts = path.relative_to(root).parts
-    seed = _SEED.match(parts[-1]) if parts else None
-    run = Run(path=path, kind=None, seed=int(seed.group(1)) if seed else None)
-    if seed is None:
-        run.problem = "run folder not named seed<S>"
-        return run
-    keys: tuple[str, ...] = ("base", "new")
-    if len(parts) == 5 and parts[0] == FEWSHOT_DIR and _SHOTS.match(parts[3]):
-        run.kind, run.method, run.dataset = KIND_FEWSHOT, parts[1], parts[2]
-        run.shots = int(_SHOTS.match(parts[3]).group(1))  # type: ignore[union-attr]
-        keys = ("all",)
-    elif len(parts) == 3:
-        run.kind, run.method, run.dataset = KIND_B2N, parts[0], parts[1]
-    elif len(parts) == 4 and _CELL.match(parts[2]):
-        cell = _CELL.match(parts[2])
+def _above(root: Path) -> tuple[str, ...]:
+    """The names of ROOT and the folders above it, outermost first (as written: symlinks are not resolved)."""
+    absolute = Path(os.path.abspath(root))
+    return tuple(p for p in absolute.parts if p != absolute.anchor)
+
+
+def _shape(names: tuple[str, ...]) -> str | None:
+    """The kind of run a ``seed<S>`` folder is, from the name of the folder holding it."""
+    if not names or not _SEED.match(names[-1]):
+        return None
+    parent = names[-2] if len(names) > 1 else ""
+    return KIND_FEWSHOT if _SHOTS.match(parent) else KIND_SWEEP if _CELL.match(parent) else KIND_B2N
+
+
+def _level(kind: str, rel: tuple[str, ...]) -> int:
+    """How many layout components lie above ROOT (< 0: ROOT holds extra folders above the layout)."""
+    if kind == KIND_FEWSHOT and len(rel) == _DEPTH[kind] + 1 and rel[0] == FEWSHOT_DIR:
+        return 0  # ROOT holds fewshot/<method>/...
+    return _DEPTH[kind] - len(rel)
+
+
+def _deeper_folder(root: Path, kind: str, rel: tuple[str, ...]) -> Path:
+    """For a run that sits too deep under ROOT: the folder to pass as ROOT instead."""
+    extra = rel[:len(rel) - _DEPTH[kind]]
+    if kind == KIND_FEWSHOT and extra and extra[-1] == FEWSHOT_DIR:
+        extra = extra[:-1]  # the folder holding fewshot/, as the scripts' OUTPUT
+    return root.joinpath(*extra)
+
+
+def _place(run: Run, kind: str, names: tuple[str, ...], level: int) -> None:
+    """Fill method/dataset/... from the last components of ``names`` (ROOT's ancestors + path below ROOT)."""
+    need = _DEPTH[kind]
+    if len(names) < need:
+        run.problem = f"not enough folders above it to name the method and dataset ({LAYOUTS[kind]})"
+        return
+    loc = names[-need:]
+    roles = ("method", "dataset")
+    for role, name in zip(roles, loc[:2]):
+        if level > roles.index(role) and name in CONTAINER_DIRS:  # read from above ROOT
+            run.problem = (f"'{name}' would be the {role}, but it is a results folder: the runs must sit in "
+                           f"{name}/{LAYOUTS[kind].removeprefix('fewshot/')}")
+            return
+    if kind == KIND_SWEEP:
+        cell = _CELL.match(loc[2])
         try:
             run.alpha, run.beta = float(cell.group(1)), float(cell.group(2))  # type: ignore[union-attr]
         except ValueError:
-            run.problem = f"cannot read alpha/beta from folder name {parts[2]!r}"
-            return run
-        run.kind, run.method, run.dataset = KIND_SWEEP, parts[0], parts[1]
-    else:
-        run.problem = "folder does not fit a known layout (method/dataset/seedS, " \
-                      "method/dataset/a<alpha>_b<beta>/seedS, fewshot/method/dataset/shotsK/seedS)"
-        return run
-    run.results, run.problem = _read_results(path, keys)
-    return run
+            run.problem = f"cannot read alpha/beta from folder name {loc[2]!r}"
+            return
+    elif kind == KIND_FEWSHOT:
+        run.shots = int(_SHOTS.match(loc[2]).group(1))  # type: ignore[union-attr]
+    run.method, run.dataset, run.level = loc[0], loc[1], level
+    run.results, run.problem = _read_results(run.path, ("all",) if kind == KIND_FEWSHOT else ("base", "new"))
+
+
+def _classify(root: Path, paths: list[Path]) -> tuple[list[Run], dict[str, int], dict[str, list[Path]]]:
+    above = _above(root)
+    runs, shaped = [], []
+    for path in paths:
+        rel = path.relative_to(root).parts
+        names = above + rel
+        seed = _SEED.match(names[-1]) if names else None
+        kind = _shape(names)
+        run = Run(path=path, kind=kind, seed=int(seed.group(1)) if seed else None)
+        if kind is None:
+            run.problem = "run folder not named seed<S>"
+        else:
+            shaped.append((run, rel, _level(kind, rel)))
+        runs.append(run)
+
+    levels: dict[str, int] = {}
+    deeper: dict[str, list[Path]] = {}
+    for kind in LAYOUTS:
+        found = [lv for r, _, lv in shaped if r.kind == kind and lv >= 0]
+        if found:
+            levels[kind] = min(found)  # the deepest runs set the depth: the plain layout wins when present
+    for run, rel, lv in shaped:
+        kind = run.kind
+        assert kind is not None
+        if lv < 0:
+            folder = _deeper_folder(root, kind, rel)
+            deeper.setdefault(kind, [])
+            if folder not in deeper[kind]:
+                deeper[kind].append(folder)
+            run.problem = f"sits deeper than {LAYOUTS[kind]} below ROOT: report {folder} instead"
+        elif lv != levels[kind]:
+            example = next(r for r, _, v in shaped if r.kind == kind and v == levels[kind])
+            run.problem = (f"sits higher than the other runs of its kind under ROOT (e.g. "
+                           f"{example.path.relative_to(root).as_posix()}, which follow {LAYOUTS[kind]})")
+        else:
+            _place(run, kind, above + rel, lv)
+    return runs, levels, deeper
 
 
 def collect(root: str | Path) -> Collection:
-    """Walk ``root`` and classify every run folder (sorted, deterministic)."""
+    """Walk ``root`` and classify every run folder (sorted, deterministic).
+
+    ``root`` may be a results ROOT, a method or dataset folder below one, or a single run folder.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ClipkdError(f"{root} is not a folder; give the results ROOT that holds <method>/<dataset>/seed<S>/")
-    out = Collection(root=root)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        path = Path(dirpath)
-        if path != root and _is_run_folder(path, filenames):
-            out.runs.append(_classify(root, path))
-            if _SEED.match(path.name):
-                dirnames[:] = []  # a run folder's insides (checkpoints, logs) are not runs
-    return out
+    paths: list[Path] = []
+    root_is_seed = bool(_SEED.match(Path(os.path.abspath(root)).name))  # abspath: ROOT may be "."
+    # ROOT itself is a run when named seed<S> or holding a run's files (a lone log.txt may be a script's log)
+    if root_is_seed or any((root / m).is_file() for m in (RESULTS_FILE, "config.yaml")):
+        paths.append(root)
+    if not root_is_seed:  # a run folder's insides (checkpoints, logs) are not runs
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            path = Path(dirpath)
+            if path != root and _is_run_folder(path, filenames):
+                paths.append(path)
+                if _SEED.match(path.name):
+                    dirnames[:] = []  # a run folder's insides (checkpoints, logs) are not runs
+    runs, levels, deeper = _classify(root, paths)
+    return Collection(root=root, runs=runs, levels=levels, deeper=deeper)
