@@ -3,7 +3,7 @@
 open_clip is imported lazily (only when a model is built), so importing this package stays cheap.
 """
 
-from clipkd.models.factory import create_clip, register_model_configs, uses_quick_gelu
+from clipkd.models.factory import create_clip, image_size, register_model_configs, uses_quick_gelu
 from clipkd.models.prompts import (
     PromptedTextEncoder,
     PromptedVisionEncoder,
@@ -18,7 +18,8 @@ from clipkd.models.student import (
     build_student,
     build_teacher,
 )
-from clipkd.models.teacher import Teacher, ensemble_templates
+from clipkd.models.teacher import Teacher, ensemble_templates, templates_for, zero_shot_clip
+from clipkd.models.zeroshot import build_zero_shot
 
 __all__ = [
     "IVLPStudent",
@@ -29,11 +30,15 @@ __all__ = [
     "Teacher",
     "build_student",
     "build_teacher",
+    "build_zero_shot",
     "create_clip",
     "ensemble_templates",
+    "image_size",
     "ivlp_state_dict",
     "load_ivlp_state_dict",
     "read_prompt_checkpoint",
     "register_model_configs",
+    "templates_for",
     "uses_quick_gelu",
+    "zero_shot_clip",
 ]

@@ -1,5 +1,5 @@
 """Students: PromptKD (prompted image encoder + projector into the teacher's space) and IVLP (prompts in both
-towers, its own text encoder), plus the cfg builders for teacher and student.
+towers, its own text encoder), plus the cfg builder of the student (the teacher's, ``build_teacher``, lives with the Teacher).
 
 Every model here (and :class:`~clipkd.models.teacher.Teacher`) offers the interface a trainer needs:
 ``image_features(images)`` (L2-normalised ``[B, D]``), ``text_features(classnames)`` (L2-normalised
@@ -10,7 +10,6 @@ Every model here (and :class:`~clipkd.models.teacher.Teacher`) offers the interf
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -26,7 +25,8 @@ from clipkd.models.prompts import (
     normalize,
 )
 from clipkd.models.state import copy_state_strict
-from clipkd.models.teacher import Teacher, clip_logit_scale, ensemble_templates
+from clipkd.models.teacher import Teacher, build_teacher, clip_logit_scale
+from clipkd.registry import STUDENTS
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
@@ -215,56 +215,17 @@ class IVLPStudent(_Student):
 # ------------------------------------------------------------------------------------------------ builders
 
 
-def build_teacher(cfg: CfgNode, template: str | None = None, *, device: str | torch.device = "cpu") -> Teacher:
-    """The teacher that ``cfg.MODEL.TEACHER`` describes.
-
-    A ``CHECKPOINT`` makes it a prompted teacher; otherwise ``TEMPLATES`` picks the dataset template
-    (``template``, else the one of ``cfg.DATASET.NAME``) or CLIP's 80-template ensemble.
-    """
-    from clipkd.models.factory import create_clip
-    from clipkd.models.state import read_prompt_checkpoint
-
-    t = cfg.MODEL.TEACHER
-    clip_model, tokenizer = create_clip(t.NAME, t.PRETRAINED, device=device,
-                                        config_key="MODEL.TEACHER.PRETRAINED")
-    if t.CHECKPOINT:
-        if not t.PRETRAINED:
-            warnings.warn(
-                "MODEL.TEACHER.CHECKPOINT is set but MODEL.TEACHER.PRETRAINED is empty: the prompts will run on "
-                "a randomly initialised CLIP", stacklevel=2)
-        prompts = read_prompt_checkpoint(t.CHECKPOINT)
-        return Teacher(clip_model, tokenizer, prompts=prompts, prompts_source=f"checkpoint {t.CHECKPOINT}")
-    if t.TEMPLATES == "ensemble":
-        templates: Sequence = ensemble_templates()
-    elif t.TEMPLATES == "dataset":
-        if template is None:
-            if not cfg.DATASET.NAME:
-                raise ConfigError("MODEL.TEACHER.TEMPLATES 'dataset' needs DATASET.NAME (or an explicit template)")
-            from clipkd.data.specs import get_spec
-
-            template = get_spec(cfg.DATASET.NAME).template
-        templates = (template,)
-    else:
-        raise ConfigError(f"MODEL.TEACHER.TEMPLATES must be 'dataset' or 'ensemble', not '{t.TEMPLATES}'")
-    return Teacher(clip_model, tokenizer, templates=templates)
-
-
-STUDENT_TYPES = ("promptkd", "ivlp")
-
-
 def build_student(cfg: CfgNode, teacher: Teacher | None = None, *,
                   device: str | torch.device = "cpu") -> PromptKDStudent | IVLPStudent:
     """The student that ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe (``promptkd`` needs the teacher)."""
     from clipkd.models.factory import create_clip
 
     s, p = cfg.MODEL.STUDENT, cfg.MODEL.PROMPT
-    kind = str(s.TYPE).lower()
-    if kind not in STUDENT_TYPES:
-        raise ConfigError(f"MODEL.STUDENT.TYPE must be one of {', '.join(STUDENT_TYPES)}, not '{s.TYPE}'")
+    kind = STUDENTS.check(str(s.TYPE).lower())  # ConfigError for a name the registry does not hold
     if kind == "promptkd" and teacher is None:
         raise ConfigError("MODEL.STUDENT.TYPE promptkd needs the teacher (its classifier is the teacher's "
                           "text features)")
-    clip_model, tokenizer = create_clip(s.NAME, s.PRETRAINED, device=device,
+    clip_model, tokenizer = create_clip(s.NAME, s.PRETRAINED, quick_gelu=s.QUICK_GELU, device=device,
                                         config_key="MODEL.STUDENT.PRETRAINED")
     if kind == "promptkd":
         student: PromptKDStudent | IVLPStudent = PromptKDStudent(
