@@ -3,7 +3,7 @@
 PromptKD's reference code runs the frozen teacher's text encoder over every class prompt on every training
 batch (PromptKD issue #33), although the teacher never changes. clipkd computes the teacher's class
 embeddings once per run (``Teacher.text_features`` caches them) and passes them to
-``clipkd.engine.train.distill_loss``. This script times both at real sizes (teacher open_clip ViT-L-14,
+the Distiller (``clipkd.engine.distiller``). This script times both at real sizes (teacher open_clip ViT-L-14,
 PromptKD student on ViT-B-16, random weights, fp32, batch 8 at 224 px) for several class counts, plus the
 student-only floor (student forward + backward + SGD step, no teacher at all), and then prints the AB-loss
 table of ``benchmarks/ab_loss.py``.
@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 
 from clipkd.config import build_config
-from clipkd.engine.train import distill_loss
+from clipkd.engine.distiller import Distiller, KDObjective
+from clipkd.engine.run import Run
 from clipkd.losses import build_distill_loss
-from clipkd.models.student import build_student, build_teacher
 
 HERE = Path(__file__).resolve().parent
-TEMPLATE = "a photo of a {}."
 # Targets: reference step time / clipkd step time.
 TARGETS = {100: 2.0, 1000: 12.0}
 KD_WEIGHT, CE_WEIGHT = 1.0, 0.0  # PromptKD: KD only (transductive, labels unused)
@@ -51,7 +50,7 @@ def make_cfg(quick: bool):
         extra = ["MODEL.PROMPT.DEPTH_VISION", "2", "MODEL.PROMPT.DEPTH_TEXT", "2"]
     else:
         names, size = ("ViT-L-14", "ViT-B-16"), 224
-    cfg = build_config(overrides=[*extra,
+    cfg = build_config(overrides=[*extra, "DATASET.NAME", "ImageNet",
         "MODEL.TEACHER.NAME", names[0], "MODEL.TEACHER.PRETRAINED", "",
         "MODEL.STUDENT.NAME", names[1], "MODEL.STUDENT.PRETRAINED", "",
         "MODEL.STUDENT.TYPE", "promptkd",
@@ -71,16 +70,17 @@ class Bench:
     def __init__(self, quick: bool, batch: int, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.cfg, self.size = make_cfg(quick)
-        device = torch.device("cpu")
         t0 = time.perf_counter()
-        self.teacher = build_teacher(self.cfg, template=TEMPLATE, device=device)
-        self.student = build_student(self.cfg, self.teacher, device=device)
+        run = Run(self.cfg)
+        run.build()  # the models exactly as a training run builds them
+        self.teacher, self.student = run.teacher, run.student
         self.build_s = time.perf_counter() - t0
         self.student.train()
         o = self.cfg.OPTIM
         self.optimizer = torch.optim.SGD(self.student.trainable_parameters(), lr=o.LR, momentum=o.MOMENTUM,
                                          weight_decay=o.WEIGHT_DECAY)
-        self.kd_loss = build_distill_loss("ab", alpha=0.8, beta=0.3)
+        self.objective = KDObjective(build_distill_loss("ab", alpha=0.8, beta=0.3), KD_WEIGHT, CE_WEIGHT)
+        self.floor_objective = KDObjective(None, 0.0, ce_weight=1.0)  # student only: CE, no teacher forward
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randn(batch, 3, self.size, self.size, generator=g)
         self.batch = batch
@@ -96,13 +96,15 @@ class Bench:
         return float(loss.item())
 
     # ------------------------------------------------------------------ the three steps
-    def clipkd_step(self, classnames: list[str], teacher_text: torch.Tensor, labels: torch.Tensor) -> float:
-        """clipkd: the teacher's class embeddings were computed once, before training."""
-        loss = distill_loss(self.student, self.teacher, teacher_text, classnames, self.images, labels,
-                            self.kd_loss, KD_WEIGHT, CE_WEIGHT)
-        return self._update(loss)
+    def distiller(self, classnames: list[str], floor: bool = False) -> Distiller:
+        """What a training run steps through; it computes the teacher's class embeddings once, here."""
+        return Distiller(self.student, self.teacher, classnames, self.floor_objective if floor else self.objective)
 
-    def reference_step(self, classnames: list[str], labels: torch.Tensor) -> tuple[float, float]:
+    def clipkd_step(self, distiller: Distiller, labels: torch.Tensor) -> float:
+        """clipkd: the teacher's class embeddings were computed once, before training."""
+        return self._update(distiller(self.images, labels).loss)
+
+    def reference_step(self, distiller: Distiller, labels: torch.Tensor) -> tuple[float, float]:
         """PromptKD's reference loop: the teacher's text encoder runs over all class prompts every step.
 
         Returns (loss, seconds spent in the teacher's text encoder). The recomputed features are also what
@@ -111,16 +113,13 @@ class Bench:
         """
         t0 = time.perf_counter()
         self.teacher.clear_cache()
-        teacher_text = self.teacher.text_features(classnames)
+        distiller.teacher_text = self.teacher.text_features(distiller.classnames)
         text_s = time.perf_counter() - t0
-        loss = distill_loss(self.student, self.teacher, teacher_text, classnames, self.images, labels,
-                            self.kd_loss, KD_WEIGHT, CE_WEIGHT)
-        return self._update(loss), text_s
+        return self._update(distiller(self.images, labels).loss), text_s
 
-    def floor_step(self, classnames: list[str], labels: torch.Tensor) -> float:
+    def floor_step(self, distiller: Distiller, labels: torch.Tensor) -> float:
         """Student only: its forward (cached classifier) + CE + backward + step, no teacher forward at all."""
-        loss = distill_loss(self.student, self.teacher, None, classnames, self.images, labels, None, 0.0, 1.0)
-        return self._update(loss)
+        return self._update(distiller(self.images, labels).loss)
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
@@ -136,28 +135,29 @@ def measure(bench: Bench, classes: int, steps: int, warmup: int, ref_steps: int,
     labels = bench.labels(classes)
     load_before = os.getloadavg()[0]
     bench.teacher.clear_cache()
-    text_once_s, _, teacher_text = timed(lambda: bench.teacher.text_features(classnames))
+    text_once_s, _, distiller = timed(lambda: bench.distiller(classnames))
+    floor_distiller = bench.distiller(classnames, floor=True)
     log(f"{classes} classes: teacher text features once: {text_once_s:.2f} s")
     for i in range(warmup):
-        s, _, _ = timed(lambda: bench.clipkd_step(classnames, teacher_text, labels))
+        s, _, _ = timed(lambda: bench.clipkd_step(distiller, labels))
         log(f"{classes} classes: warm-up clipkd step {i + 1}: {s:.2f} s")
     ours, ref, ref_text, floor = [], [], [], []
     ours_cpu, ref_cpu = [], []
     # Interleave the loops so that load from other processes on a shared machine hits all of them alike.
     for i in range(max(steps, ref_steps, floor_steps)):
         if i < steps:
-            s, c, _ = timed(lambda: bench.clipkd_step(classnames, teacher_text, labels))
+            s, c, _ = timed(lambda: bench.clipkd_step(distiller, labels))
             ours.append(s)
             ours_cpu.append(c)
             log(f"{classes} classes: clipkd step {i + 1}: {s:.2f} s (CPU {c:.2f} s)")
         if i < ref_steps:
-            s, c, (_, text_s) = timed(lambda: bench.reference_step(classnames, labels))
+            s, c, (_, text_s) = timed(lambda: bench.reference_step(distiller, labels))
             ref.append(s)
             ref_cpu.append(c)
             ref_text.append(text_s)
             log(f"{classes} classes: reference step {i + 1}: {s:.2f} s (CPU {c:.2f} s; teacher text {text_s:.2f} s)")
         if i < floor_steps:
-            s, _, _ = timed(lambda: bench.floor_step(classnames, labels))
+            s, _, _ = timed(lambda: bench.floor_step(floor_distiller, labels))
             floor.append(s)
             log(f"{classes} classes: student-only step {i + 1}: {s:.2f} s")
     # Leave the cache as clipkd would have it (the reference steps refilled it with equal features).

@@ -42,3 +42,20 @@ def test_distillation_moves_student_toward_teacher(demo):
     for method in ("kd", "abkd"):
         assert rows[method]["agreement"] > zs["agreement"] + 5, (method, rows[method], zs)
         assert rows[method]["base"] > zs["base"] + 5, (method, rows[method], zs)
+
+
+def test_eval_zero_shot_student_gives_the_demo_row(demo, capsys):
+    """`clipkd eval --zero-shot student` is the student's CLIP with its own text tower, as the demo's row."""
+    from clipkd.cli.main import main
+    from clipkd.toy.demo import DEMO_CONFIG, prepare_assets
+
+    out, payload = demo
+    data_root, weights = prepare_assets(out.parent / "cache", progress=False)
+    rows = {r["method"]: r for r in payload["rows"]}
+    result = out.parent / "zs.json"
+    for which, row in (("student", rows["student_zeroshot"]), ("teacher", rows["teacher_zeroshot"])):
+        assert main(["eval", "--zero-shot", which, "--config", str(DEMO_CONFIG), "--root", str(data_root),
+                     "--seed", "1", "--output", str(result), "MODEL.TEACHER.PRETRAINED", str(weights["teacher"]),
+                     "MODEL.STUDENT.PRETRAINED", str(weights["student"])]) == 0
+        got = json.loads(result.read_text())
+        assert (got["base"]["accuracy"], got["new"]["accuracy"]) == (row["base"], row["new"]), which

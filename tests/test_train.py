@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import clipkd.engine.train as train_mod
+from clipkd.engine.run import Run
 from clipkd.cli.main import main
 from clipkd.config import build_config
 from clipkd.engine.checkpoint import load_checkpoint
@@ -32,6 +33,10 @@ def config(root, method="abkd_promptkd", *extra):
         [DATASET_CFG, ROOT / "configs" / "methods" / f"{method}.yaml"],
         TINY + ["DATASET.ROOT", str(root), *extra],
     )
+
+
+def fit(cfg, out, resume=False):
+    return Run(cfg, out, echo=False).fit(resume=resume)
 
 
 def check_results(results: dict):
@@ -70,24 +75,24 @@ def test_train_then_eval_cli(synth_root, tmp_path, capsys, student, protocol):
 @pytest.mark.parametrize("loss", ["ab", "kl", "rkl", "js", "skl", "promptkd_kl"])
 def test_each_loss_trains(synth_root, tmp_path, loss):
     cfg = config(synth_root, "abkd_promptkd", "DISTILL.LOSS", loss, "OPTIM.MAX_EPOCH", "1")
-    check_results(train_mod.train(cfg, tmp_path / loss, echo=False))
+    check_results(fit(cfg, tmp_path / loss))
 
 
 def test_distillation_moves_student_and_frozen_weights_stay(synth_root, tmp_path, monkeypatch):
     built = {}
-    real_build = train_mod.build_models
+    real_build = Run.build
 
-    def spy(*args, **kwargs):
-        teacher, student = real_build(*args, **kwargs)
+    def spy(self):
+        real_build(self)
+        teacher, student = self.teacher, self.student
         built["student"], built["teacher"] = student, teacher
         trainable = {id(p) for p in student.trainable_parameters()}
         built["frozen"] = {n: p.detach().clone() for n, p in student.named_parameters() if id(p) not in trainable}
         built["teacher_state"] = {n: p.detach().clone() for n, p in teacher.state_dict().items()}
         built["before"] = {k: v.clone() for k, v in student.trainable_state_dict().items()}
-        return teacher, student
 
-    monkeypatch.setattr(train_mod, "build_models", spy)
-    train_mod.train(config(synth_root, "abkd_ivlp"), tmp_path / "run", echo=False)
+    monkeypatch.setattr(Run, "build", spy)
+    fit(config(synth_root, "abkd_ivlp"), tmp_path / "run")
     student = built["student"]
     assert built["frozen"]  # the CLIP weights
     for name, p in student.named_parameters():
@@ -102,7 +107,7 @@ def test_distillation_moves_student_and_frozen_weights_stay(synth_root, tmp_path
 
 def test_resume_is_bit_identical(synth_root, tmp_path, monkeypatch):
     cfg = config(synth_root, "abkd_promptkd", "OPTIM.MAX_EPOCH", "3")
-    full = train_mod.train(cfg, tmp_path / "full", echo=False)
+    full = fit(cfg, tmp_path / "full")
 
     real_save = train_mod.save_checkpoint
 
@@ -113,10 +118,10 @@ def test_resume_is_bit_identical(synth_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.train(cfg, tmp_path / "cut", echo=False)
+        fit(cfg, tmp_path / "cut")
     assert not (tmp_path / "cut" / "model.pt").exists()
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    resumed = train_mod.train(cfg, tmp_path / "cut", resume=True, echo=False)
+    resumed = fit(cfg, tmp_path / "cut", resume=True)
     assert resumed == full
     a = load_checkpoint(tmp_path / "full" / "model.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "cut" / "model.pt")["state_dict"]
@@ -131,7 +136,7 @@ def test_resume_is_bit_identical(synth_root, tmp_path, monkeypatch):
 
 def test_final_model_val_selects_on_val_never_test(synth_root, tmp_path):
     cfg = config(synth_root, "abkd_promptkd", "TEST.FINAL_MODEL", "val", "OPTIM.MAX_EPOCH", "3")
-    results = train_mod.train(cfg, tmp_path / "run", echo=False)
+    results = fit(cfg, tmp_path / "run")
     epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["kind"] == "epoch"]
     val = [e["val_accuracy"] for e in epochs]
@@ -146,7 +151,7 @@ def test_ivlp_run_becomes_prompted_teacher(synth_root, tmp_path, capsys):
     """One checkpoint format: an ivlp CE run on the teacher's backbone loads as a prompted teacher."""
     teacher_run = tmp_path / "teacher"
     cfg = config(synth_root, "ivlp_teacher", "MODEL.STUDENT.NAME", "clipkd-tiny-teacher")
-    trained = train_mod.train(cfg, teacher_run, echo=False)
+    trained = fit(cfg, teacher_run)
     ckpt = str(teacher_run / "model.pt")
     capsys.readouterr()
     assert main(["eval", "--zero-shot", "teacher", "--root", str(synth_root), "--dataset-config", DATASET_CFG,
@@ -156,12 +161,10 @@ def test_ivlp_run_becomes_prompted_teacher(synth_root, tmp_path, capsys):
     for half in ("base", "new"):
         assert as_teacher[half]["accuracy"] == pytest.approx(trained[half]["accuracy"])
     cfg = config(synth_root, "abkd_promptkd", "MODEL.TEACHER.CHECKPOINT", ckpt, "OPTIM.MAX_EPOCH", "1")
-    check_results(train_mod.train(cfg, tmp_path / "student", echo=False))
+    check_results(fit(cfg, tmp_path / "student"))
 
 
-def test_untrained_student_and_zero_shot_teacher(synth_root, tmp_path):
-    cfg = config(synth_root, "abkd_promptkd", "OPTIM.MAX_EPOCH", "0")
-    check_results(train_mod.train(cfg, tmp_path / "zero", echo=False))
+def test_zero_shot_teacher_with_ensemble(synth_root, tmp_path):
     assert main(["eval", "--zero-shot", "teacher", "--root", str(synth_root), "--dataset-config", DATASET_CFG,
                  *TINY, "MODEL.TEACHER.TEMPLATES", "ensemble"]) == 0
 
@@ -179,6 +182,16 @@ def train_cli(root, out, *extra):
         (["DISTILL.LOSS", "hinge"], "DISTILL.LOSS must be one of"),
         (["MODEL.STUDENT.TYPE", "coop"], "MODEL.STUDENT.TYPE must be one of"),
         (["DISTILL.ALPHA", "abc"], "DISTILL.ALPHA must be float"),
+        (["DISTILL.ALPHA", "nan"], "DISTILL.ALPHA must be a finite number"),
+        (["OPTIM.MAX_EPOCH", "0"], "OPTIM.MAX_EPOCH must be >= 1"),
+        (["DATASET.NUM_SHOTS", "-3"], "DATASET.NUM_SHOTS must be >= 0"),
+        (["DATALOADER.TRAIN_X.BATCH_SIZE", "0"], "BATCH_SIZE must be >= 1"),
+        (["OPTIM.LR", "-0.1"], "OPTIM.LR must be > 0"),
+        (["SEED", "-1"], "SEED must be >= 0"),
+        (["INPUT.SIZE", "(224, 224)"], r"INPUT.SIZE \(224, 224\) does not fit MODEL.TEACHER.NAME clipkd-tiny-teacher, "
+                                       r"which takes 32x32 images; set INPUT.SIZE"),
+        (["DATALOADER.TRAIN_X.BATCH_SIZE", "1"], "BatchNorm, which needs at least 2 images"),
+        (["OPTIM.PRECISION", "fp16"], "fp16 needs a CUDA device"),
         (["DISTILL.BETA", "nan"], "DISTILL.BETA"),
         (["MODEL.STUDENT.PRETRAINED", "/no/such/weights.pt"], "/no/such/weights.pt"),
     ],
@@ -189,19 +202,20 @@ def test_bad_run_inputs(synth_root, tmp_path, capsys, extra, pattern):
     out = tmp_path / "run"
     assert train_cli(synth_root, out, *extra) == 2
     err = capsys.readouterr().err
-    assert re.search(pattern, err) and err.startswith("clipkd: error:") and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("clipkd: error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]) and "Traceback" not in err
     assert not out.exists()  # a run that cannot start leaves nothing behind
 
 
 def test_inconsistent_settings_are_refused(synth_root, tmp_path):
     with pytest.raises(ClipkdError, match="CE_WEIGHT needs labels"):
-        train_mod.train(config(synth_root, "abkd_promptkd", "DISTILL.PROTOCOL", "transductive",
-                               "DISTILL.CE_WEIGHT", "1"), tmp_path / "a", echo=False)
+        fit(config(synth_root, "abkd_promptkd", "DISTILL.PROTOCOL", "transductive", "DISTILL.CE_WEIGHT", "1"),
+            tmp_path / "a")
     with pytest.raises(ClipkdError, match="nothing to learn from"):
-        train_mod.train(config(synth_root, "abkd_ivlp", "DISTILL.WEIGHT", "0"), tmp_path / "b", echo=False)
+        fit(config(synth_root, "abkd_ivlp", "DISTILL.WEIGHT", "0"), tmp_path / "b")
     imagenet = ["DATASET.NAME", "ImageNet", "TEST.FINAL_MODEL", "val"]
     with pytest.raises(ClipkdError, match="ImageNet has no held-out val split"):
-        train_mod.train(config(synth_root, "abkd_promptkd", *imagenet), tmp_path / "c", echo=False)
+        fit(config(synth_root, "abkd_promptkd", *imagenet), tmp_path / "c")
 
 
 def test_output_dir_not_empty_is_left_alone(synth_root, tmp_path, capsys):
@@ -241,7 +255,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synth_root, tmp_pa
     monkeypatch.setattr(clipkd.losses, "build_distill_loss_from_cfg", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 2, step \d+ .*last.pt \(after epoch 1\)"):
-        train_mod.train(config(synth_root, "abkd_promptkd"), out, echo=False)
+        fit(config(synth_root, "abkd_promptkd"), out)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
     assert not (out / "model.pt").exists() and not (out / "results.json").exists()
 
@@ -257,7 +271,7 @@ def test_unreadable_checkpoint(tmp_path):
 
 def test_fewshot_setting_trains_and_evaluates_all_classes(synth_root, tmp_path, capsys):
     cfg = config(synth_root, "abkd_promptkd", "DATASET.SUBSAMPLE_CLASSES", "all", "OPTIM.MAX_EPOCH", "1")
-    results = train_mod.train(cfg, tmp_path / "run", echo=False)
+    results = fit(cfg, tmp_path / "run")
     assert set(results) == {"all", "epoch"} and results["all"]["n"] == 7 * 8
     assert "7 classes" in (tmp_path / "run" / "log.txt").read_text()
     capsys.readouterr()

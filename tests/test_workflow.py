@@ -112,3 +112,63 @@ def test_small_real_sweep_covers_the_limit_cells(synth_root, tmp_path):
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert "Best cell" in proc.stdout and png.stat().st_size > 1000
+
+
+def test_sweep_resumes_a_killed_cell_skips_finished_ones_and_fails_loudly(synth_root, tmp_path, monkeypatch,
+                                                                          capsys):
+    import torch
+
+    import clipkd.engine.train as train_mod
+    from clipkd.engine.run import Run
+    from clipkd.engine.sweep import build_grid
+
+    method = str(ROOT / "configs/methods/abkd_promptkd.yaml")
+    opts = [*TINY, "OPTIM.MAX_EPOCH", "2"]
+    args = ["sweep", "--alpha", "0.5:1:0.5", "--beta", "0:0:1", "--dataset", "dtd", "--root", str(synth_root),
+            "--config", method, "--output", str(tmp_path / "sweep"), *opts]
+    cells = {c.out.parent.name: c.out for c in build_grid(method, "dtd", "0.5:1:0.5", "0:0:1", [1],
+                                                           tmp_path / "sweep", opts).cells}
+    real_save = train_mod.save_checkpoint
+
+    def killed_in_second_cell(path, state_dict, **extra):
+        real_save(path, state_dict, **extra)
+        if str(cells["a1_b0"]) in str(path) and str(path).endswith("last.pt") and extra.get("epoch") == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", killed_in_second_cell)
+    assert main(args) == 130
+    assert (cells["a0.5_b0"] / "results.json").is_file() and not (cells["a1_b0"] / "results.json").exists()
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "1 done, 1 skipped (finished before), 0 failed" in out
+    # the resumed cell ends exactly where an uninterrupted run of the same cell ends
+    grid = build_grid(method, "dtd", "1:1:1", "0:0:1", [1], tmp_path / "alone", opts)
+    alone = Run(grid.config(grid.cells[0], str(synth_root)), grid.cells[0].out, echo=False).fit()
+    resumed = json.loads((cells["a1_b0"] / "results.json").read_text())
+    assert resumed == alone
+    a = torch.load(cells["a1_b0"] / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(grid.cells[0].out / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # a cell that cannot run: the others still run, the summary names it, the exit code says so
+    blocked = tmp_path / "sweep2" / "abkd_promptkd" / "dtd" / "a0_b0" / "seed1"
+    blocked.mkdir(parents=True)
+    (blocked / "notes.txt").write_text("not a run")
+    assert main(["sweep", "--alpha", "0:0.5:0.5", "--beta", "0:0:1", "--dataset", "dtd", "--root",
+                 str(synth_root), "--config", method, "--output", str(tmp_path / "sweep2"), *opts]) == 1
+    err = capsys.readouterr().err
+    assert "1 done, 0 skipped (finished before), 1 failed" in err
+    assert f"failed {blocked}: output dir {blocked} is not empty" in err
+    assert (blocked / "notes.txt").read_text() == "not a run"
+
+
+def test_sweep_rejects_bad_ranges_and_overrides_before_running(synth_root, tmp_path, capsys):
+    base = ["sweep", "--dataset", "dtd", "--root", str(synth_root), "--output", str(tmp_path)]
+    assert main([*base, "--alpha=--", "--beta", "0:1:1"]) == 2
+    assert "--alpha takes START:STOP:STEP" in capsys.readouterr().err
+    assert main([*base, "--alpha", "0:1:nan", "--beta", "0:1:1"]) == 2
+    assert main([*base, "--alpha", "0:1:1", "--beta", "0:1:1", "OPTIM.LR"]) == 2
+    assert "'OPTIM.LR' has no value" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -7,16 +7,12 @@ the data commands answer in about a second (torch and open_clip take several).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-import warnings
 from typing import Sequence
 
 from clipkd import __version__
 from clipkd.errors import ClipkdError
-
-
-def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
-    return f"clipkd: warning: {message}\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
-    warnings.formatwarning = _format_warning
+    _setup_logging(debug)
     try:
         return int(args.func(args) or 0)
     except ClipkdError as exc:
@@ -56,12 +52,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"clipkd: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. a read-only or full disk met outside clipkd's own writes
+        if args.debug or exc.filename is None:
+            raise
+        from clipkd.fileio import os_error_message
+
+        print(f"clipkd: error: {os_error_message(exc.filename, exc, 'access')}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # e.g. `clipkd data split --json | head`
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
         print("clipkd: interrupted", file=sys.stderr)
         return 130
+
+
+def _setup_logging(debug: bool) -> None:
+    """Console logging, once: progress on stderr; under torchrun only rank 0 speaks below WARNING."""
+    import os
+    import warnings
+
+    from clipkd.engine.runlog import setup_console_logging
+
+    quiet_rank = os.environ.get("RANK", "0") != "0"
+    setup_console_logging(logging.DEBUG if debug else logging.WARNING if quiet_rank else logging.INFO)
+    warnings.formatwarning = lambda message, *a, **k: f"clipkd: warning: {message}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="run seed (sets SEED; also seeds the few-shot draw)")
     p.add_argument("--output-dir", required=True, help="run folder; must be new or empty unless --resume")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to DIR/tensorboard (needs: pip install 'clipkd[tensorboard]')")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     p.set_defaults(func=cmd_train)
 
@@ -27,7 +29,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Re-evaluate a run (--run DIR) or evaluate without training (--zero-shot teacher|student "
         "with the same config arguments as train).")
     p.add_argument("--run", help="a run folder written by clipkd train")
-    p.add_argument("--zero-shot", choices=("teacher", "student"), help="evaluate an untrained model instead")
+    p.add_argument("--zero-shot", choices=("teacher", "student"),
+                   help="evaluate a CLIP zero-shot instead: the configured teacher, or the student's CLIP with "
+                        "its own text tower and the teacher's templates")
     p.add_argument("--subsample", choices=("base", "new", "all"),
                    help="evaluate one half only (default: base and new, or all for few-shot runs)")
     p.add_argument("--root", help="DATA root (overrides the run's DATASET.ROOT)")
@@ -40,65 +44,77 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace, files: list[str | Path]) -> "object":
+    """Config from files and ``KEY VALUE`` overrides; --root and --seed go first, so the user's own tokens
+    are the last ones (an odd count is then reported at the user's token)."""
     from clipkd.config import build_config
 
-    opts = list(args.opts or [])
-    if opts and opts[0] == "--":
-        opts = opts[1:]
+    return build_config([f for f in files if f], [*_flag_opts(args), *_user_opts(args)])
+
+
+def _flag_opts(args: argparse.Namespace) -> list[str]:
+    opts = []
     if args.root:
         opts += ["DATASET.ROOT", args.root]
     if args.seed is not None:
         opts += ["SEED", str(args.seed)]
-    return build_config([f for f in files if f], opts)
+    return opts
+
+
+_TRAILING_FLAGS = ("--resume", "--tensorboard")  # switches users put after the overrides, too
+
+
+def _user_opts(args: argparse.Namespace) -> list[str]:
+    """The KEY VALUE tokens; a switch among them (``... OPTIM.LR 0.1 --resume``) is taken as the switch."""
+    from clipkd.errors import ClipkdError
+
+    opts = list(args.opts or [])
+    opts = opts[1:] if opts and opts[0] == "--" else opts
+    for flag in _TRAILING_FLAGS:
+        while flag in opts and hasattr(args, flag[2:]):
+            opts.remove(flag)
+            setattr(args, flag[2:], True)
+    stray = [o for o in opts[0::2] if o.startswith("--")]
+    if stray:
+        raise ClipkdError(f"{stray[0]} is not a config key; put options before the KEY VALUE overrides")
+    return opts
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from clipkd.engine.train import train
+    from clipkd.engine.run import Run
 
-    cfg = _config(args, [args.dataset_config, *args.config])
+    cfg = _config(args, [args.dataset_config, *args.config])  # reads --resume given after the overrides too
     cfg.defrost()
     cfg.OUTPUT_DIR = str(args.output_dir)
     cfg.freeze()
-    results = train(cfg, args.output_dir, resume=args.resume)
+    results = Run(cfg, args.output_dir, tensorboard=args.tensorboard).fit(resume=args.resume)
     print(json.dumps(results))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from clipkd.engine.checkpoint import load_checkpoint
-    from clipkd.engine.train import CONFIG_FILE, MODEL_FILE, build_models, evaluate_run, pick_device, prepare_data
+    from clipkd.engine.run import Run
     from clipkd.errors import ClipkdError
 
     if bool(args.run) == bool(args.zero_shot):
         raise ClipkdError("give either --run DIR or --zero-shot teacher|student")
     if args.run:
-        run = Path(args.run)
-        if not (run / CONFIG_FILE).is_file():
-            raise ClipkdError(f"{run / CONFIG_FILE} not found; --run takes a folder written by clipkd train")
-        cfg = _config(args, [run / CONFIG_FILE])
+        if args.dataset_config or args.config:
+            raise ClipkdError("--run DIR evaluates with the run's own config.yaml; drop --dataset-config/--config "
+                              "(KEY VALUE overrides such as DATASET.ROOT still apply)")
+        run = Run.load(args.run, [*_flag_opts(args), *_user_opts(args)])
+        which = "final"
     else:
-        cfg = _config(args, [args.dataset_config, args.config])
-    device = pick_device()
-    torch.manual_seed(cfg.SEED)
-    data = prepare_data(cfg)
-    if args.zero_shot == "teacher":
-        from clipkd.models.student import build_teacher
-
-        model = build_teacher(cfg, data.spec.template, device=device)
-    else:
-        _, model = build_models(cfg, data.spec, device)
-        if args.run:
-            path = Path(args.run) / MODEL_FILE
-            model.load_trainable_state_dict(load_checkpoint(path)["state_dict"], source=str(path))
-    halves = (args.subsample,) if args.subsample else tuple(data.halves)
-    results = evaluate_run(model, data, cfg, device, halves=halves)
-    for half in halves:
+        run = Run(_config(args, [args.dataset_config, args.config]))
+        which = args.zero_shot
+    halves = (args.subsample,) if args.subsample else None
+    results = run.evaluate(halves, which=which)
+    for half in halves or run.data.halves:
         print(f"{half}: accuracy {results[half]['accuracy']:.2f}%  macro-F1 {results[half]['macro_f1']:.2f}%  "
               f"({results[half]['n']} images)")
     if "hm" in results:
         print(f"HM: {results['hm']:.2f}%")
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        from clipkd.fileio import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
     return 0

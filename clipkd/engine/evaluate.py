@@ -1,15 +1,28 @@
-"""Base / New / HM evaluation: each half classified among its own classes only, micro top-1 accuracy."""
+"""Base / New / HM evaluation: each half classified among its own classes only, micro top-1 accuracy.
+
+Any model with ``image_features(images)`` and ``text_features(classnames)`` can be evaluated: a trained
+student, the frozen teacher or a zero-shot CLIP. Under torchrun each rank predicts a share of the test
+images and the shares are put back in order, so every image counts once.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from yacs.config import CfgNode
 
+from clipkd.data.loaders import ImageListDataset, build_loader
+from clipkd.data.splits import ResolvedSplit
+from clipkd.data.transforms import build_transform
+from clipkd.engine import distributed as dist
 from clipkd.engine.metrics import harmonic_mean
 
-__all__ = ["harmonic_mean", "predict", "classification_metrics", "results_payload", "format_dassl_lines"]
+__all__ = ["harmonic_mean", "predict", "predict_half", "evaluate_half", "evaluate_halves",
+           "classification_metrics", "results_payload", "format_dassl_lines"]
 
 
 @torch.no_grad()
@@ -63,3 +76,53 @@ def format_dassl_lines(name: str, metrics: dict) -> list[str]:
         f"* macro_f1: {metrics['macro_f1']:.2f}%",
     ]
 
+
+
+def predict_half(
+    model: Any, split: ResolvedSplit, cfg: CfgNode, device: torch.device,
+    autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true labels of ``model`` on one half's ``items`` list, among that half's classes only."""
+    model.eval()
+    with torch.no_grad(), autocast():
+        class_features = model.text_features(split.classnames).float()
+    dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))
+    sampler = DistributedSampler(dataset, shuffle=False) if dist.is_initialized() else None
+    loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
+                          num_workers=cfg.DATALOADER.NUM_WORKERS, sampler=sampler)
+    pred, true = predict(model.image_features, class_features, loader, device, autocast)
+    if sampler is not None:  # rank 0's view of every rank's share, in dataset order
+        merged: dict[int, tuple[int, int]] = {}
+        for idx, p, t in dist.gather_objects((list(sampler), pred.tolist(), true.tolist())):
+            merged.update({i: (a, b) for i, a, b in zip(idx, p, t)})  # padding repeats are dropped here
+        pred = torch.tensor([merged[i][0] for i in range(len(dataset))], dtype=torch.long)
+        true = torch.tensor([merged[i][1] for i in range(len(dataset))], dtype=torch.long)
+    return pred, true
+
+
+def evaluate_half(
+    model: Any, split: ResolvedSplit, cfg: CfgNode, device: torch.device,
+    autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test",
+) -> dict:
+    """Accuracy / macro-F1 of ``model`` on one half, among that half's classes only."""
+    pred, true = predict_half(model, split, cfg, device, autocast, items)
+    return classification_metrics(pred, true, len(split.classnames))
+
+
+def evaluate_halves(
+    model: Any, halves: dict[str, ResolvedSplit], cfg: CfgNode, device: torch.device,
+    autocast: Callable[[], Any] = contextlib.nullcontext, log: Callable[[str], None] | None = None,
+) -> dict:
+    """``{"base": {...}, "new": {...}, "hm": ...}`` (or ``{"all": ...}``) on the halves' test lists; the Dassl
+    result lines go to ``log``."""
+    metrics = {}
+    for name, split in halves.items():
+        metrics[name] = evaluate_half(model, split, cfg, device, autocast)
+        if log is not None:
+            for line in format_dassl_lines(name, metrics[name]):
+                log(line)
+    results = results_payload(metrics)
+    if log is not None and "hm" in results:
+        log(f"* base: {metrics['base']['accuracy']:.2f}%  new: {metrics['new']['accuracy']:.2f}%  "
+            f"HM: {results['hm']:.2f}%")
+    return results

@@ -1,29 +1,131 @@
-"""A run's logs: ``metrics.jsonl`` for programs (one JSON object a line) and ``log.txt`` for people."""
+"""A run's logs: ``log.txt`` for people, ``metrics.jsonl`` for programs, TensorBoard when asked.
+
+All of clipkd speaks through stdlib ``logging`` under the ``clipkd`` logger; the CLI configures the console
+once (:func:`setup_console_logging`) and each run adds its ``log.txt`` as a handler for its duration, so the
+file holds what the console showed (model building, warnings, epochs, results). A quiet run (the demo's,
+tests') still writes its file but keeps its own lines off the console.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from clipkd.fileio import OutputError, os_error_message
+
+LOGGER = "clipkd"
+_QUIET = "clipkd_quiet"
+log = logging.getLogger(LOGGER)
+
+
+class _DropQuiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, _QUIET, False)
+
+
+class _Console(logging.StreamHandler):
+    """The CLI's console handler: writes to whatever ``sys.stderr`` is at the time (pytest swaps it per
+    test); a class of its own, so it is installed once."""
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+def setup_console_logging(level: int = logging.INFO) -> None:
+    """Console output for the ``clipkd`` command: messages on stderr, warnings routed through logging.
+    Idempotent; library users who never call it get no console output from clipkd below WARNING."""
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(level)
+    logger.propagate = False  # the CLI owns the console: no second copy through a root handler
+    if not any(isinstance(h, _Console) for h in logger.handlers):
+        handler = _Console()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_DropQuiet())
+        logger.addHandler(handler)
+        warnings_logger = logging.getLogger("py.warnings")
+        warnings_logger.addHandler(handler)
+        warnings_logger.propagate = False
+    logging.captureWarnings(True)
+
+
+def require_tensorboard() -> None:
+    """Fail before a run writes anything when TensorBoard logging was asked for but is not installed."""
+    import importlib.util
+
+    from clipkd.errors import ConfigError
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'clipkd[tensorboard]'")
+
 
 class RunLog:
-    def __init__(self, output_dir: str | Path, echo: bool = True):
-        self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+    """Writes one run's log lines and metrics; a ``RunLog(None)`` (ranks other than 0) writes nothing."""
+
+    def __init__(self, folder: str | Path | None, *, echo: bool = True, tensorboard: bool = False) -> None:
         self.echo = echo
-        self._text = open(self.dir / "log.txt", "a", buffering=1)
-        self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        self._file: logging.Handler | None = None
+        self._jsonl = None
+        self._tb = None
+        if folder is None:
+            return
+        folder = Path(folder)
+        try:
+            self._file = logging.FileHandler(folder / "log.txt", mode="a", encoding="utf-8")
+            self._jsonl = open(folder / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
+        except OSError as exc:
+            self.close()
+            raise OutputError(os_error_message(exc.filename or folder, exc, "open")) from exc
+        self._file.setFormatter(logging.Formatter("%(message)s"))
+        if log.level == logging.NOTSET:  # not configured by the CLI: still let INFO reach the file
+            log.setLevel(logging.INFO)
+        log.addHandler(self._file)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # require_tensorboard() checked it at set-up
+
+            self._tb = SummaryWriter(str(folder / "tensorboard"))
 
     def info(self, message: str) -> None:
-        self._text.write(message + "\n")
-        if self.echo:
-            print(message, flush=True)
+        if self._file is None:
+            return
+        log.info(message, extra={_QUIET: not self.echo})
 
     def metrics(self, kind: str, **values: Any) -> None:
+        if self._jsonl is None:
+            return
         self._jsonl.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **values}) + "\n")
+        if self._tb is not None:
+            step = values.get("global_step", values.get("epoch", 0))
+            for name, value in _scalars(values):
+                if name not in ("epoch", "step", "global_step"):
+                    self._tb.add_scalar(f"{kind}/{name}", value, step)
 
     def close(self) -> None:
-        self._text.close()
-        self._jsonl.close()
+        if self._file is not None:
+            log.removeHandler(self._file)
+            self._file.close()
+            self._file = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _scalars(values: dict, prefix: str = "") -> list[tuple[str, float]]:
+    out = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out += _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((f"{prefix}{key}", float(value)))
+    return out

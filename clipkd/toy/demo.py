@@ -18,8 +18,9 @@ import torch
 
 from clipkd.config import build_config
 from clipkd.data.cache import default_cache_dir
-from clipkd.engine.evaluate import harmonic_mean
+from clipkd.engine.metrics import harmonic_mean
 from clipkd.errors import ClipkdError
+from clipkd.fileio import atomic_write_text
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 METHODS = {"kd": ["DISTILL.LOSS", "kl"], "abkd": ["DISTILL.LOSS", "ab"]}
@@ -57,16 +58,6 @@ def demo_config(data_root: Path, weights: dict[str, Path], seed: int, *overrides
     ])
 
 
-def predictions(model, split, cfg) -> torch.Tensor:  # noqa: ANN001
-    """Predicted labels of ``model`` on ``split.test`` (for teacher-student agreement)."""
-    import contextlib
-
-    from clipkd.engine.train import predict_half
-
-    pred, _ = predict_half(model, split, cfg, torch.device("cpu"), contextlib.nullcontext)
-    return pred
-
-
 def run_demo(
     output_dir: Path, cache_dir: Path | None = None, seeds: Sequence[int] = (1,), transductive: bool = True,
     progress: bool = True, overrides: Sequence[str] = (),
@@ -75,9 +66,7 @@ def run_demo(
 
     ``overrides`` (KEY VALUE pairs) change the distillation runs' config, e.g. a shorter schedule in tests.
     """
-    from clipkd.engine.checkpoint import load_checkpoint
-    from clipkd.engine.train import evaluate_run, prepare_data, train
-    from clipkd.models.student import build_student, build_teacher
+    from clipkd.engine.run import Run
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -89,32 +78,27 @@ def run_demo(
     rows = []
     for seed in seeds:
         cfg = demo_config(data_root, weights, seed)
-        data = prepare_data(cfg)
-        teacher = build_teacher(cfg, data.spec.template)
-        teacher_pred = predictions(teacher, data.base, cfg)
-        student_clip = build_teacher(demo_config(data_root, weights, seed, "MODEL.TEACHER.NAME",
-                                                 cfg.MODEL.STUDENT.NAME, "MODEL.TEACHER.PRETRAINED",
-                                                 str(weights["student"])), data.spec.template)
-        for method, model in (("teacher_zeroshot", teacher), ("student_zeroshot", student_clip)):
-            res = evaluate_run(model, data, cfg, torch.device("cpu"))
-            agree = 100.0 * float((predictions(model, data.base, cfg) == teacher_pred).float().mean())
-            rows.append(_row(method, "zero-shot", seed, res, agree))
+        zero_shot = Run(cfg)
+        teacher_pred = zero_shot.predict("base", which="teacher")
+        for method, which in (("teacher_zeroshot", "teacher"), ("student_zeroshot", "student")):
+            agree = _agreement(zero_shot.predict("base", which=which), teacher_pred)
+            rows.append(_row(method, "zero-shot", seed, zero_shot.evaluate(which=which), agree))
         for protocol in protocols:
             for method, extra in METHODS.items():
                 run_cfg = demo_config(data_root, weights, seed, "DISTILL.PROTOCOL", protocol, *extra, *overrides)
-                run_dir = output_dir / "runs" / f"{method}-{protocol}" / f"seed{seed}"
-                res = train(run_cfg, run_dir, echo=False)
-                student = build_student(run_cfg, teacher)
-                student.load_trainable_state_dict(load_checkpoint(run_dir / "model.pt")["state_dict"])
-                agree = 100.0 * float((predictions(student, data.base, run_cfg) == teacher_pred).float().mean())
-                rows.append(_row(method, protocol, seed, res, agree))
+                run = Run(run_cfg, output_dir / "runs" / f"{method}-{protocol}" / f"seed{seed}", echo=False)
+                res = run.fit()
+                rows.append(_row(method, protocol, seed, res, _agreement(run.predict("base"), teacher_pred)))
     payload = {"rows": rows, "seconds": round(time.time() - started, 1),
                "alpha": cfg.DISTILL.ALPHA, "beta": cfg.DISTILL.BETA}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "demo_results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(output_dir / "demo_results.json", json.dumps(payload, indent=2) + "\n")
     table = format_table(rows)
-    (output_dir / "demo_results.md").write_text(table + "\n")
+    atomic_write_text(output_dir / "demo_results.md", table + "\n")
     return payload
+
+
+def _agreement(pred: torch.Tensor, reference: torch.Tensor) -> float:
+    return 100.0 * float((pred == reference).float().mean())
 
 
 def _row(method: str, protocol: str, seed: int, res: dict, agreement: float) -> dict:

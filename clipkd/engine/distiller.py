@@ -1,0 +1,118 @@
+"""The thing that computes a training step's loss: student, frozen teacher and objective in one module.
+
+``Distiller(images, labels) -> StepOutput(loss, logits, terms)``, as nanoGPT's ``logits, loss = model(X, Y)``:
+DistributedDataParallel wraps the Distiller itself, so the gradient sync covers exactly what the loss
+depends on. The teacher is frozen and is not a submodule (DDP neither broadcasts nor watches it, and the
+Distiller's state is the student's); its class embeddings are computed once, here, and reused by every
+batch (the reference code recomputed them per batch).
+
+The objective is a small pluggable piece: today the KD family (a divergence between teacher and student
+class distributions, optionally plus cross-entropy on labels); other objectives implement the same
+:class:`Objective` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+from yacs.config import CfgNode
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor  # what backward() is called on
+    logits: Tensor  # the student's, over the training classes
+    terms: dict[str, Tensor]  # detached parts of the loss, for logging
+
+
+class Objective(Protocol):
+    """A training objective over one batch's logits (the teacher's are None when it needs no teacher)."""
+
+    needs_teacher: bool
+    needs_labels: bool
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None,
+                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+class KDObjective:
+    """``WEIGHT * D(teacher || student) + CE_WEIGHT * CE(student, labels)`` (either part may be off)."""
+
+    def __init__(self, divergence: Callable[[Tensor, Tensor], Tensor] | None, weight: float,
+                 ce_weight: float = 0.0) -> None:
+        self.divergence = divergence if weight > 0 else None
+        self.weight = float(weight)
+        self.ce_weight = float(ce_weight)
+        self.needs_teacher = self.divergence is not None
+        self.needs_labels = self.ce_weight > 0
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None,
+                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = torch.zeros((), device=student_logits.device)
+        terms: dict[str, Tensor] = {}
+        if self.divergence is not None:
+            assert teacher_logits is not None
+            kd = self.divergence(student_logits.float(), teacher_logits.float())
+            loss = loss + self.weight * kd
+            terms["kd"] = kd.detach()
+        if self.ce_weight > 0:
+            ce = F.cross_entropy(student_logits.float(), labels)
+            loss = loss + self.ce_weight * ce
+            terms["ce"] = ce.detach()
+        return loss, terms
+
+    def __repr__(self) -> str:
+        parts = [f"{self.divergence} x {self.weight:g}"] if self.divergence is not None else []
+        if self.ce_weight > 0:
+            parts.append(f"CE x {self.ce_weight:g}")
+        return " + ".join(parts)
+
+
+def build_objective(cfg: CfgNode) -> KDObjective:
+    """The objective ``cfg.DISTILL`` describes."""
+    from clipkd.losses import build_distill_loss_from_cfg
+
+    d = cfg.DISTILL
+    return KDObjective(build_distill_loss_from_cfg(cfg) if d.WEIGHT > 0 else None, d.WEIGHT, d.CE_WEIGHT)
+
+
+def class_logits(model: Any, images: Tensor, classnames: Sequence[str] | None = None,
+                 class_features: Tensor | None = None) -> Tensor:
+    """``logit_scale * image_features @ class_features^T`` (class features from ``classnames`` if not given)."""
+    feats = model.image_features(images)
+    if class_features is None:
+        class_features = model.text_features(classnames)
+    return model.logit_scale * feats @ class_features.t()
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + objective; ``forward(images, labels)`` gives the batch's loss."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, classnames: Sequence[str],
+                 objective: Objective) -> None:
+        super().__init__()
+        if objective.needs_teacher and teacher is None:
+            raise ValueError("this objective needs a teacher")
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # frozen, deliberately not a submodule (see module doc)
+        self.classnames = list(classnames)
+        self.objective = objective
+        self.teacher_text = teacher.text_features(self.classnames) if objective.needs_teacher else None
+
+    def train(self, mode: bool = True) -> Distiller:
+        self.student.train(mode)  # the teacher stays in eval mode
+        self.training = mode
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, images: Tensor) -> Tensor:
+        return class_logits(self.teacher, images, class_features=self.teacher_text)
+
+    def forward(self, images: Tensor, labels: Tensor) -> StepOutput:
+        logits = class_logits(self.student, images, self.classnames)
+        t_logits = self.teacher_logits(images) if self.objective.needs_teacher else None
+        loss, terms = self.objective(logits, t_logits, labels)
+        return StepOutput(loss, logits, terms)

@@ -1,0 +1,318 @@
+"""A run is one object: a config, an output folder, and what is built from them (data, teacher, student).
+
+``Run(cfg, dir).fit(resume=...)`` trains and evaluates; ``Run.load(dir)`` reopens a finished or interrupted
+run; ``run.evaluate(halves, which=...)`` scores the trained student, the teacher or the zero-shot student.
+``clipkd train``, ``clipkd eval``, ``clipkd sweep``, the demo and the benchmarks all go through here, so they
+assemble the same models the same way.
+
+Set-up order matters and is fixed: every check that can fail (config, data, model sizes, the folder) runs
+before anything is written, and the RNG is seeded before the models are built, so a run is reproducible
+from its config alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from yacs.config import CfgNode
+
+from clipkd.config import build_config
+from clipkd.data.specs import DatasetSpec, get_spec
+from clipkd.data.splits import ResolvedSplit, resolve_split
+from clipkd.engine import distributed as dist
+from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
+from clipkd.engine.distiller import Distiller, build_objective
+from clipkd.engine.evaluate import evaluate_half, evaluate_halves, predict_half
+from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
+from clipkd.engine.runlog import RunLog, require_tensorboard
+from clipkd.engine.train import TrainState, autocast_for, seed_everything, train_epochs
+from clipkd.errors import ConfigError, TrainingError
+from clipkd.fileio import atomic_write_text
+
+WHICH = ("final", "teacher", "student")  # trained student, configured teacher, zero-shot student CLIP
+
+
+@dataclass
+class RunData:
+    """The lists one run trains and evaluates on."""
+
+    spec: DatasetSpec
+    train: ResolvedSplit  # what the student learns from
+    halves: dict[str, ResolvedSplit]  # evaluated halves: base + new (base-to-new) or all (few-shot setting)
+
+    @property
+    def select(self) -> ResolvedSplit:
+        """Whose few-shot val split picks the epoch for TEST.FINAL_MODEL val (never a test split)."""
+        return self.halves.get("base") or self.halves["all"]
+
+
+def prepare_data(cfg: CfgNode) -> RunData:
+    """DATASET.SUBSAMPLE_CLASSES base = the base-to-new setting (train on base, evaluate base and new);
+    all = the few-shot setting (train and evaluate on all classes)."""
+    if not cfg.DATASET.ROOT:
+        raise ConfigError("DATASET.ROOT is empty; pass --root DATA")
+    spec = get_spec(cfg.DATASET.NAME)
+    shots, seed = cfg.DATASET.NUM_SHOTS, cfg.SEED
+    names = ("base", "new") if cfg.DATASET.SUBSAMPLE_CLASSES == "base" else ("all",)
+    halves = {h: resolve_split(cfg.DATASET.ROOT, spec, shots, seed, h) for h in names}
+    if cfg.DISTILL.PROTOCOL == "inductive":
+        train = halves.get("base") or halves["all"]
+    else:  # transductive (PromptKD): train images of all classes, labels unused, logits over all classes
+        train = halves.get("all") or resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "all")
+    return RunData(spec, train, halves)
+
+
+def needs_teacher(cfg: CfgNode) -> bool:
+    return cfg.MODEL.STUDENT.TYPE == "promptkd" or cfg.DISTILL.WEIGHT > 0
+
+
+def model_input_size(name: str) -> tuple[int, int] | None:
+    """The image size an open_clip architecture takes, read from its config (None when unknown)."""
+    import open_clip
+
+    from clipkd.models.factory import register_model_configs
+
+    register_model_configs()
+    mcfg = open_clip.get_model_config(name.replace("/", "-"))
+    size = (mcfg or {}).get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
+    """The combinations that would otherwise fail deep inside a step, or train something meaningless."""
+    d = cfg.DISTILL
+    if d.CE_WEIGHT > 0 and d.PROTOCOL != "inductive":
+        raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
+                          "set it to 0 or use DISTILL.PROTOCOL inductive")
+    if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
+        raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
+    if cfg.TEST.FINAL_MODEL == "val" and not data.select.val:
+        raise ConfigError(f"{data.spec.name} has no held-out val split (its val would be the test set); "
+                          "use TEST.FINAL_MODEL last")
+    batch = cfg.DATALOADER.TRAIN_X.BATCH_SIZE
+    if batch % world:
+        raise ConfigError(f"DATALOADER.TRAIN_X.BATCH_SIZE {batch} must divide among {world} processes")
+    per_process = min(batch, len(data.train.train)) // world
+    if cfg.MODEL.STUDENT.TYPE == "promptkd" and per_process < 2:
+        raise ConfigError(
+            f"the PromptKD projector uses BatchNorm, which needs at least 2 images per process and step; "
+            f"this run has {per_process} (DATALOADER.TRAIN_X.BATCH_SIZE {batch}, {world} process(es), "
+            f"{len(data.train.train)} training images): raise the batch size or NUM_SHOTS")
+    size = tuple(cfg.INPUT.SIZE)
+    roles = [("MODEL.STUDENT.NAME", cfg.MODEL.STUDENT.NAME)]
+    if needs_teacher(cfg):
+        roles.insert(0, ("MODEL.TEACHER.NAME", cfg.MODEL.TEACHER.NAME))
+    for key, name in roles:
+        wants = model_input_size(name)
+        if wants is not None and wants != size:
+            raise ConfigError(
+                f"INPUT.SIZE {size} does not fit {key} {name}, which takes {wants[0]}x{wants[1]} images; "
+                f"set INPUT.SIZE \"({wants[0]}, {wants[1]})\" (teacher and student must take the same size)")
+    autocast_for(cfg.OPTIM.PRECISION, dist.pick_device())  # fp16 without CUDA
+
+
+def _flat(cfg: CfgNode, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, CfgNode):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+class Run:
+    """One run: ``cfg`` plus an output folder (None for an evaluation that writes nothing)."""
+
+    def __init__(self, cfg: CfgNode, output_dir: str | Path | None = None, *, echo: bool = True,
+                 tensorboard: bool = False) -> None:
+        self.cfg = cfg
+        self.dir = RunDir(output_dir) if output_dir is not None else None
+        self.echo = echo
+        self.tensorboard = tensorboard
+        self.device = dist.pick_device()
+        self._data: RunData | None = None
+        self.teacher: Any = None
+        self.student: Any = None
+        self._zero_shot_student: Any = None
+
+    @classmethod
+    def load(cls, folder: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> Run:
+        """Reopen a run folder (finished or not) with its saved config; ``overrides`` such as
+        ``DATASET.ROOT`` adapt it to this machine."""
+        rundir = RunDir(folder)
+        rundir.check_resumable()
+        return cls(build_config([rundir / CONFIG_FILE], list(overrides)), folder, **kwargs)
+
+    # ------------------------------------------------------------------------------------ parts
+    @property
+    def data(self) -> RunData:
+        if self._data is None:
+            self._data = prepare_data(self.cfg)
+        return self._data
+
+    def build(self) -> None:
+        """Seed, then build teacher and student (in that order: both consume the RNG)."""
+        from clipkd.models.student import build_student, build_teacher
+
+        seed_everything(self.cfg.SEED)
+        template = get_spec(self.cfg.DATASET.NAME).template  # no data needed (benchmarks build without any)
+        self.teacher = build_teacher(self.cfg, template, device=self.device) if needs_teacher(self.cfg) else None
+        self.student = build_student(self.cfg, self.teacher, device=self.device)
+
+    def model(self, which: str = "final") -> Any:
+        """``final``: the trained student (from ``model.pt`` unless this object just trained it);
+        ``teacher``: the configured teacher; ``student``: the student's CLIP zero-shot, with its own text
+        tower and the teacher's templates."""
+        from clipkd.models.zeroshot import build_zero_shot
+
+        if which not in WHICH:
+            raise ConfigError(f"which model: one of {', '.join(WHICH)}, not {which!r}")
+        # Seeded like a training run's build, so a random-init CLIP (tests, tiny models) is the same one.
+        if which == "student":
+            if self._zero_shot_student is None:
+                seed_everything(self.cfg.SEED)
+                self._zero_shot_student = build_zero_shot(self.cfg, "student", self.data.spec.template,
+                                                          device=self.device)
+            return self._zero_shot_student
+        if which == "teacher":
+            if self.teacher is None:
+                seed_everything(self.cfg.SEED)
+                self.teacher = build_zero_shot(self.cfg, "teacher", self.data.spec.template, device=self.device)
+            return self.teacher
+        if self.student is None:
+            if self.dir is None:
+                raise TrainingError("this run has no folder to load a trained model from")
+            path = self.dir / MODEL_FILE
+            ckpt = load_checkpoint(path)
+            self.build()
+            self.student.load_trainable_state_dict(ckpt["state_dict"], source=str(path))
+        return self.student
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, halves: Sequence[str] | None = None, which: str = "final", log: RunLog | None = None) -> dict:
+        data = self.data
+        names = tuple(halves or data.halves)
+        for half in names:
+            if half not in data.halves:
+                raise ConfigError(f"this run evaluates {', '.join(data.halves)}, not {half} "
+                                  "(DATASET.SUBSAMPLE_CLASSES base gives base and new, all gives all)")
+        autocast, _ = autocast_for(self.cfg.OPTIM.PRECISION, self.device)
+        return evaluate_halves(self.model(which), {h: data.halves[h] for h in names}, self.cfg, self.device,
+                               autocast, log=log.info if log is not None else None)
+
+    def predict(self, half: str, which: str = "final") -> torch.Tensor:
+        """Predicted labels on one half's test images (e.g. for teacher-student agreement)."""
+        autocast, _ = autocast_for(self.cfg.OPTIM.PRECISION, self.device)
+        return predict_half(self.model(which), self.data.halves[half], self.cfg, self.device, autocast)[0]
+
+    # ------------------------------------------------------------------------------------ training
+    def _check_folder(self, resume: bool) -> None:
+        assert self.dir is not None
+        if not resume:
+            self.dir.check_new()
+            return
+        self.dir.check_resumable()
+        saved = self.dir / CONFIG_FILE
+        before, now = _flat(build_config([saved], freeze=False)), _flat(self.cfg)
+        changed = [k for k in now if k != "OUTPUT_DIR" and before.get(k) != now[k]]
+        if changed:
+            raise TrainingError(f"--resume: the config differs from {saved} at {', '.join(changed[:5])}; resume "
+                                "with the same arguments, or train into a new --output-dir")
+
+    def _take_folder(self, resume: bool) -> None:
+        """Rank 0 locks the folder and re-checks it under the lock; every rank learns the outcome."""
+        assert self.dir is not None
+        error = None
+        if dist.is_main():
+            try:
+                self.dir.acquire()
+                self._check_folder(resume)  # again: another process may have written meanwhile
+            except Exception as exc:  # noqa: BLE001 - reported on every rank below
+                self.dir.release()
+                error = exc
+        error = dist.broadcast_object(error)
+        if error is not None:
+            raise error
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train, write ``model.pt`` and ``results.json``; returns the results."""
+        if self.dir is None:
+            raise TrainingError("a run needs an output folder to train into")
+        cfg, out = self.cfg, self.dir
+        distributed = dist.init(self.device)
+        main = dist.is_main()
+        self._check_folder(resume)
+        if self.tensorboard:
+            require_tensorboard()
+        seed_everything(cfg.SEED)
+        check_setup(cfg, self.data, dist.world_size())
+        self.build()
+        data, student = self.data, self.student
+        distiller = Distiller(student, self.teacher, data.train.classnames, build_objective(cfg))
+        model: torch.nn.Module = distiller
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(distiller, device_ids=[self.device.index]
+                                            if self.device.type == "cuda" else None)
+        from clipkd.engine.optim import build_optimizer, build_scheduler
+
+        optimizer = build_optimizer(student.trainable_parameters(), cfg)
+        _, use_scaler = autocast_for(cfg.OPTIM.PRECISION, self.device)
+        state = TrainState(distiller, model, optimizer, build_scheduler(optimizer, cfg),
+                           torch.amp.GradScaler(self.device.type, enabled=use_scaler))
+        self._take_folder(resume)
+        log = None
+        try:
+            if resume and (out / LAST_CKPT).is_file():
+                state.restore(load_checkpoint(out / LAST_CKPT), source=str(out / LAST_CKPT))
+            if main and resume:
+                out.clean_for_resume(state.epoch)
+            elif main:
+                atomic_write_text(out / CONFIG_FILE, cfg.dump())
+            log = RunLog(out.path if main else None, echo=self.echo, tensorboard=self.tensorboard)
+            if state.epoch:
+                log.info(f"resumed from {out / LAST_CKPT} after epoch {state.epoch}")
+            else:
+                n_train = sum(p.numel() for p in student.trainable_parameters())
+                log.info(f"clipkd run: {data.spec.name}, {cfg.DISTILL.PROTOCOL} protocol, "
+                         f"{len(data.train.train)} training images, {len(data.train.classnames)} classes, "
+                         f"student {cfg.MODEL.STUDENT.TYPE} ({n_train:,} trainable parameters), "
+                         f"loss {cfg.DISTILL.LOSS} x {cfg.DISTILL.WEIGHT}, device {self.device}")
+            autocast, _ = autocast_for(cfg.OPTIM.PRECISION, self.device)
+            validate = (lambda: evaluate_half(student, data.select, cfg, self.device, autocast, items="val")[
+                "accuracy"]) if cfg.TEST.FINAL_MODEL == "val" else None
+            from clipkd.data.loaders import ImageListDataset
+            from clipkd.data.transforms import build_transform
+
+            dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
+            train_epochs(state, dataset, cfg, self.device, out, log, validate)
+
+            final_epoch = cfg.OPTIM.MAX_EPOCH
+            if validate is not None and state.best["epoch"] > 0:
+                student.load_trainable_state_dict(load_checkpoint(out / BEST_CKPT)["state_dict"])
+                final_epoch = state.best["epoch"]
+                log.info(f"final model: epoch {final_epoch} (best few-shot val accuracy "
+                         f"{state.best['accuracy']:.2f}%)")
+            if main:
+                save_checkpoint(out / MODEL_FILE, student.trainable_state_dict(), epoch=final_epoch,
+                                student_type=cfg.MODEL.STUDENT.TYPE)
+            results = self.evaluate(log=log)
+            results["epoch"] = final_epoch
+            if main:
+                atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+            log.metrics("results", **results)
+            dist.barrier()
+            return results
+        finally:
+            if log is not None:
+                log.close()
+            if main:
+                out.release()

@@ -1,0 +1,141 @@
+"""A run folder: its file names, the lock that keeps two processes out of one folder, and resume hygiene.
+
+Layout: ``config.yaml``, ``log.txt``, ``metrics.jsonl``, ``checkpoints/last.pt`` (every epoch),
+``checkpoints/best-val.pt`` (TEST.FINAL_MODEL val), ``model.pt`` (the final model), ``results.json``.
+``.lock`` exists while a process trains into the folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from clipkd.errors import TrainingError
+from clipkd.fileio import OutputError, atomic_write_text, os_error_message, stale_temp_files
+
+CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "results.json"
+MODEL_FILE = "model.pt"
+LOG_FILE = "log.txt"
+METRICS_FILE = "metrics.jsonl"
+LAST_CKPT = "checkpoints/last.pt"
+BEST_CKPT = "checkpoints/best-val.pt"
+LOCK_FILE = ".lock"
+
+
+class RunDir:
+    """Paths of one run folder plus the checks made before a run writes into it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / RESULTS_FILE).is_file()
+
+    @property
+    def started(self) -> bool:
+        return (self.path / CONFIG_FILE).is_file()
+
+    def check_new(self) -> None:
+        """A new run needs a missing or empty folder (a stale ``.lock`` aside). Writes nothing."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise TrainingError(f"output dir {p} is a file, not a folder; pick another --output-dir")
+        if p.is_dir() and any(c.name != LOCK_FILE for c in p.iterdir()):
+            hint = " or pass --resume to continue it" if self.started and not self.finished else ""
+            raise TrainingError(f"output dir {p} is not empty; pick a new --output-dir{hint}")
+
+    def check_resumable(self) -> None:
+        if not self.started:
+            raise TrainingError(f"--resume: {self.path / CONFIG_FILE} not found; is {self.path} a clipkd run folder?")
+
+    # ------------------------------------------------------------------------------------ the lock
+    def acquire(self) -> None:
+        """Hold ``.lock`` (an flock, so a killed process's lock is released by the kernel) or refuse."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(os_error_message(self.path, exc, "create")) from exc
+        lock = self.path / LOCK_FILE
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(os_error_message(lock, exc, "create")) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise OutputError(os_error_message(lock, exc, "lock")) from exc
+                raise TrainingError(
+                    f"output dir {self.path} is in use by {holder}; wait for it to finish or pick another "
+                    "--output-dir") from None
+            try:  # the file we locked may have been unlinked by its previous holder meanwhile: retry then
+                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is None:
+            return
+        try:
+            os.unlink(self.path / LOCK_FILE)
+        except OSError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # ------------------------------------------------------------------------------------ resume
+    def clean_for_resume(self, epoch: int) -> list[str]:
+        """Drop what a killed run left after its last checkpoint: step/epoch lines of later epochs in
+        ``metrics.jsonl`` and temp files of interrupted writes. Only call while holding the lock."""
+        removed = []
+        for folder in (self.path, self.path / "checkpoints"):
+            for tmp in stale_temp_files(folder):
+                tmp.unlink(missing_ok=True)
+                removed.append(str(tmp))
+        metrics = self.path / METRICS_FILE
+        if metrics.is_file():
+            kept, dropped = [], 0
+            for line in metrics.read_text().splitlines():
+                try:
+                    row: dict[str, Any] = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    dropped += 1
+                    continue
+                if row.get("kind") == "results" or int(row.get("epoch", 0)) > epoch:
+                    dropped += 1
+                else:
+                    kept.append(line)
+            if dropped:
+                atomic_write_text(metrics, "".join(f"{line}\n" for line in kept))
+                removed.append(f"{dropped} lines of {metrics} after epoch {epoch}")
+        return removed
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"process {info['pid']} on {info['host']} (since {info['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"

@@ -1,0 +1,146 @@
+"""The ABKD alpha-beta grid: one :class:`Cell` per (alpha, beta, seed), each a :class:`~clipkd.engine.run.Run`.
+
+A cell is described once (its folder and its config overrides) and turned either into a config for an
+in-process Run or, for ``--dry-run``, into the equivalent ``clipkd train`` command line, so the two never
+drift apart. Finished cells are skipped, interrupted ones resumed, failed ones reported at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from yacs.config import CfgNode
+
+from clipkd.errors import ClipkdError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def parse_range(text: str, name: str) -> list[float]:
+    """``START:STOP:STEP`` -> START, START+STEP, ..., STOP (both ends included, as `seq` does), in exact
+    decimal steps."""
+    if not isinstance(text, str):  # argparse turns `--alpha=--` into a list
+        text = " ".join(map(str, text))
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        start, stop, step = (Decimal(p) for p in parts)
+        if not all(v.is_finite() for v in (start, stop, step)):
+            raise ValueError
+    except (ValueError, InvalidOperation):
+        raise ConfigError(f"--{name} takes START:STOP:STEP with finite numbers (e.g. 0:1:0.1), got '{text}'") from None
+    if step <= 0 or stop < start:
+        raise ConfigError(f"--{name} {text}: STEP must be > 0 and STOP >= START")
+    values, v = [], start
+    while v <= stop:
+        values.append(float(v))
+        v += step
+    return values
+
+
+def cell_name(alpha: float, beta: float) -> str:
+    return f"a{format(alpha, 'g')}_b{format(beta, 'g')}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: where it writes and how its config differs from the method config."""
+
+    out: Path
+    seed: int
+    overrides: tuple[str, ...]
+
+
+@dataclass
+class Grid:
+    dataset_config: Path
+    method_config: Path
+    cells: list[Cell]
+
+    def config(self, cell: Cell, root: str) -> CfgNode:
+        from clipkd.config import build_config
+
+        cfg = build_config([self.dataset_config, self.method_config],
+                           ["DATASET.ROOT", root, "SEED", str(cell.seed), *cell.overrides], freeze=False)
+        cfg.OUTPUT_DIR = str(cell.out)
+        cfg.freeze()
+        return cfg
+
+    def command(self, cell: Cell, root: str) -> list[str]:
+        """The ``clipkd train`` command that runs exactly this cell."""
+        return ["clipkd", "train", "--root", root, "--dataset-config", str(self.dataset_config),
+                "--config", str(self.method_config), "--seed", str(cell.seed), "--output-dir", str(cell.out),
+                *cell.overrides]
+
+
+def build_grid(method_config: str | Path, dataset: str, alpha: str, beta: str, seeds: Sequence[int],
+               output: str | Path, opts: Sequence[str] = ()) -> Grid:
+    """Every (alpha, beta, seed) cell; the dataset config is ``configs/datasets/<dataset>.yaml`` beside the
+    method's ``configs/methods/``."""
+    alphas, betas = parse_range(alpha, "alpha"), parse_range(beta, "beta")
+    method_config = Path(method_config).resolve()
+    dataset_config = method_config.parents[1] / "datasets" / f"{dataset}.yaml"
+    if not method_config.is_file():
+        raise ConfigError(f"method config {method_config} not found (--config)")
+    if not dataset_config.is_file():
+        raise ConfigError(f"dataset config {dataset_config} not found; --dataset takes a stem with a file in "
+                          f"{dataset_config.parent}")
+    method = method_config.stem
+    cells = [
+        Cell(Path(output) / method / dataset / cell_name(a, b) / f"seed{seed}", seed,
+             ("DATASET.SUBSAMPLE_CLASSES", "base", "DISTILL.LOSS", "ab", "DISTILL.ALPHA", repr(a),
+              "DISTILL.BETA", repr(b), *opts))
+        for a in alphas for b in betas for seed in seeds
+    ]
+    return Grid(dataset_config, method_config, cells)
+
+
+@dataclass
+class SweepSummary:
+    done: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"sweep: {len(self.done)} done, {len(self.skipped)} skipped (finished before), "
+               f"{len(self.failed)} failed"]
+        out += [f"  failed {path}: {reason}" for path, reason in self.failed]
+        return out
+
+
+def run_grid(grid: Grid, root: str, *, echo: bool = False) -> SweepSummary:
+    """Run every cell in this process; a failed cell is recorded and the sweep goes on."""
+    from clipkd.engine.rundir import RunDir
+    from clipkd.engine.run import Run
+
+    for cell in grid.cells:  # a bad override or root fails the whole sweep now, not once per cell
+        grid.config(cell, root)
+    summary = SweepSummary()
+    n = len(grid.cells)
+    for i, cell in enumerate(grid.cells, 1):
+        rundir = RunDir(cell.out)
+        if rundir.finished:
+            log.info(f"[{i}/{n}] skip {cell.out} (finished)")
+            summary.skipped.append(cell.out)
+            continue
+        resume = rundir.started
+        log.info(f"[{i}/{n}] {'resume' if resume else 'run'} {cell.out}")
+        try:
+            Run(grid.config(cell, root), cell.out, echo=echo).fit(resume=resume)
+        except ClipkdError as exc:
+            summary.failed.append((cell.out, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one broken cell must not end the sweep
+            log.debug("cell %s failed:\n%s", cell.out, traceback.format_exc())
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            summary.failed.append((cell.out, f"{type(exc).__name__}: {first}"))
+        else:
+            summary.done.append(cell.out)
+        if summary.failed and summary.failed[-1][0] == cell.out:
+            log.warning(f"[{i}/{n}] failed {cell.out}: {summary.failed[-1][1]}")
+    return summary
