@@ -21,7 +21,7 @@ from clipkd.engine.rundir import RunDir
 from clipkd.errors import ConfigError, TrainingError
 from clipkd.fileio import OutputError, atomic_write_text, stale_temp_files
 from clipkd.losses import build_distill_loss
-from test_train import DATASET_CFG, ROOT, TINY, check_results, config, fit, train_cli
+from test_train import DATASET_CFG, ROOT, TINY, check_results, config, fit, interrupt_after_checkpoint, train_cli
 
 
 def steps(out: Path) -> list[dict]:
@@ -113,16 +113,9 @@ def test_train_resume_through_the_cli(synth_root, tmp_path, monkeypatch, capsys)
     out = tmp_path / "run"
     args = ["train", "--root", str(synth_root), "--dataset-config", DATASET_CFG, "--config",
             str(ROOT / "configs/methods/abkd_promptkd.yaml"), "--seed", "2", "--output-dir", str(out), *TINY]
-    real_save = train_mod.save_checkpoint
-
-    def crash(path, state_dict, **extra):
-        real_save(path, state_dict, **extra)
-        if str(path).endswith("last.pt") and extra.get("epoch") == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash)
+    undo = interrupt_after_checkpoint(monkeypatch, epoch=1)
     assert main(args) == 130  # interrupted
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    undo()
     capsys.readouterr()
     assert main(args) == 2
     assert "pass --resume to continue it" in capsys.readouterr().err

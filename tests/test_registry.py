@@ -149,7 +149,7 @@ def test_build_student_checks_the_type_with_the_registry():
 
 
 def test_build_teacher_checks_templates_with_the_registry():
-    from clipkd.models.student import build_teacher
+    from clipkd.models.teacher import build_teacher
 
     cfg = get_cfg_defaults()
     cfg.MODEL.TEACHER.NAME, cfg.MODEL.TEACHER.PRETRAINED = "clipkd-tiny-teacher", ""

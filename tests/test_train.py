@@ -39,6 +39,20 @@ def fit(cfg, out, resume=False):
     return Run(cfg, out, echo=False).fit(resume=resume)
 
 
+def interrupt_after_checkpoint(monkeypatch, epoch: int, inside: str = ""):
+    """Make the run stop (as Ctrl-C would) right after writing ``last.pt`` for ``epoch`` (in a folder whose path
+    contains ``inside``); returns a function that undoes it."""
+    real_save = train_mod.save_checkpoint
+
+    def save_then_stop(path, state_dict, **extra):
+        real_save(path, state_dict, **extra)
+        if inside in str(path) and str(path).endswith("last.pt") and extra.get("epoch") == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
+    return lambda: monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+
+
 def check_results(results: dict):
     assert set(results) >= {"base", "new", "hm"}
     for half, n in (("base", 32), ("new", 24)):  # 7 synthetic classes: 4 base, 3 new, 8 test images each
@@ -109,18 +123,11 @@ def test_resume_is_bit_identical(synth_root, tmp_path, monkeypatch):
     cfg = config(synth_root, "abkd_promptkd", "OPTIM.MAX_EPOCH", "3")
     full = fit(cfg, tmp_path / "full")
 
-    real_save = train_mod.save_checkpoint
-
-    def crash_after_first_epoch(path, state_dict, **extra):
-        real_save(path, state_dict, **extra)
-        if str(path).endswith("last.pt") and extra.get("epoch") == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first_epoch)
+    undo = interrupt_after_checkpoint(monkeypatch, epoch=1)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, tmp_path / "cut")
     assert not (tmp_path / "cut" / "model.pt").exists()
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    undo()
     resumed = fit(cfg, tmp_path / "cut", resume=True)
     assert resumed == full
     a = load_checkpoint(tmp_path / "full" / "model.pt")["state_dict"]

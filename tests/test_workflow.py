@@ -117,8 +117,8 @@ def test_small_real_sweep_covers_the_limit_cells(synth_root, tmp_path):
 def test_sweep_resumes_a_killed_cell_skips_finished_ones_and_fails_loudly(synth_root, tmp_path, monkeypatch,
                                                                           capsys):
     import torch
+    from test_train import interrupt_after_checkpoint
 
-    import clipkd.engine.train as train_mod
     from clipkd.engine.run import Run
     from clipkd.engine.sweep import build_grid
 
@@ -128,17 +128,10 @@ def test_sweep_resumes_a_killed_cell_skips_finished_ones_and_fails_loudly(synth_
             "--config", method, "--output", str(tmp_path / "sweep"), *opts]
     cells = {c.out.parent.name: c.out for c in build_grid(method, "dtd", "0.5:1:0.5", "0:0:1", [1],
                                                            tmp_path / "sweep", opts).cells}
-    real_save = train_mod.save_checkpoint
-
-    def killed_in_second_cell(path, state_dict, **extra):
-        real_save(path, state_dict, **extra)
-        if str(cells["a1_b0"]) in str(path) and str(path).endswith("last.pt") and extra.get("epoch") == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", killed_in_second_cell)
+    undo = interrupt_after_checkpoint(monkeypatch, epoch=1, inside=str(cells["a1_b0"]))
     assert main(args) == 130
     assert (cells["a0.5_b0"] / "results.json").is_file() and not (cells["a1_b0"] / "results.json").exists()
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    undo()
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out

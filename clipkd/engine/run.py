@@ -159,7 +159,8 @@ class Run:
 
     def build(self) -> None:
         """Seed, then build teacher and student (in that order: both consume the RNG)."""
-        from clipkd.models.student import build_student, build_teacher
+        from clipkd.models.student import build_student
+        from clipkd.models.teacher import build_teacher
 
         seed_everything(self.cfg.SEED)
         template = get_spec(self.cfg.DATASET.NAME).template  # no data needed (benchmarks build without any)

@@ -16,9 +16,8 @@ from clipkd.models.student import (
     Projector,
     PromptKDStudent,
     build_student,
-    build_teacher,
 )
-from clipkd.models.teacher import Teacher, ensemble_templates, templates_for, zero_shot_clip
+from clipkd.models.teacher import Teacher, build_teacher, ensemble_templates, templates_for, zero_shot_clip
 from clipkd.models.zeroshot import build_zero_shot
 
 __all__ = [

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from clipkd.errors import ModelError
+from clipkd.models.state import key_list, state_misfits
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".tar", ".ckpt")
 _RANDOM_INIT_NOTICES = ("No pretrained weights loaded", "initialized randomly")
 # Keys OpenAI's TorchScript archives carry besides the weights (open_clip drops the same ones).
 _OPENAI_ARCHIVE_SCALARS = ("input_resolution", "context_length", "vocab_size")
-_MAX_KEYS_SHOWN = 12
 _MAX_SHAPES_SHOWN = 5
 
 _registered = False
@@ -230,36 +230,6 @@ def _load_torchscript(model: nn.Module, path: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def _key_list(keys: Sequence[str]) -> str:
-    more = len(keys) - _MAX_KEYS_SHOWN
-    return ", ".join(keys[:_MAX_KEYS_SHOWN]) + (f" (and {more} more)" if more > 0 else "")
-
-
-def _misfits(model: nn.Module, sd: Mapping[str, object]) -> list[str]:
-    """Missing / unexpected keys and shape mismatches of ``sd`` against the model's state dict."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_key_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_key_list(unexpected)}")
-    shapes = []
-    for key, target in own.items():
-        value = sd.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, torch.Tensor):
-            shapes.append(f"'{key}' is a {type(value).__name__}, not a tensor")
-        elif tuple(value.shape) != tuple(target.shape):
-            shapes.append(f"tensor '{key}' has shape {tuple(value.shape)} in the file but the model expects "
-                          f"{tuple(target.shape)}")
-    if len(shapes) > _MAX_SHAPES_SHOWN:
-        shapes = [*shapes[:_MAX_SHAPES_SHOWN], f"{len(shapes) - _MAX_SHAPES_SHOWN} more tensors differ in shape"]
-    return problems + shapes
-
-
 def _unpickling_error(path: str, err: pickle.UnpicklingError) -> ModelError:
     text = str(err)
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
@@ -295,14 +265,15 @@ def _load_failure(model: nn.Module, path: str, arch: str, torchscript: bool, err
     except Exception as e:  # noqa: BLE001 - torch / safetensors raise many types for unreadable files
         return ModelError(f"cannot read weights file {path}: {type(e).__name__}: {_first_line(e)}")
     if not isinstance(sd, Mapping) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        keys = f" (its top-level keys: {_key_list([str(k) for k in sd])})" if isinstance(sd, Mapping) else ""
+        keys = f" (its top-level keys: {key_list([str(k) for k in sd])})" if isinstance(sd, Mapping) else ""
         return ModelError(
             f"weights file {path} holds no state dict (a dict of named tensors, possibly under 'state_dict')"
             f"{keys}; re-save the model's state dict"
         )
     with contextlib.suppress(Exception):
         sd = convert_state_dict(model, dict(sd))  # third-party layouts, as load_checkpoint converts them
-    problems = _misfits(model, _without_extras(model, sd) if torchscript else sd)
+    problems = state_misfits(model.state_dict(), _without_extras(model, sd) if torchscript else sd,
+                             source="the file", max_shapes=_MAX_SHAPES_SHOWN)
     if problems:
         return ModelError(f"weights file {path} does not fit the model {arch}: {'; '.join(problems)}. {hint}")
     detail = " ".join(str(err).split())

@@ -20,10 +20,37 @@ from clipkd.errors import ModelError
 _MAX_KEYS_SHOWN = 12
 
 
-def _key_list(keys: list[str]) -> str:
+def key_list(keys: list[str]) -> str:
+    """At most a dozen keys, then how many more."""
     shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
     more = len(keys) - _MAX_KEYS_SHOWN
     return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def state_misfits(targets: Mapping[str, torch.Tensor], state_dict: Mapping[str, object], *, source: str,
+                  max_shapes: int | None = None) -> list[str]:
+    """Every way ``state_dict`` does not fit ``targets``: missing and unexpected keys, then non-tensors and
+    shape mismatches (at most ``max_shapes`` of those, then a count)."""
+    missing = [k for k in targets if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in targets]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {key_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {key_list(unexpected)}")
+    shapes = []
+    for name, target in targets.items():
+        if name not in state_dict:
+            continue
+        value = state_dict[name]
+        if not isinstance(value, torch.Tensor):
+            shapes.append(f"'{name}' is a {type(value).__name__}, not a tensor")
+        elif tuple(value.shape) != tuple(target.shape):
+            shapes.append(f"tensor '{name}' has shape {tuple(value.shape)} in {source} but the model expects "
+                          f"{tuple(target.shape)}")
+    if max_shapes is not None and len(shapes) > max_shapes:
+        shapes = [*shapes[:max_shapes], f"{len(shapes) - max_shapes} more tensors differ in shape"]
+    return problems + shapes
 
 
 def copy_state_strict(
@@ -39,24 +66,7 @@ def copy_state_strict(
     whole picture in one message; nothing is modified unless everything fits. Values are cast to the
     target's dtype and device, so fp16 checkpoints and GPU models load alike.
     """
-    missing = [k for k in targets if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in targets]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_key_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_key_list(unexpected)}")
-    for name, target in targets.items():
-        if name not in state_dict:
-            continue
-        value = state_dict[name]
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"'{name}' is a {type(value).__name__}, not a tensor")
-        elif tuple(value.shape) != tuple(target.shape):
-            problems.append(
-                f"tensor '{name}' has shape {tuple(value.shape)} in {source} but the model expects "
-                f"{tuple(target.shape)}"
-            )
+    problems = state_misfits(targets, state_dict, source=source)
     if problems:
         msg = f"{source} does not fit the model: " + "; ".join(problems)
         raise ModelError(msg + (f". {hint}" if hint else ""))

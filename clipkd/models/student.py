@@ -25,7 +25,7 @@ from clipkd.models.prompts import (
     normalize,
 )
 from clipkd.models.state import copy_state_strict
-from clipkd.models.teacher import Teacher, build_teacher, clip_logit_scale
+from clipkd.models.teacher import Teacher, clip_logit_scale
 from clipkd.registry import STUDENTS
 
 if TYPE_CHECKING:

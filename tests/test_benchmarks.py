@@ -1,0 +1,27 @@
+"""The benchmark scripts run (quick mode: tiny models, a few steps); their numbers are measured elsewhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_train_step_quick():
+    proc = run("train_step.py", "--quick", "--no-ab", "--classes", "5", "--steps", "1", "--warmup", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 5 |" in proc.stdout
+
+
+def test_gpu_check_quick_on_cpu():
+    proc = run("gpu_check.py", "--quick", "--steps", "2", "--classes", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| fp32 | yes |" in proc.stdout and "| bf16 | yes |" in proc.stdout
+    assert "torchrun, 1 process(es), gloo: ok" in proc.stdout
