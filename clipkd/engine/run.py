@@ -147,7 +147,7 @@ class Run:
         """Reopen a run folder (finished or not) with its saved config; ``overrides`` such as
         ``DATASET.ROOT`` adapt it to this machine."""
         rundir = RunDir(folder)
-        rundir.check_resumable()
+        rundir.check_resumable(what="a run folder")
         return cls(build_config([rundir / CONFIG_FILE], list(overrides)), folder, **kwargs)
 
     # ------------------------------------------------------------------------------------ parts
@@ -252,7 +252,6 @@ class Run:
         self._check_folder(resume)
         if self.tensorboard:
             require_tensorboard()
-        seed_everything(cfg.SEED)
         check_setup(cfg, self.data, dist.world_size())
         self.build()
         data, student = self.data, self.student

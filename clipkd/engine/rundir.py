@@ -56,9 +56,11 @@ class RunDir:
             hint = " or pass --resume to continue it" if self.started and not self.finished else ""
             raise TrainingError(f"output dir {p} is not empty; pick a new --output-dir{hint}")
 
-    def check_resumable(self) -> None:
+    def check_resumable(self, what: str = "--resume") -> None:
+        """A folder a run has started in (it holds ``config.yaml``); ``what`` names who asks, for the error."""
         if not self.started:
-            raise TrainingError(f"--resume: {self.path / CONFIG_FILE} not found; is {self.path} a clipkd run folder?")
+            raise TrainingError(f"{what}: {self.path / CONFIG_FILE} not found; is {self.path} a folder written "
+                                "by clipkd train?")
 
     # ------------------------------------------------------------------------------------ the lock
     def acquire(self) -> None:

@@ -467,13 +467,6 @@ def promptkd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
 # ------------------------------------------------------------------------------------------------ registry
 LOSS_NAMES: tuple[str, ...] = LOSSES.names()  # DISTILL.LOSS's names, from clipkd.registry
 
-_SIMPLE: dict[str, Callable[..., Tensor]] = {
-    "kl": kl_divergence,
-    "rkl": reverse_kl,
-    "js": js_divergence,
-    "skl": symmetric_kl,
-}
-
 
 @dataclass(frozen=True)
 class DistillLoss:
@@ -485,12 +478,11 @@ class DistillLoss:
     beta: float | None = None
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        fn = LOSSES.get(self.name)  # the function the DISTILL.LOSS registry names
         if self.name == "ab":
             assert self.alpha is not None and self.beta is not None
-            return alpha_beta_divergence(student_logits, teacher_logits, self.alpha, self.beta, self.temperature)
-        if self.name == "promptkd_kl":
-            return promptkd_kl(student_logits, teacher_logits, self.temperature)
-        return _SIMPLE[self.name](student_logits, teacher_logits, self.temperature)
+            return fn(student_logits, teacher_logits, self.alpha, self.beta, self.temperature)
+        return fn(student_logits, teacher_logits, self.temperature)
 
 
 def _finite_real(value: object, key: str) -> float:
