@@ -29,13 +29,27 @@ class StepOutput(NamedTuple):
 
 
 class Objective(Protocol):
-    """A training objective over one batch's logits (the teacher's are None when it needs no teacher)."""
+    """A training objective over one batch's logits (the teacher's are None when it needs no teacher).
+
+    Besides the per-batch loss, an objective may keep state across epochs (e.g. PromptSRC's Gaussian prompt
+    aggregation): the trainer calls ``end_epoch`` after every epoch, saves ``state_dict()`` in each checkpoint
+    (so resume stays exact), and after the last epoch loads ``final_state()`` into the student when it is not
+    None. :class:`KDObjective` shows the no-op versions.
+    """
 
     needs_teacher: bool
     needs_labels: bool
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None,
                  labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+    def end_epoch(self, epoch: int, student: nn.Module) -> None: ...
+
+    def final_state(self) -> dict[str, Tensor] | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class KDObjective:
@@ -63,6 +77,18 @@ class KDObjective:
             loss = loss + self.ce_weight * ce
             terms["ce"] = ce.detach()
         return loss, terms
+
+    def end_epoch(self, epoch: int, student: nn.Module) -> None:
+        pass
+
+    def final_state(self) -> dict[str, Tensor] | None:
+        return None  # the student as trained
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     def __repr__(self) -> str:
         parts = [f"{self.divergence} x {self.weight:g}"] if self.divergence is not None else []

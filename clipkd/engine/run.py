@@ -296,7 +296,10 @@ class Run:
             train_epochs(state, dataset, cfg, self.device, out, log, validate)
 
             final_epoch = cfg.OPTIM.MAX_EPOCH
-            if validate is not None and state.best["epoch"] > 0:
+            final = distiller.objective.final_state()
+            if final is not None:  # e.g. PromptSRC's Gaussian-weighted prompts
+                student.load_trainable_state_dict(final, source="the objective's final state")
+            elif validate is not None and state.best["epoch"] > 0:
                 student.load_trainable_state_dict(load_checkpoint(out / BEST_CKPT)["state_dict"])
                 final_epoch = state.best["epoch"]
                 log.info(f"final model: epoch {final_epoch} (best few-shot val accuracy "

@@ -68,13 +68,15 @@ class TrainState:
 
     def checkpoint(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "best": self.best}
+                "scaler": self.scaler.state_dict(), "epoch": self.epoch, "best": self.best,
+                "objective": self.distiller.objective.state_dict()}
 
     def restore(self, ckpt: dict, source: str) -> None:
         self.distiller.student.load_trainable_state_dict(ckpt["state_dict"], source=source)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        self.distiller.objective.load_state_dict(ckpt.get("objective", {}))
         self.epoch, self.best = ckpt["epoch"], ckpt["best"]
 
 
@@ -127,6 +129,7 @@ def train_epochs(
             log.metrics("step", epoch=epoch + 1, step=step + 1, global_step=global_step, loss=step_loss, lr=lr)
             bar.set_postfix(loss=f"{step_loss:.4f}")
         state.scheduler.step()
+        state.distiller.objective.end_epoch(epoch + 1, student)
         state.epoch = epoch + 1
         epoch_metrics: dict[str, Any] = {"loss": total / max(step + 1, 1)}
         if validate is not None:
