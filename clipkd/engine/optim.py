@@ -1,4 +1,12 @@
-"""Optimiser and learning-rate schedule (Dassl's: one constant warm-up epoch, then cosine, stepped per epoch)."""
+"""Optimiser and learning-rate schedule: Dassl's, exactly (constant warm-up, then a cosine that starts over).
+
+Dassl's ``build_lr_scheduler`` (with its default ``WARMUP_RECOUNT True``, which CoOp, PromptSRC, PromptKD and
+ABKD keep) wraps a ``CosineAnnealingLR(T_max=MAX_EPOCH)`` in a constant warm-up scheduler that does not step
+the cosine during warm-up. So epoch e (0-based) trains at WARMUP_CONS_LR for e < W and then at
+LR * (1 + cos(pi * (e - W) / MAX_EPOCH)) / 2: the cosine restarts at W and never reaches 0 (the last of 20
+epochs with W = 1 gets 0.0245 * LR). Checked by running Dassl's scheduler code side by side
+(tests/test_optim.py pins its values).
+"""
 
 from __future__ import annotations
 
@@ -23,9 +31,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: CfgNode) -> torch
 
 
 class WarmupCosine:
-    """lr factor at epoch e: WARMUP_CONS_LR / LR during warm-up, then 0.5 (1 + cos(pi e / MAX_EPOCH)).
+    """lr factor at epoch e: WARMUP_CONS_LR / LR while e < W, then 0.5 (1 + cos(pi (e - W) / MAX_EPOCH)).
 
-    As in Dassl, the cosine keeps counting from epoch 0, so the first epoch after warm-up uses cos(pi W / T).
     A picklable callable, so the scheduler's state can be checkpointed.
     """
 
@@ -40,7 +47,7 @@ class WarmupCosine:
             return self.warmup_factor
         if not self.cosine:
             return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / self.max_epoch))
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - self.warmup_epochs) / self.max_epoch))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: CfgNode) -> torch.optim.lr_scheduler.LambdaLR:
