@@ -165,3 +165,18 @@ def test_sweep_rejects_bad_ranges_and_overrides_before_running(synth_root, tmp_p
     assert main([*base, "--alpha", "0:1:1", "--beta", "0:1:1", "OPTIM.LR"]) == 2
     assert "'OPTIM.LR' has no value" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_sweep_diagonal_grid_as_abkd_scripts(capsys):
+    """ABKD's grid: alpha + beta in 1.0..1.3 and alpha in 0.5..1.2, step 0.1, beta derived in exact decimals."""
+    assert main(["sweep", "--alpha-plus-beta", "1.0:1.3:0.1", "--alpha", "0.5:1.2:0.1", "--dataset", "dtd",
+                 "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 * 8
+    pairs = [(line.split("DISTILL.ALPHA ")[1].split()[0], line.split("DISTILL.BETA ")[1].split()[0]) for line in lines]
+    assert ("0.5", "0.8") in pairs and ("1.2", "-0.2") in pairs and ("1.0", "0.0") in pairs
+    assert all(len(b) <= 4 for _, b in pairs)  # 0.8, not 0.8000000000000002
+    sums = {round(float(a) + float(b), 10) for a, b in pairs}
+    assert sums == {1.0, 1.1, 1.2, 1.3}
+    with pytest.raises(SystemExit):  # argparse: one of --beta / --alpha-plus-beta is required
+        main(["sweep", "--alpha", "0:1:1", "--dataset", "dtd", "--dry-run"])

@@ -15,7 +15,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "finished cells are skipped and interrupted ones resumed, so a sweep can simply be run again. Exits "
         "non-zero when a cell failed. Then: clipkd report OUTPUT --sweep --plot hm.png")
     p.add_argument("--alpha", required=True, help="START:STOP:STEP")
-    p.add_argument("--beta", required=True, help="START:STOP:STEP (a negative START needs --beta=-0.5:...)")
+    grid = p.add_mutually_exclusive_group(required=True)
+    grid.add_argument("--beta", help="START:STOP:STEP (a negative START needs --beta=-0.5:...): the alpha x beta grid")
+    grid.add_argument("--alpha-plus-beta", metavar="START:STOP:STEP",
+                      help="ABKD's diagonal grid: these sums of alpha and beta, beta = sum - alpha (exact decimals), "
+                           "e.g. --alpha-plus-beta 1.0:1.3:0.1 --alpha 0.5:1.2:0.1 as ABKD's scripts")
     p.add_argument("--dataset", required=True, metavar="STEM")
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--root", help="DATA root (required unless --dry-run)")
@@ -31,7 +35,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from clipkd.errors import ClipkdError
 
     opts = [o for o in (args.opts or []) if o != "--"]
-    grid = build_grid(args.config, args.dataset, args.alpha, args.beta, args.seeds, args.output, opts)
+    grid = build_grid(args.config, args.dataset, args.alpha, args.beta, args.seeds, args.output, opts,
+                      alpha_plus_beta=args.alpha_plus_beta)
     if args.dry_run:
         root = args.root or "$DATA"
         for cell in grid.cells:

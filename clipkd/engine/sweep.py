@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 def parse_range(text: str, name: str) -> list[float]:
     """``START:STOP:STEP`` -> START, START+STEP, ..., STOP (both ends included, as `seq` does), in exact
     decimal steps."""
+    return [float(v) for v in decimal_range(text, name)]
+
+
+def decimal_range(text: str, name: str) -> list[Decimal]:
+    """:func:`parse_range` as exact decimals (so derived values such as beta = sum - alpha stay exact)."""
     if not isinstance(text, str):  # argparse turns `--alpha=--` into a list
         text = " ".join(map(str, text))
     parts = text.split(":")
@@ -39,7 +44,7 @@ def parse_range(text: str, name: str) -> list[float]:
         raise ConfigError(f"--{name} {text}: STEP must be > 0 and STOP >= START")
     values, v = [], start
     while v <= stop:
-        values.append(float(v))
+        values.append(v)
         v += step
     return values
 
@@ -79,11 +84,22 @@ class Grid:
                 *cell.overrides]
 
 
-def build_grid(method_config: str | Path, dataset: str, alpha: str, beta: str, seeds: Sequence[int],
-               output: str | Path, opts: Sequence[str] = ()) -> Grid:
+def grid_points(alpha: str, beta: str | None = None, alpha_plus_beta: str | None = None) -> list[tuple[float, float]]:
+    """(alpha, beta) pairs: the alpha x beta grid, or ABKD's diagonal grid where ``alpha_plus_beta`` gives the
+    sums and beta = sum - alpha, computed in exact decimals (1.3 - 0.5 is 0.8, not 0.8000000000000002)."""
+    if (beta is None) == (alpha_plus_beta is None):
+        raise ConfigError("give either --beta (alpha x beta grid) or --alpha-plus-beta (ABKD's diagonal grid)")
+    alphas = decimal_range(alpha, "alpha")
+    if beta is not None:
+        return [(float(a), float(b)) for a in alphas for b in decimal_range(beta, "beta")]
+    return [(float(a), float(s - a)) for s in decimal_range(alpha_plus_beta, "alpha-plus-beta") for a in alphas]
+
+
+def build_grid(method_config: str | Path, dataset: str, alpha: str, beta: str | None, seeds: Sequence[int],
+               output: str | Path, opts: Sequence[str] = (), alpha_plus_beta: str | None = None) -> Grid:
     """Every (alpha, beta, seed) cell; the dataset config is ``configs/datasets/<dataset>.yaml`` beside the
     method's ``configs/methods/``."""
-    alphas, betas = parse_range(alpha, "alpha"), parse_range(beta, "beta")
+    points = grid_points(alpha, beta, alpha_plus_beta)
     method_config = Path(method_config).resolve()
     dataset_config = method_config.parents[1] / "datasets" / f"{dataset}.yaml"
     if not method_config.is_file():
@@ -96,7 +112,7 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str, beta: str, s
         Cell(Path(output) / method / dataset / cell_name(a, b) / f"seed{seed}", seed,
              ("DATASET.SUBSAMPLE_CLASSES", "base", "DISTILL.LOSS", "ab", "DISTILL.ALPHA", repr(a),
               "DISTILL.BETA", repr(b), *opts))
-        for a in alphas for b in betas for seed in seeds
+        for a, b in points for seed in seeds
     ]
     return Grid(dataset_config, method_config, cells)
 
