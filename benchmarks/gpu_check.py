@@ -114,6 +114,7 @@ def torchrun_check(nproc: int, timeout: int = 240) -> dict:
                "train", "--root", str(data), "--dataset-config", str(ROOT / "configs/datasets/oxford_pets.yaml"),
                "--config", str(ROOT / "configs/methods/abkd_promptkd.yaml"), "--seed", "1", "--output-dir", str(out),
                "MODEL.TEACHER.NAME", "clipkd-tiny-teacher", "MODEL.TEACHER.PRETRAINED", "",
+               "MODEL.TEACHER.CHECKPOINT", "zero-shot",
                "MODEL.STUDENT.NAME", "clipkd-tiny-student", "MODEL.STUDENT.PRETRAINED", "",
                "MODEL.PROMPT.DEPTH_VISION", "2", "INPUT.SIZE", "(32, 32)", "DATASET.NUM_SHOTS", "4",
                "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "OPTIM.MAX_EPOCH", "2"]

@@ -12,6 +12,7 @@ fi
 DATASET=$1 SEED=$2 METHOD=${3:-abkd_promptkd}
 shift $(( $# < 3 ? $# : 3 ))
 method_configs "$METHOD" "$DATASET"
+teacher_args "$DATASET"
 run_once "$OUTPUT/base2new/$METHOD/$DATASET/seed$SEED" \
   --root "$DATA" --dataset-config "$REPO/configs/datasets/$DATASET.yaml" "${CONFIGS[@]}" --seed "$SEED" \
-  DATASET.SUBSAMPLE_CLASSES base "$@"
+  DATASET.SUBSAMPLE_CLASSES base "${TEACHER_ARGS[@]}" "$@"

@@ -1,5 +1,8 @@
 # Shared by the run scripts: where things are, and how clipkd is called. Source it; do not run it.
 # DATA (the data root) must be set; OUTPUT defaults to ./output; CLIPKD defaults to `clipkd` on PATH.
+# TEACHERS (optional) is where the prompted teachers are: clipkd's $OUTPUT/teachers (scripts/teacher.sh writes
+# TEACHERS/<dataset>/seed<TEACHER_SEED>, TEACHER_SEED defaults to 1) or PromptKD's released teacher_model folder
+# (<DatasetName>/VLPromptLearner/model-best.pth.tar); it becomes MODEL.TEACHER.CHECKPOINT of every run.
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${OUTPUT:=output}"
 : "${CLIPKD:=clipkd}"
@@ -29,4 +32,13 @@ run_once() {
   local resume=()
   if [ -f "$out/config.yaml" ]; then resume=(--resume); fi
   "$CLIPKD" train --output-dir "$out" "${resume[@]}" "$@"
+}
+
+# teacher_args DATASET: sets TEACHER_ARGS to the MODEL.TEACHER.CHECKPOINT override that TEACHERS implies
+teacher_args() {
+  TEACHER_ARGS=()
+  if [ -n "${TEACHERS:-}" ]; then
+    local own="$TEACHERS/$1/seed${TEACHER_SEED:-1}"
+    if [ -d "$own" ]; then TEACHER_ARGS=(MODEL.TEACHER.CHECKPOINT "$own"); else TEACHER_ARGS=(MODEL.TEACHER.CHECKPOINT "$TEACHERS"); fi
+  fi
 }

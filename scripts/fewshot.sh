@@ -11,6 +11,7 @@ fi
 DATASET=$1 SEED=$2 SHOTS=$3 METHOD=${4:-abkd_promptkd}
 shift $(( $# < 4 ? $# : 4 ))
 method_configs "$METHOD" "$DATASET"
+teacher_args "$DATASET"
 run_once "$OUTPUT/fewshot/$METHOD/$DATASET/shots$SHOTS/seed$SEED" \
   --root "$DATA" --dataset-config "$REPO/configs/datasets/$DATASET.yaml" "${CONFIGS[@]}" --seed "$SEED" \
-  DATASET.NUM_SHOTS "$SHOTS" DATASET.SUBSAMPLE_CLASSES all "$@"
+  DATASET.NUM_SHOTS "$SHOTS" DATASET.SUBSAMPLE_CLASSES all "${TEACHER_ARGS[@]}" "$@"

@@ -19,6 +19,7 @@ def test_two_processes_match_one(synth_root, tmp_path):
         args = ["train", "--root", str(synth_root), "--dataset-config", str(ROOT / "configs/datasets/oxford_pets.yaml"),
                 "--config", str(ROOT / "configs/methods/abkd_ivlp.yaml"), "--seed", "1", "--output-dir", str(out),
                 "MODEL.TEACHER.NAME", "clipkd-tiny-teacher", "MODEL.TEACHER.PRETRAINED", "",
+                "MODEL.TEACHER.CHECKPOINT", "zero-shot",
                 "MODEL.STUDENT.NAME", "clipkd-tiny-student", "MODEL.STUDENT.PRETRAINED", "",
                 "MODEL.PROMPT.DEPTH_VISION", "2", "MODEL.PROMPT.DEPTH_TEXT", "2", "INPUT.SIZE", "(32, 32)",
                 "DATASET.NUM_SHOTS", "4", "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",

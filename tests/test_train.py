@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASET_CFG = str(ROOT / "configs" / "datasets" / "oxford_pets.yaml")
 TINY = [
     "MODEL.TEACHER.NAME", "clipkd-tiny-teacher", "MODEL.TEACHER.PRETRAINED", "",
+    "MODEL.TEACHER.CHECKPOINT", "zero-shot",
     "MODEL.STUDENT.NAME", "clipkd-tiny-student", "MODEL.STUDENT.PRETRAINED", "",
     "MODEL.PROMPT.DEPTH_VISION", "2", "MODEL.PROMPT.DEPTH_TEXT", "2",
     "INPUT.SIZE", "(32, 32)", "DATASET.NUM_SHOTS", "4", "DATALOADER.NUM_WORKERS", "0",
@@ -279,8 +280,31 @@ def test_unreadable_checkpoint(tmp_path):
 def test_fewshot_setting_trains_and_evaluates_all_classes(synth_root, tmp_path, capsys):
     cfg = config(synth_root, "abkd_promptkd", "DATASET.SUBSAMPLE_CLASSES", "all", "OPTIM.MAX_EPOCH", "1")
     results = fit(cfg, tmp_path / "run")
-    assert set(results) == {"all", "epoch"} and results["all"]["n"] == 7 * 8
+    assert set(results) == {"all", "epoch", "selected_on", "teacher"} and results["all"]["n"] == 7 * 8
     assert "7 classes" in (tmp_path / "run" / "log.txt").read_text()
     capsys.readouterr()
     assert main(["eval", "--run", str(tmp_path / "run"), "--subsample", "base"]) == 2
     assert "evaluates all, not base" in capsys.readouterr().err
+
+
+def test_a_method_that_needs_a_prompted_teacher_refuses_to_start_without_one(synth_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(synth_root, out, "MODEL.TEACHER.CHECKPOINT", "") == 2
+    err = capsys.readouterr().err
+    assert "MODEL.TEACHER.PROMPTED True" in err and "scripts/teacher.sh" in err and "zero-shot" in err
+    assert not out.exists()
+    results = fit(config(synth_root, "abkd_promptkd", "OPTIM.MAX_EPOCH", "1"), out)  # TINY: CHECKPOINT zero-shot
+    assert results["teacher"] == "zero-shot" and results["selected_on"] == "last"
+    assert json.loads((out / "results.json").read_text())["teacher"] == "zero-shot"
+
+
+def test_best_base_test_selection_is_the_reference_codes_and_says_so(synth_root, tmp_path):
+    cfg = config(synth_root, "abkd_promptkd", "TEST.FINAL_MODEL", "best_base_test", "OPTIM.MAX_EPOCH", "3")
+    results = fit(cfg, tmp_path / "run")
+    epochs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "epoch"]
+    test_acc = [e["base_test_accuracy"] for e in epochs]  # the reference code's selection metric
+    assert results["epoch"] == test_acc.index(max(test_acc)) + 1
+    assert results["base"]["accuracy"] == pytest.approx(max(test_acc))
+    assert results["selected_on"] == "base_test"
+    assert "base TEST (the reference code's choice)" in (tmp_path / "run" / "log.txt").read_text()

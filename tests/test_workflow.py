@@ -15,6 +15,7 @@ from clipkd.cli.main import main
 ROOT = Path(__file__).resolve().parents[1]
 CLIPKD = str(Path(sys.executable).parent / "clipkd")
 TINY = ["MODEL.TEACHER.NAME", "clipkd-tiny-teacher", "MODEL.TEACHER.PRETRAINED", "",
+        "MODEL.TEACHER.CHECKPOINT", "zero-shot",
         "MODEL.STUDENT.NAME", "clipkd-tiny-student", "MODEL.STUDENT.PRETRAINED", "",
         "MODEL.PROMPT.DEPTH_VISION", "2", "MODEL.PROMPT.DEPTH_TEXT", "2", "INPUT.SIZE", "(32, 32)",
         "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "OPTIM.MAX_EPOCH", "1",

@@ -47,7 +47,12 @@ _C.MODEL.TEACHER.PRETRAINED = ""  # open_clip tag ("openai"), a local weights fi
 # openai tag (and any open_clip tag marked quick_gelu), a "-quickgelu" model name and OpenAI's TorchScript
 # archives turn it on by themselves.
 _C.MODEL.TEACHER.QUICK_GELU = False
-_C.MODEL.TEACHER.CHECKPOINT = ""  # clipkd ivlp run whose prompts make the teacher a prompted teacher
+# The prompted teacher's prompts: a clipkd run folder or its model.pt (scripts/teacher.sh trains one), or a
+# PromptKD/PromptSRC file as released (model-best.pth.tar) or their folder layout; "zero-shot" (or "") = none.
+_C.MODEL.TEACHER.CHECKPOINT = ""
+# True in the recipes that distil from a PromptSRC-prompted teacher (PromptKD, ABKD): such a run refuses to start
+# without MODEL.TEACHER.CHECKPOINT, so a zero-shot teacher is always an explicit choice (CHECKPOINT zero-shot).
+_C.MODEL.TEACHER.PROMPTED = False
 _C.MODEL.TEACHER.TEMPLATES = "dataset"  # dataset (PROTOCOL template) | ensemble (CLIP's 80 ImageNet templates)
 _C.MODEL.STUDENT = CN()
 _C.MODEL.STUDENT.NAME = "ViT-B-16"
@@ -86,7 +91,9 @@ _C.OPTIM.PRECISION = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 
 
 # ---------------------------------------------------------------- evaluation
 _C.TEST = CN()
-_C.TEST.FINAL_MODEL = "last"  # last | val (best epoch on the held-out few-shot val split; never test)
+# last | val (best epoch on the held-out few-shot val split) | best_base_test (the reference code's choice: the
+# epoch with the best base *test* accuracy; for comparison with published tables only, marked in reports)
+_C.TEST.FINAL_MODEL = "last"
 
 
 # Keys whose value must be one of a fixed set that no registry holds.
@@ -96,7 +103,7 @@ _FIXED_CHOICES: dict[str, tuple[str, ...]] = {
     "DISTILL.PROTOCOL": ("inductive", "transductive"),
     "OPTIM.LR_SCHEDULER": ("cosine", "constant"),
     "OPTIM.PRECISION": ("auto", "fp32", "bf16", "fp16"),
-    "TEST.FINAL_MODEL": ("last", "val"),
+    "TEST.FINAL_MODEL": ("last", "val", "best_base_test"),
 }
 
 

@@ -32,8 +32,17 @@ from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.train import TrainState, autocast_for, seed_everything, train_epochs
 from clipkd.errors import ConfigError, TrainingError
 from clipkd.fileio import atomic_write_text
+from clipkd.models.teacher import ZERO_SHOT
 
 WHICH = ("final", "teacher", "student")  # trained student, configured teacher, zero-shot student CLIP
+# results.json "selected_on": how the final epoch was chosen (reports never average "base_test" with the rest)
+SELECTED_ON = {"last": "last", "val": "val", "best_base_test": "base_test"}
+
+
+def teacher_description(cfg: CfgNode) -> str:
+    """What results.json records as the teacher: "zero-shot" or "prompted: <checkpoint>"."""
+    ckpt = cfg.MODEL.TEACHER.CHECKPOINT
+    return f"prompted: {ckpt}" if ckpt and ckpt != ZERO_SHOT else "zero-shot"
 
 
 @dataclass
@@ -46,7 +55,8 @@ class RunData:
 
     @property
     def select(self) -> ResolvedSplit:
-        """Whose few-shot val split picks the epoch for TEST.FINAL_MODEL val (never a test split)."""
+        """The half whose split picks the epoch when TEST.FINAL_MODEL is not last: its few-shot val list for
+        ``val``; its test list only for ``best_base_test`` (the reference code's choice, marked as such)."""
         return self.halves.get("base") or self.halves["all"]
 
 
@@ -92,6 +102,14 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
                           "set it to 0 or use DISTILL.PROTOCOL inductive")
     if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
+    t = cfg.MODEL.TEACHER
+    if t.PROMPTED and not t.CHECKPOINT and needs_teacher(cfg):
+        raise ConfigError(
+            "this method distils from a PromptSRC-prompted teacher (MODEL.TEACHER.PROMPTED True) and "
+            "MODEL.TEACHER.CHECKPOINT is empty: train one with scripts/teacher.sh DATASET SEED and pass "
+            "MODEL.TEACHER.CHECKPOINT output/teachers/<dataset>/seed<S>, or import PromptKD's released teacher "
+            "(MODEL.TEACHER.CHECKPOINT path/to/model-best.pth.tar or its teacher_model folder), or distil from the "
+            "zero-shot teacher on purpose with MODEL.TEACHER.CHECKPOINT zero-shot")
     if cfg.TEST.FINAL_MODEL == "val" and not data.select.val:
         raise ConfigError(f"{data.spec.name} has no held-out val split (its val would be the test set); "
                           "use TEST.FINAL_MODEL last")
@@ -287,13 +305,17 @@ class Run:
                          f"student {cfg.MODEL.STUDENT.TYPE} ({n_train:,} trainable parameters), "
                          f"loss {cfg.DISTILL.LOSS} x {cfg.DISTILL.WEIGHT}, device {self.device}")
             autocast, _ = autocast_for(cfg.OPTIM.PRECISION, self.device)
-            validate = (lambda: evaluate_half(student, data.select, cfg, self.device, autocast, items="val")[
-                "accuracy"]) if cfg.TEST.FINAL_MODEL == "val" else None
+            validate = None
+            if cfg.TEST.FINAL_MODEL != "last":  # val: the few-shot val split; best_base_test: the test split
+                items = "val" if cfg.TEST.FINAL_MODEL == "val" else "test"
+                validate = (lambda: evaluate_half(student, data.select, cfg, self.device, autocast,
+                                                  items=items)["accuracy"])
             from clipkd.data.loaders import ImageListDataset
             from clipkd.data.transforms import build_transform
 
             dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
-            train_epochs(state, dataset, cfg, self.device, out, log, validate)
+            metric = "val_accuracy" if cfg.TEST.FINAL_MODEL == "val" else "base_test_accuracy"
+            train_epochs(state, dataset, cfg, self.device, out, log, validate, select_metric=metric)
 
             final_epoch = cfg.OPTIM.MAX_EPOCH
             final = distiller.objective.final_state()
@@ -302,13 +324,14 @@ class Run:
             elif validate is not None and state.best["epoch"] > 0:
                 student.load_trainable_state_dict(load_checkpoint(out / BEST_CKPT)["state_dict"])
                 final_epoch = state.best["epoch"]
-                log.info(f"final model: epoch {final_epoch} (best few-shot val accuracy "
-                         f"{state.best['accuracy']:.2f}%)")
+                on = "few-shot val" if cfg.TEST.FINAL_MODEL == "val" else "base TEST (the reference code's choice)"
+                log.info(f"final model: epoch {final_epoch} (best {on} accuracy {state.best['accuracy']:.2f}%)")
             if main:
                 save_checkpoint(out / MODEL_FILE, student.trainable_state_dict(), epoch=final_epoch,
                                 student_type=cfg.MODEL.STUDENT.TYPE)
             results = self.evaluate(log=log)
-            results["epoch"] = final_epoch
+            results.update(epoch=final_epoch, selected_on=SELECTED_ON[cfg.TEST.FINAL_MODEL],
+                           teacher=teacher_description(cfg) if self.teacher is not None else "none")
             if main:
                 atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
             log.metrics("results", **results)

@@ -82,9 +82,10 @@ class TrainState:
 
 def train_epochs(
     state: TrainState, dataset: ImageListDataset, cfg: CfgNode, device: torch.device, rundir: RunDir,
-    log: RunLog, validate: Callable[[], float] | None = None,
+    log: RunLog, validate: Callable[[], float] | None = None, select_metric: str = "val_accuracy",
 ) -> None:
-    """Train from ``state.epoch`` to OPTIM.MAX_EPOCH; ``validate()`` (few-shot val accuracy) picks the best."""
+    """Train from ``state.epoch`` to OPTIM.MAX_EPOCH; ``validate()`` (logged as ``select_metric``, e.g. the
+    few-shot val accuracy) picks the best epoch."""
     from tqdm import tqdm
 
     autocast, _ = autocast_for(cfg.OPTIM.PRECISION, device)
@@ -133,14 +134,15 @@ def train_epochs(
         state.epoch = epoch + 1
         epoch_metrics: dict[str, Any] = {"loss": total / max(step + 1, 1)}
         if validate is not None:
-            epoch_metrics["val_accuracy"] = accuracy = validate()
+            epoch_metrics[select_metric] = accuracy = validate()
             if accuracy > state.best["accuracy"]:
                 state.best = {"accuracy": accuracy, "epoch": epoch + 1}
                 if dist.is_main():
                     save_checkpoint(rundir / BEST_CKPT, student.trainable_state_dict(), epoch=epoch + 1)
         log.metrics("epoch", epoch=epoch + 1, lr=lr, time=round(time.time() - started, 3), **epoch_metrics)
         log.info(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] loss {epoch_metrics['loss']:.4f} lr {lr:.3e}"
-                 + (f" val acc {epoch_metrics['val_accuracy']:.2f}%" if validate is not None else "")
+                 + (f" {select_metric.replace('_', ' ')} {epoch_metrics[select_metric]:.2f}%"
+                    if validate is not None else "")
                  + f" ({time.time() - started:.1f}s)")
         if dist.is_main():
             save_checkpoint(rundir / LAST_CKPT, student.trainable_state_dict(), **state.checkpoint())

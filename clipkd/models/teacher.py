@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from yacs.config import CfgNode
 
 Template = str | Callable[[str], str]
+ZERO_SHOT = "zero-shot"  # MODEL.TEACHER.CHECKPOINT value that chooses the zero-shot teacher explicitly
 LOGIT_SCALE_MAX = 100.0  # CLIP clamps exp(logit_scale) at 100
 
 
@@ -186,7 +187,7 @@ def build_teacher(cfg: CfgNode, template: str | None = None, *, device: str | to
     from clipkd.models.state import read_prompt_checkpoint
 
     t = cfg.MODEL.TEACHER
-    if not t.CHECKPOINT:
+    if t.CHECKPOINT in ("", ZERO_SHOT):  # no prompts: zero-shot with the templates
         return zero_shot_clip(t.NAME, t.PRETRAINED, templates_for(cfg, template), quick_gelu=t.QUICK_GELU,
                               device=device)
     clip_model, tokenizer = create_clip(t.NAME, t.PRETRAINED, quick_gelu=t.QUICK_GELU, device=device,
