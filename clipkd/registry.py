@@ -22,7 +22,7 @@ from typing import Any
 
 from clipkd.errors import ConfigError
 
-__all__ = ["Registry", "REGISTRIES", "STUDENTS", "LOSSES", "OPTIMIZERS", "TEMPLATES"]
+__all__ = ["Registry", "REGISTRIES", "STUDENTS", "LOSSES", "OBJECTIVES", "OPTIMIZERS", "TEMPLATES"]
 
 _MISSING = object()
 
@@ -120,6 +120,12 @@ LOSSES = Registry("DISTILL.LOSS", {
     "promptkd_kl": "clipkd.losses.divergences:promptkd_kl",
 })
 
+# Builders (cfg, student, classnames) -> objective: what a training step's loss is (clipkd.engine.distiller).
+OBJECTIVES = Registry("DISTILL.OBJECTIVE", {
+    "kd": "clipkd.engine.distiller:build_kd_objective",
+    "promptsrc": "clipkd.engine.promptsrc:build_promptsrc_objective",
+})
+
 OPTIMIZERS = Registry("OPTIM.NAME", {
     "sgd": "torch.optim:SGD",
     "adamw": "torch.optim:AdamW",
@@ -133,4 +139,4 @@ TEMPLATES = Registry("MODEL.TEACHER.TEMPLATES", {
 })
 
 # config key -> its registry; clipkd.config.defaults.CHOICES reads the names from here.
-REGISTRIES: dict[str, Registry] = {r.key: r for r in (TEMPLATES, STUDENTS, LOSSES, OPTIMIZERS)}
+REGISTRIES: dict[str, Registry] = {r.key: r for r in (TEMPLATES, STUDENTS, LOSSES, OBJECTIVES, OPTIMIZERS)}

@@ -96,7 +96,8 @@ def test_registry_targets():
 
 
 def test_choices_are_derived_from_the_registries():
-    assert set(REGISTRIES) == {"MODEL.STUDENT.TYPE", "DISTILL.LOSS", "OPTIM.NAME", "MODEL.TEACHER.TEMPLATES"}
+    assert set(REGISTRIES) == {"MODEL.STUDENT.TYPE", "DISTILL.LOSS", "OPTIM.NAME", "MODEL.TEACHER.TEMPLATES",
+                               "DISTILL.OBJECTIVE"}
     for key, reg in REGISTRIES.items():
         assert reg.key == key and CHOICES[key] == reg.names()
     assert set(CHOICES) == set(REGISTRIES) | {

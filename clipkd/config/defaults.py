@@ -75,6 +75,16 @@ _C.DISTILL.BETA = 0.3
 _C.DISTILL.TEMPERATURE = 1.0
 _C.DISTILL.WEIGHT = 1.0
 _C.DISTILL.CE_WEIGHT = 0.0  # optional cross-entropy on labels (inductive protocol only)
+# kd: WEIGHT * LOSS(teacher || student) + CE_WEIGHT * CE; promptsrc: PromptSRC's prompt learning (no teacher):
+# CE_WEIGHT * CE + its three self-regularising terms (PROMPTSRC.*), Gaussian-averaged prompts at the end.
+_C.DISTILL.OBJECTIVE = "kd"  # kd | promptsrc
+
+# ---------------------------------------------------------------- PromptSRC (DISTILL.OBJECTIVE promptsrc)
+_C.PROMPTSRC = CN()
+_C.PROMPTSRC.TEXT_LOSS_WEIGHT = 25.0  # L1(prompted class text features, frozen template-averaged ones)
+_C.PROMPTSRC.IMAGE_LOSS_WEIGHT = 10.0  # L1(prompted image features, frozen zero-shot image features)
+_C.PROMPTSRC.GPA_MEAN = 15.0  # Gaussian prompt aggregation: epoch k (1-based) weighs N(k; GPA_MEAN, GPA_STD)
+_C.PROMPTSRC.GPA_STD = 1.0
 
 # ---------------------------------------------------------------- optimisation
 _C.OPTIM = CN()
@@ -109,8 +119,8 @@ _FIXED_CHOICES: dict[str, tuple[str, ...]] = {
 
 class _Choices(Mapping[str, tuple[str, ...]]):
     """Key -> allowed values: the fixed choices above, and the names of each registry in clipkd.registry
-    (MODEL.TEACHER.TEMPLATES, MODEL.STUDENT.TYPE, DISTILL.LOSS, OPTIM.NAME), read when asked, so a name
-    registered later is accepted too."""
+    (MODEL.TEACHER.TEMPLATES, MODEL.STUDENT.TYPE, DISTILL.LOSS, DISTILL.OBJECTIVE, OPTIM.NAME), read when
+    asked, so a name registered later is accepted too."""
 
     def __getitem__(self, key: str) -> tuple[str, ...]:
         if key in REGISTRIES:

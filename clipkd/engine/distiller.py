@@ -6,9 +6,11 @@ depends on. The teacher is frozen and is not a submodule (DDP neither broadcasts
 Distiller's state is the student's); its class embeddings are computed once, here, and reused by every
 batch (the reference code recomputed them per batch).
 
-The objective is a small pluggable piece: today the KD family (a divergence between teacher and student
-class distributions, optionally plus cross-entropy on labels); other objectives implement the same
-:class:`Objective` call.
+The objective is a small pluggable piece, named by DISTILL.OBJECTIVE (``clipkd.registry.OBJECTIVES``): the KD
+family (a divergence between teacher and student class distributions, optionally plus cross-entropy on labels)
+or PromptSRC's self-regularised prompt learning (:mod:`clipkd.engine.promptsrc`, which trains the prompted
+teachers). Both implement the same :class:`Objective` call; an objective that sets ``needs_features`` also
+gets the batch's images and the student's normalised features (:class:`StudentFeatures`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,19 @@ class StepOutput(NamedTuple):
     terms: dict[str, Tensor]  # detached parts of the loss, for logging
 
 
+class StudentFeatures(NamedTuple):
+    """What an objective with ``needs_features`` gets besides the logits (the logits are made from these)."""
+
+    images: Tensor  # the batch, for an objective that runs a frozen model of its own on it
+    image_features: Tensor  # the student's, L2-normalised [B, D]
+    text_features: Tensor  # the student's class embeddings for the Distiller's class names, L2-normalised [C, D]
+
+
 class Objective(Protocol):
     """A training objective over one batch's logits (the teacher's are None when it needs no teacher).
+
+    ``needs_features`` (optional, False when absent): the objective also wants :class:`StudentFeatures`,
+    passed as ``features=``; the others are called with the logits and labels only.
 
     Besides the per-batch loss, an objective may keep state across epochs (e.g. PromptSRC's Gaussian prompt
     aggregation): the trainer calls ``end_epoch`` after every epoch, saves ``state_dict()`` in each checkpoint
@@ -39,9 +52,10 @@ class Objective(Protocol):
 
     needs_teacher: bool
     needs_labels: bool
+    needs_features: bool
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None,
-                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
+                 features: StudentFeatures | None = None) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def end_epoch(self, epoch: int, student: nn.Module) -> None: ...
 
@@ -62,9 +76,10 @@ class KDObjective:
         self.ce_weight = float(ce_weight)
         self.needs_teacher = self.divergence is not None
         self.needs_labels = self.ce_weight > 0
+        self.needs_features = False
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None,
-                 labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
+                 features: StudentFeatures | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         loss = torch.zeros((), device=student_logits.device)
         terms: dict[str, Tensor] = {}
         if self.divergence is not None:
@@ -97,12 +112,22 @@ class KDObjective:
         return " + ".join(parts)
 
 
-def build_objective(cfg: CfgNode) -> KDObjective:
-    """The objective ``cfg.DISTILL`` describes."""
+def build_kd_objective(cfg: CfgNode, student: nn.Module | None = None,
+                       classnames: Sequence[str] = ()) -> KDObjective:
+    """DISTILL.OBJECTIVE kd: ``DISTILL.WEIGHT * DISTILL.LOSS + DISTILL.CE_WEIGHT * CE`` (student and class names
+    unused)."""
     from clipkd.losses import build_distill_loss_from_cfg
 
     d = cfg.DISTILL
     return KDObjective(build_distill_loss_from_cfg(cfg) if d.WEIGHT > 0 else None, d.WEIGHT, d.CE_WEIGHT)
+
+
+def build_objective(cfg: CfgNode, student: nn.Module | None = None, classnames: Sequence[str] = ()) -> Objective:
+    """The objective DISTILL.OBJECTIVE names, built by its registered builder. Some objectives need the student
+    and the training class names (PromptSRC's frozen reference features); the KD family needs neither."""
+    from clipkd.registry import OBJECTIVES
+
+    return OBJECTIVES.get(cfg.DISTILL.OBJECTIVE)(cfg, student, classnames)
 
 
 def class_logits(model: Any, images: Tensor, classnames: Sequence[str] | None = None,
@@ -127,6 +152,7 @@ class Distiller(nn.Module):
         self.classnames = list(classnames)
         self.objective = objective
         self.teacher_text = teacher.text_features(self.classnames) if objective.needs_teacher else None
+        self.needs_features = bool(getattr(objective, "needs_features", False))  # absent in older objectives
 
     def train(self, mode: bool = True) -> Distiller:
         self.student.train(mode)  # the teacher stays in eval mode
@@ -138,7 +164,14 @@ class Distiller(nn.Module):
         return class_logits(self.teacher, images, class_features=self.teacher_text)
 
     def forward(self, images: Tensor, labels: Tensor) -> StepOutput:
-        logits = class_logits(self.student, images, self.classnames)
+        # class_logits(self.student, images, self.classnames), step by step: some objectives see the features.
+        image_features = self.student.image_features(images)
+        text_features = self.student.text_features(self.classnames)
+        logits = self.student.logit_scale * image_features @ text_features.t()
         t_logits = self.teacher_logits(images) if self.objective.needs_teacher else None
-        loss, terms = self.objective(logits, t_logits, labels)
+        if self.needs_features:
+            features = StudentFeatures(images, image_features, text_features)
+            loss, terms = self.objective(logits, t_logits, labels, features=features)
+        else:
+            loss, terms = self.objective(logits, t_logits, labels)
         return StepOutput(loss, logits, terms)

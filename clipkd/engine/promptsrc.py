@@ -1,0 +1,269 @@
+"""PromptSRC (Khattak et al., ICCV 2023): how PromptKD's prompted ViT-L/14 teachers are trained.
+
+``DISTILL.OBJECTIVE promptsrc`` trains an IVLP student (prompts in both towers of a frozen CLIP) on labelled
+base classes with no teacher. Per batch, with ``s`` the prompted model and ``zs`` the same CLIP without prompts
+(PROTOCOL.md section 2b; checked against PromptSRC's ``trainers/promptsrc.py``)::
+
+    loss = CE_WEIGHT * CE(logits, y)
+         + TEXT_LOSS_WEIGHT  * mean |t_s - fixed|       t_s: s's class text features, L2-normalised [C, D]
+         + IMAGE_LOSS_WEIGHT * mean |f_s - f_zs|        f_s, f_zs: image features, both L2-normalised [B, D]
+         + sum KL(softmax(zs_logits) || softmax(logits)) / logits.numel()
+
+where ``fixed`` (PromptSRC's ``fixed_embeddings``) is the mean over PromptSRC's 60 ImageNet templates of the
+frozen CLIP's *unnormalised* text features of each class, then L2-normalised; ``logits = scale * f_s @ t_s^T``
+and ``zs_logits = scale * f_zs @ fixed^T`` with the CLIP's logit scale (temperature 1). The three L1/KL terms
+are PromptSRC's L_SCL; its CE weight is 1 (DISTILL.CE_WEIGHT here).
+
+Gaussian prompt aggregation (GPA): after epoch k of N the prompts are added with weight
+``g(k) = pdf(k; GPA_MEAN, GPA_STD) / sum_j pdf(j; GPA_MEAN, GPA_STD)`` (j = 1..N), and the final model is that
+weighted sum. PromptSRC sums its whole ``state_dict`` (frozen weights included, which the weights, summing to 1,
+leave as they are); here only the trainable tensors, the prompts, are summed.
+
+The frozen zero-shot CLIP is not a second copy of the weights, as in PromptSRC: it is the student's own frozen
+CLIP run without prompts (:class:`ZeroShotReference`), which is the same network by construction (also with
+random-init test models), costs no memory, and gives exactly open_clip's forward (the prompted encoders with
+no prompts are open_clip's forward, bit for bit).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+from yacs.config import CfgNode
+
+from clipkd.engine.distiller import StudentFeatures
+from clipkd.errors import ConfigError, TrainingError
+
+# PromptSRC's IMAGENET_TEMPLATES are the first 60 of CLIP's 80 ImageNet templates, with this one listed first.
+N_PROMPTSRC_TEMPLATES = 60
+FIRST_TEMPLATE = "a photo of a {}."
+TEXT_BATCH_SIZE = 256  # texts per forward pass when the frozen class embeddings are computed
+
+
+def promptsrc_templates() -> tuple[Callable[[str], str], ...]:
+    """PromptSRC's template list, from open_clip's copy of CLIP's 80 (the same 60 templates in its order)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    chosen = list(OPENAI_IMAGENET_TEMPLATES[:N_PROMPTSRC_TEMPLATES])
+    first = [t for t in chosen if t("{}") == FIRST_TEMPLATE]
+    if len(first) != 1:
+        raise RuntimeError(f"open_clip's ImageNet templates changed: {FIRST_TEMPLATE!r} is not among the first "
+                           f"{N_PROMPTSRC_TEMPLATES}")
+    return (first[0], *(t for t in chosen if t is not first[0]))
+
+
+# ------------------------------------------------------------------------------------------------ the terms
+def scl_text_loss(text_features: Tensor, fixed_embeddings: Tensor) -> Tensor:
+    """Mean absolute difference between the prompted and the frozen (template-averaged) class embeddings."""
+    return F.l1_loss(text_features.float(), fixed_embeddings.float(), reduction="mean")
+
+
+def scl_image_loss(image_features: Tensor, zero_shot_features: Tensor) -> Tensor:
+    """Mean absolute difference between the prompted and the zero-shot image features (both normalised)."""
+    return F.l1_loss(image_features.float(), zero_shot_features.float(), reduction="mean")
+
+
+def scl_logits_loss(logits: Tensor, zero_shot_logits: Tensor) -> Tensor:
+    """KL(zero-shot || prompted) over classes, summed over the batch and divided by ``logits.numel()``."""
+    return F.kl_div(F.log_softmax(logits.float(), dim=1), F.log_softmax(zero_shot_logits.float(), dim=1),
+                    reduction="sum", log_target=True) / logits.numel()
+
+
+# ------------------------------------------------------------------------------------------------ GPA
+def gpa_weights(n_epochs: int, mean: float, std: float) -> tuple[float, ...]:
+    """g(1..N): the normal density at each epoch, normalised to sum to 1 (its constant factor cancels)."""
+    if n_epochs < 1 or not std > 0:
+        raise ConfigError(f"Gaussian prompt aggregation needs >= 1 epoch and PROMPTSRC.GPA_STD > 0 "
+                          f"(got {n_epochs} epochs, std {std})")
+    dens = [math.exp(-0.5 * ((k - mean) / std) ** 2) for k in range(1, n_epochs + 1)]
+    total = sum(dens)
+    if total == 0:  # every epoch is tens of stds from the mean: exp underflows
+        raise ConfigError(f"PROMPTSRC.GPA_MEAN {mean} is too far from epochs 1..{n_epochs} for GPA_STD {std}; "
+                          "put the mean within the run's epochs")
+    return tuple(d / total for d in dens)
+
+
+class GaussianPromptAggregation:
+    """The running sum ``sum_k g(k) * state_k`` over the epochs added so far (float32)."""
+
+    def __init__(self, n_epochs: int, mean: float, std: float) -> None:
+        self.weights = gpa_weights(n_epochs, mean, std)
+        self.sum: dict[str, Tensor] = {}
+        self.epochs: list[int] = []
+
+    def add(self, epoch: int, state: Mapping[str, Tensor]) -> None:
+        """Add the state at the end of ``epoch`` (1-based), weighted by g(epoch)."""
+        if not 1 <= epoch <= len(self.weights) or epoch in self.epochs:
+            raise TrainingError(f"Gaussian prompt aggregation: epoch {epoch} is outside 1..{len(self.weights)} "
+                                f"or added twice (added so far: {self.epochs})")
+        w = self.weights[epoch - 1]
+        with torch.no_grad():
+            for key, value in state.items():
+                weighted = value.detach().float() * w
+                self.sum[key] = self.sum[key].to(value.device) + weighted if key in self.sum else weighted
+        self.epochs.append(epoch)
+
+    def result(self) -> dict[str, Tensor]:
+        """The aggregated state; every epoch 1..N must have been added."""
+        if self.epochs != list(range(1, len(self.weights) + 1)):
+            raise TrainingError(
+                f"Gaussian prompt aggregation saw epochs {self.epochs}, not 1..{len(self.weights)}: the run was "
+                "resumed from a checkpoint without the aggregate (older clipkd?); train it again from the start")
+        return {k: v.clone() for k, v in self.sum.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sum": {k: v.detach().cpu() for k, v in self.sum.items()}, "epochs": list(self.epochs)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sum = {k: v.clone() for k, v in state.get("sum", {}).items()}
+        self.epochs = [int(e) for e in state.get("epochs", [])]
+
+
+# ------------------------------------------------------------------------------------------------ frozen CLIP
+def _prompt_free_text_encoder(text_encoder: nn.Module) -> nn.Module:
+    """A PromptedTextEncoder without prompts over ``text_encoder``'s frozen text tower (the same tensors).
+
+    PromptedTextEncoder reads its parts from an open_clip CLIP; the student keeps those parts but not the CLIP
+    object, so an empty CLIP is given exactly them (no weights are copied or created).
+    """
+    from open_clip.model import CLIP
+
+    from clipkd.models.prompts import PromptedTextEncoder
+
+    view = CLIP.__new__(CLIP)
+    nn.Module.__init__(view)
+    for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+        setattr(view, name, getattr(text_encoder, name))
+    view.register_buffer("attn_mask", text_encoder.attn_mask, persistent=False)
+    view.text_pool_type, view.text_eos_id = text_encoder.pool_type, text_encoder.eos_id
+    return PromptedTextEncoder(view, text_encoder.tokenizer)
+
+
+@torch.no_grad()
+def template_averaged_embeddings(text_encoder: nn.Module, classnames: Sequence[str],
+                                 templates: Sequence[str | Callable[[str], str]]) -> Tensor:
+    """PromptSRC's ``fixed_embeddings``: per class, the mean over templates of the unnormalised text features,
+    then L2-normalised ``[C, D]`` (float32). ``text_encoder`` is a prompt-free PromptedTextEncoder."""
+    names = list(classnames)
+    total = None
+    for template in templates:
+        texts = text_encoder.class_prompts(names, template)
+        feats = torch.cat([text_encoder.encode(texts[i : i + TEXT_BATCH_SIZE]).float()
+                           for i in range(0, len(texts), TEXT_BATCH_SIZE)])
+        total = feats if total is None else total + feats
+    return F.normalize(total / len(templates), dim=-1)
+
+
+class ZeroShotReference:
+    """The frozen CLIP PromptSRC regularises towards: the student's own CLIP without prompts.
+
+    ``fixed_embeddings`` (class embeddings over PromptSRC's templates) are computed once, here; the zero-shot
+    image features are computed per batch without gradients. Not an ``nn.Module`` of the Distiller: it holds
+    no state of its own (DDP and checkpoints see only the student).
+    """
+
+    def __init__(self, student: nn.Module, classnames: Sequence[str],
+                 templates: Sequence[str | Callable[[str], str]] | None = None) -> None:
+        from clipkd.models.prompts import PromptedVisionEncoder
+
+        self.image_encoder = PromptedVisionEncoder(student.image_encoder.visual)  # no prompts, shared weights
+        self.text_encoder = _prompt_free_text_encoder(student.text_encoder)
+        self.logit_scale = student.logit_scale
+        self.classnames = list(classnames)
+        self.fixed_embeddings = template_averaged_embeddings(
+            self.text_encoder, self.classnames, promptsrc_templates() if templates is None else templates)
+
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor:
+        return F.normalize(self.image_encoder(images), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------ the objective
+class PromptSRCObjective:
+    """CE + PromptSRC's three self-regularising terms; Gaussian-averaged prompts as the final model."""
+
+    needs_teacher = False
+    needs_labels = True
+    needs_features = True
+
+    def __init__(self, reference: ZeroShotReference, aggregation: GaussianPromptAggregation, *,
+                 ce_weight: float = 1.0, text_weight: float = 25.0, image_weight: float = 10.0) -> None:
+        self.reference = reference
+        self.aggregation = aggregation
+        self.ce_weight = float(ce_weight)
+        self.text_weight = float(text_weight)
+        self.image_weight = float(image_weight)
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
+                 features: StudentFeatures | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if features is None:
+            raise TrainingError("the PromptSRC objective needs the student's features (Distiller passes them)")
+        ref = self.reference
+        fixed = ref.fixed_embeddings.to(student_logits.device)
+        zs_features = ref.image_features(features.images).float()
+        zs_logits = ref.logit_scale * zs_features @ fixed.t()
+        terms = {
+            "ce": F.cross_entropy(student_logits.float(), labels),
+            "scl_text": scl_text_loss(features.text_features, fixed),
+            "scl_image": scl_image_loss(features.image_features, zs_features),
+            "scl_logits": scl_logits_loss(student_logits, zs_logits),
+        }
+        loss = (self.ce_weight * terms["ce"] + self.text_weight * terms["scl_text"]
+                + self.image_weight * terms["scl_image"] + terms["scl_logits"])
+        return loss, {k: v.detach() for k, v in terms.items()}  # unweighted, for logging
+
+    def end_epoch(self, epoch: int, student: nn.Module) -> None:
+        self.aggregation.add(epoch, student.trainable_state_dict())
+
+    def final_state(self) -> dict[str, Tensor]:
+        return self.aggregation.result()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gpa": self.aggregation.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.aggregation.load_state_dict(state.get("gpa", {}))
+
+    def __repr__(self) -> str:
+        return (f"PromptSRC: CE x {self.ce_weight:g} + L1 text x {self.text_weight:g} + L1 image x "
+                f"{self.image_weight:g} + KL logits, GPA over {len(self.aggregation.weights)} epochs")
+
+
+def check_promptsrc_config(cfg: CfgNode) -> None:
+    """The settings PromptSRC cannot train with (cheap: no model needed)."""
+    d, p = cfg.DISTILL, cfg.PROMPTSRC
+    problems = []
+    if cfg.MODEL.STUDENT.TYPE != "ivlp":
+        problems.append("it trains prompts in both towers: set MODEL.STUDENT.TYPE ivlp")
+    if d.WEIGHT != 0:
+        problems.append("it has no teacher: set DISTILL.WEIGHT 0 (else a teacher is built for nothing)")
+    if d.PROTOCOL != "inductive":
+        problems.append("it learns from labels: set DISTILL.PROTOCOL inductive")
+    if cfg.TEST.FINAL_MODEL != "last":
+        problems.append("its final model is the Gaussian-weighted average of all epochs: set TEST.FINAL_MODEL last")
+    for key in ("TEXT_LOSS_WEIGHT", "IMAGE_LOSS_WEIGHT"):
+        if p[key] < 0:
+            problems.append(f"PROMPTSRC.{key} must be >= 0 (got {p[key]})")
+    if problems:
+        raise ConfigError("DISTILL.OBJECTIVE promptsrc: " + "; ".join(problems))
+    gpa_weights(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD)  # ConfigError for a bad std or mean
+
+
+def build_promptsrc_objective(cfg: CfgNode, student: nn.Module | None = None,
+                              classnames: Sequence[str] = ()) -> PromptSRCObjective:
+    """DISTILL.OBJECTIVE promptsrc for ``student`` (an IVLP student) trained on ``classnames``."""
+    check_promptsrc_config(cfg)
+    if student is None or not hasattr(student, "text_encoder") or not classnames:
+        raise ConfigError("DISTILL.OBJECTIVE promptsrc needs the ivlp student and the training class names "
+                          "(build_objective(cfg, student, classnames))")
+    p = cfg.PROMPTSRC
+    return PromptSRCObjective(
+        ZeroShotReference(student, classnames),
+        GaussianPromptAggregation(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD),
+        ce_weight=cfg.DISTILL.CE_WEIGHT, text_weight=p.TEXT_LOSS_WEIGHT, image_weight=p.IMAGE_LOSS_WEIGHT,
+    )
