@@ -568,7 +568,7 @@ def test_promptkd_student_trains_only_prompts_and_projector(images):
             assert torch.equal(p, frozen[n]), n
     after = student.trainable_state_dict()
     for k in ("image_encoder.VPT", "image_encoder.transformer.resblocks.1.VPT_shallow",
-              "projector.layers.0.weight", "projector.layers.1.running_mean"):
+              "VPT_image_trans.conv1.0.weight", "VPT_image_trans.conv1.1.running_mean"):
         assert not torch.equal(after[k], before[k]), k
 
     student.train()
@@ -585,8 +585,8 @@ def test_promptkd_student_trains_only_prompts_and_projector(images):
     with torch.no_grad():
         assert torch.equal(clone.image_features(images), student.image_features(images))
     bad = dict(student.trainable_state_dict())
-    bad["projector.layers.3.weight"] = torch.zeros(10, 48, 1, 1)
-    with pytest.raises(ModelError, match=r"'projector\.layers\.3\.weight' has shape \(10, 48, 1, 1\)"):
+    bad["VPT_image_trans.conv1.3.weight"] = torch.zeros(10, 48, 1, 1)
+    with pytest.raises(ModelError, match=r"'VPT_image_trans\.conv1\.3\.weight' has shape \(10, 48, 1, 1\)"):
         clone.load_trainable_state_dict(bad)
 
 

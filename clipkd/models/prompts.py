@@ -37,8 +37,10 @@ KEY_TEXT_CTX = "prompt_learner.ctx"
 KEY_VISION_VPT = "image_encoder.VPT"
 KEY_TEXT_SHALLOW = "text_encoder.transformer.resblocks.{}.VPT_shallow"
 KEY_VISION_SHALLOW = "image_encoder.transformer.resblocks.{}.VPT_shallow"
-# Class-dependent buffers of PromptSRC's prompt learner: rebuilt from the class names, never loaded.
-DROPPED_KEYS = frozenset({"prompt_learner.token_prefix", "prompt_learner.token_suffix"})
+# Class-dependent buffers of PromptSRC's prompt learner (PromptKD's adds the ``2`` pair for the new classes):
+# rebuilt from the class names, never loaded.
+DROPPED_KEYS = frozenset({"prompt_learner.token_prefix", "prompt_learner.token_suffix",
+                          "prompt_learner.token_prefix2", "prompt_learner.token_suffix2"})
 
 _SHALLOW_RE = re.compile(r"^(image_encoder|text_encoder)\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
 
@@ -403,7 +405,8 @@ def load_ivlp_state_dict(
     """Load PromptSRC-named prompts into ``model``, strictly.
 
     Missing or unexpected prompt keys and shape mismatches raise ModelError (all listed at once).
-    ``prompt_learner.token_prefix/suffix`` are dropped silently (class-dependent, rebuilt from class names).
+    ``prompt_learner.token_prefix/suffix`` (and PromptKD's ``token_prefix2/suffix2``) are dropped silently
+    (class-dependent, rebuilt from class names).
     With ``ignore_frozen_clip_weights`` (default), the frozen CLIP weights that Dassl checkpoints carry along
     (see :func:`is_frozen_clip_key`) are skipped; every prompt key is still checked strictly.
     """

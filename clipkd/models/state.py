@@ -1,4 +1,5 @@
-"""Strict state-dict loading and prompt-checkpoint reading, with errors a user can act on.
+"""Strict state-dict loading and checkpoint reading (clipkd's and Dassl's PromptSRC / PromptKD files, read
+without running code from them), with errors a user can act on.
 
 torch's own ``load_state_dict`` messages name neither the file nor the fix, and ``strict=False`` (what the
 Dassl trainers use) silently ignores prompts that do not load. Everything here is strict and raises
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections import OrderedDict, defaultdict
+import re
+from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -76,18 +79,41 @@ def copy_state_strict(
             target.copy_(state_dict[name])
 
 
-# Globals a checkpoint may use that are plain containers: loaded as themselves, never stubbed.
-_CONTAINER_GLOBALS = {"builtins.dict": dict, "builtins.list": list, "builtins.tuple": tuple,
-                      "builtins.set": set, "collections.OrderedDict": OrderedDict,
-                      "collections.defaultdict": defaultdict}
+# ------------------------------------------------------------------------------------------------ reading files
+#
+# Dassl (PromptSRC / PromptKD) checkpoints are ``torch.save({"state_dict", "epoch", "optimizer", "scheduler",
+# "val_result"})``. Next to the tensors they pickle Python objects: the SGD momentum state sits in a
+# ``collections.defaultdict`` and the warm-up scheduler's state holds a whole ``CosineAnnealingLR`` object (which
+# holds the ``SGD`` object). ``torch.load(weights_only=True)`` refuses both, and ``weights_only=False`` would
+# import and run whatever the file names. clipkd does neither: it lists the globals the pickle names (by reading
+# its opcodes, importing nothing), then unpickles with torch's weights-only unpickler, with each of those names
+# bound to an inert stand-in. The stand-ins are created here and never look the name up, so the pickled
+# classes are not imported, and no ``__init__``/``__setstate__``/``__reduce__`` of theirs runs. Only the
+# tensors of ``state_dict`` are used.
+
+
+def _plain_dict(*_args: object) -> dict:
+    """Stands in for ``collections.defaultdict``: a plain dict (the unpickler only fills plain dicts)."""
+    return {}
+
+
+# Globals that are plain containers, bound to themselves (or, for defaultdict, a plain dict).
+_CONTAINER_GLOBALS: dict[str, object] = {
+    "builtins.dict": dict, "builtins.list": list, "builtins.tuple": tuple, "builtins.set": set,
+    "builtins.frozenset": frozenset, "collections.OrderedDict": OrderedDict,
+    "collections.defaultdict": _plain_dict,
+}
 
 
 def _inert_stand_in(qualified_name: str) -> type:
-    """A do-nothing class standing in for a global that weights_only loading does not allow."""
+    """A do-nothing class standing in for a global that weights_only loading does not allow.
+
+    Calling it, creating it with ``__new__`` and building it from state only store what it was given.
+    """
 
     class Unloaded:
         def __init__(self, *args: object, **kwargs: object) -> None:
-            pass
+            self.__dict__["_args"] = args
 
         def __setstate__(self, state: object) -> None:
             self.__dict__["_state"] = state
@@ -96,58 +122,136 @@ def _inert_stand_in(qualified_name: str) -> type:
             return f"<not loaded: {qualified_name}>"
 
     Unloaded.__qualname__ = Unloaded.__name__ = qualified_name.rsplit(".", 1)[-1]
+    Unloaded.__module__ = __name__
     return Unloaded
 
 
-def _load_tolerant(path: str) -> object:
-    """``torch.load(weights_only=True)`` that also opens Dassl checkpoints.
+def _load_tolerant(path: str | os.PathLike[str]) -> object:
+    """``torch.load(weights_only=True)`` that also opens Dassl checkpoints, executing nothing from the file.
 
-    Dassl saves the optimizer and LR-scheduler objects next to the state dict (its warmup scheduler pickles
-    a whole CosineAnnealingLR with its optimizer), which weights_only refuses and which would otherwise need
-    Dassl installed plus full unpickling. Those globals are replaced by inert stand-ins: they execute
-    nothing, and only the tensors of ``state_dict`` are used.
+    Plain files load as they are. Otherwise every global the file names that torch does not allow is bound to
+    an inert stand-in (containers to themselves, ``defaultdict`` to a plain dict): see the comment above.
     """
+    path = os.fspath(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-        if finder is None:  # torch < 2.5
-            raise
-        names = finder(path)
+        scope = getattr(torch.serialization, "safe_globals", None)
+        if finder is None or scope is None:  # torch < 2.5
+            raise pickle.UnpicklingError(
+                "this file pickles Python objects (e.g. a Dassl optimizer/scheduler); reading only its tensors "
+                f"needs torch >= 2.5 (this is {torch.__version__})") from None
+        names = finder(path)  # reads the pickle's opcodes; imports nothing
     pairs = [(_CONTAINER_GLOBALS.get(n) or _inert_stand_in(n), n) for n in names]
-    with torch.serialization.safe_globals(pairs):
+    with scope(pairs):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_prompt_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a clipkd or Dassl (PromptSRC / PromptKD) checkpoint file.
+def _gist(exc: Exception) -> str:
+    """The informative line of a loading error (torch's weights-only errors start with a generic paragraph)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith(("Can only", "Unsupported", "Trying to")):
+            return line.rstrip(".")
+    return lines[0].rstrip(".") if lines else ""
 
-    Loaded with ``weights_only=True``: a checkpoint is data, and a prompt checkpoint never needs code to
-    load (Dassl's pickled optimizer/scheduler objects are skipped, see :func:`_load_tolerant`). Accepts a
-    dict with a ``state_dict`` entry (clipkd, Dassl ``model-best.pth.tar``) or a bare state dict; a leading
-    ``module.`` (DataParallel) is stripped.
+
+def read_state_dict(path: str | os.PathLike[str], *, what: str = "checkpoint",
+                    hint: str = "") -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a clipkd or Dassl (PromptSRC / PromptKD) checkpoint file, read without running code.
+
+    Accepts a dict with a ``state_dict`` entry (clipkd's ``model.pt``, Dassl's ``model-best.pth.tar`` /
+    ``model.pth.tar-N``) or a bare state dict; a leading ``module.`` (DataParallel) is stripped. Everything
+    else in the file (optimizer, scheduler, metrics) is skipped. ``what`` names the file in errors.
     """
     path = os.path.expanduser(os.fspath(path))
     if not os.path.isfile(path):
-        raise ModelError(
-            f"prompt checkpoint not found: {path}; set MODEL.TEACHER.CHECKPOINT to a clipkd ivlp run's "
-            "checkpoint or a PromptKD/PromptSRC model-best.pth.tar"
-        )
+        raise ModelError(f"{what} not found: {path}" + (f"; {hint}" if hint else ""))
     try:
         obj = _load_tolerant(path)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelError(
-            f"cannot read prompt checkpoint {path}: {type(e).__name__}: {first}. "
-            "If it is a trusted file, re-save just its state dict once: "
-            f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-            f"torch.save({{'state_dict': c['state_dict']}}, '{path}.clean.pth')\""
+            f"cannot read {what} {path}: {type(e).__name__}: {_gist(e)}. clipkd reads tensors and plain "
+            "containers only and never runs code from a checkpoint; if the file is truncated, copy it again, "
+            "or save just its state dict as {'state_dict': ...} with the tool that wrote it"
         ) from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise ModelError(f"prompt checkpoint {path} holds no state dict (expected a dict of named tensors)")
+        raise ModelError(f"{what} {path} holds no state dict (expected a dict of named tensors)")
     sd = dict(obj)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def read_prompt_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a prompt checkpoint (MODEL.TEACHER.CHECKPOINT), see :func:`read_state_dict`."""
+    return read_state_dict(
+        path, what="prompt checkpoint",
+        hint="set MODEL.TEACHER.CHECKPOINT to a clipkd ivlp run's checkpoint or a PromptKD/PromptSRC "
+        "model-best.pth.tar (or a folder holding one)")
+
+
+# ------------------------------------------------------------------------------------------------ finding files
+CLIPKD_MODEL_FILE = "model.pt"  # a clipkd run folder's final model
+DASSL_MODEL_DIR = "VLPromptLearner"  # Dassl's per-model folder in PromptSRC / PromptKD output
+DASSL_BEST_FILE = "model-best.pth.tar"
+_DASSL_EPOCH_RE = re.compile(r"^model\.pth\.tar-(\d+)$")
+
+
+def _dataset_folder_names(dataset: str | None) -> list[str]:
+    """Folder names a dataset may have in PromptKD's teacher layout: Dassl's name first, then clipkd's stem."""
+    if not dataset:
+        return []
+    try:
+        from clipkd.data.specs import get_spec
+
+        spec = get_spec(dataset)
+        names = [spec.name, spec.stem, dataset]
+    except Exception:  # noqa: BLE001 - an unknown name is looked for as given
+        names = [dataset]
+    return list(dict.fromkeys(names))
+
+
+def _model_file_in(folder: Path, looked: list[str]) -> Path | None:
+    """clipkd's ``model.pt``, else Dassl's ``model-best.pth.tar``, else its highest ``model.pth.tar-N``."""
+    looked.append(str(folder / f"{{{CLIPKD_MODEL_FILE},{DASSL_BEST_FILE},model.pth.tar-N}}"))
+    if not folder.is_dir():
+        return None
+    for name in (CLIPKD_MODEL_FILE, DASSL_BEST_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    epochs = [(int(m.group(1)), f) for f in folder.iterdir()
+              if (m := _DASSL_EPOCH_RE.match(f.name)) and f.is_file()]
+    return max(epochs)[1] if epochs else None
+
+
+def resolve_checkpoint_file(path: str | os.PathLike[str], *, dataset: str | None = None,
+                            key: str = "MODEL.TEACHER.CHECKPOINT") -> Path:
+    """The checkpoint file that ``path`` names: the file itself, or in a folder, the first of
+
+    * ``path/model.pt`` (a clipkd run folder), ``path/model-best.pth.tar``, the highest ``path/model.pth.tar-N``
+      (a Dassl model folder such as ``.../VLPromptLearner``),
+    * the same inside ``path/VLPromptLearner`` (a Dassl output folder),
+    * the same inside ``path/<dataset>/VLPromptLearner`` (PromptKD's released teachers, ``teacher_model/``;
+      ``<dataset>`` is Dassl's name of ``dataset``, e.g. OxfordPets, or clipkd's stem).
+
+    A ModelError lists every place looked at when nothing fits. ``key`` names the setting in errors.
+    """
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise ModelError(f"{key}: {p} not found")
+    if not p.is_dir():
+        raise ModelError(f"{key}: {p} is neither a file nor a folder")
+    looked: list[str] = []
+    folders = [p, p / DASSL_MODEL_DIR, *(p / name / DASSL_MODEL_DIR for name in _dataset_folder_names(dataset))]
+    for folder in folders:
+        found = _model_file_in(folder, looked)
+        if found is not None:
+            return found
+    more = "" if dataset else " (DATASET.NAME is empty, so no <DatasetName>/VLPromptLearner was tried)"
+    raise ModelError(f"{key}: the folder {p} holds no checkpoint{more}; looked for: " + "; ".join(looked))

@@ -18,10 +18,13 @@ from torch import nn
 
 from clipkd.errors import ConfigError, ModelError
 from clipkd.models.prompts import (
+    DROPPED_KEYS,
     PromptedTextEncoder,
     PromptedVisionEncoder,
+    infer_ivlp_sizes,
     ivlp_prompt_parameters,
     ivlp_state_dict,
+    is_frozen_clip_key,
     normalize,
 )
 from clipkd.models.state import copy_state_strict
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
     from yacs.config import CfgNode
 
 ClassEmbedder = Callable[[Sequence[str]], torch.Tensor]
+# Where PromptKD's student keeps its projector (Feature_Trans_Module_two_layer's Sequential ``conv1``): the
+# projector's checkpoint keys are VPT_image_trans.conv1.{0,1,3}.* (0 = Conv 1x1, 1 = BatchNorm, 3 = Conv 1x1).
+PROJECTOR_KEY = "VPT_image_trans.conv1"
 
 
 class Projector(nn.Module):
@@ -60,9 +66,12 @@ class _Student(nn.Module):
     """Shared parts of the two students."""
 
     image_encoder: PromptedVisionEncoder
+    # Key prefixes older clipkd versions saved, mapped to today's (read, never written).
+    _LEGACY_PREFIXES: dict[str, str] = {}
 
     def _trainable_modules(self) -> dict[str, nn.Module]:
-        """Trainable submodules (besides the prompts) whose whole state is saved, e.g. the projector."""
+        """Trainable submodules (besides the prompts) whose whole state is saved, keyed by the prefix their
+        keys are saved under, e.g. the projector under PromptKD's ``VPT_image_trans.conv1``."""
         return {}
 
     @property
@@ -74,10 +83,13 @@ class _Student(nn.Module):
         return self.image_encoder.visual.class_embedding.device
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything that training changes: prompts under PromptSRC's names, then e.g. ``projector.*``.
+        """Everything that training changes: prompts under PromptSRC's names, then the PromptKD student's
+        projector under PromptKD's (``VPT_image_trans.conv1.{0,1,3}.*``).
 
-        Names are stable across runs and versions; an IVLP student's dict is a PromptSRC checkpoint that
-        :class:`~clipkd.models.teacher.Teacher` can load as a prompted teacher.
+        Names are stable across runs and versions and are those of the reference code, so each tool reads the
+        other's files: an IVLP student's dict is a PromptSRC checkpoint that
+        :class:`~clipkd.models.teacher.Teacher` can load as a prompted teacher, a PromptKD student's loads into
+        PromptKD's student.
         """
         out = ivlp_state_dict(self)
         for prefix, module in self._trainable_modules().items():
@@ -91,14 +103,52 @@ class _Student(nn.Module):
         return targets
 
     def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor], *,
-                                  source: str = "the student checkpoint") -> None:
-        """Strict inverse of :meth:`trainable_state_dict` (all problems listed in one ModelError)."""
+                                  source: str = "the student checkpoint",
+                                  ignore_frozen_clip_weights: bool = False) -> None:
+        """Strict inverse of :meth:`trainable_state_dict` (all problems listed in one ModelError).
+
+        Keys older clipkd versions wrote (``projector.layers.*``) load too. With
+        ``ignore_frozen_clip_weights`` (for whole-model files such as PromptKD's ``model-best.pth.tar``), the
+        frozen CLIP weights and class-dependent buffers such files carry are skipped: the frozen weights come
+        from MODEL.STUDENT.PRETRAINED and the file's copy is not used. Every prompt and projector tensor is
+        still required, with the model's shape.
+        """
+        sd = self._rename_legacy(state_dict, source)
+        if ignore_frozen_clip_weights:
+            sd = {k: v for k, v in sd.items() if k not in DROPPED_KEYS and not is_frozen_clip_key(k)}
         copy_state_strict(
             self._trainable_targets(),
-            state_dict,
+            sd,
             source=source,
-            hint="MODEL.STUDENT.* / MODEL.PROMPT.* must match the run that saved it",
+            hint="MODEL.STUDENT.* / MODEL.PROMPT.* must match the run that saved it" + self._size_hint(sd),
         )
+
+    def _rename_legacy(self, state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        out = dict(state_dict)
+        for old, new in self._LEGACY_PREFIXES.items():
+            for key in [k for k in out if k.startswith(old)]:
+                renamed = new + key[len(old):]
+                if renamed in out:
+                    raise ModelError(f"{source} holds both '{key}' (an older clipkd name) and '{renamed}'; "
+                                     "keep one of them")
+                out[renamed] = out.pop(key)
+        return out
+
+    def _size_hint(self, state_dict: Mapping[str, torch.Tensor]) -> str:
+        """What the file's prompts are, where they differ from this model's (to say which settings to use)."""
+        try:
+            sizes = infer_ivlp_sizes(state_dict)
+        except Exception:  # noqa: BLE001 - a malformed tensor is reported by the strict copy itself
+            return ""
+        towers = [("VISION", self.image_encoder)]
+        if hasattr(self, "text_encoder"):
+            towers.append(("TEXT", self.text_encoder))
+        notes = []
+        for key, enc in towers:
+            n, d = sizes[f"n_ctx_{key.lower()}"], sizes[f"depth_{key.lower()}"]
+            if (n, d) != (enc.n_ctx, enc.depth):
+                notes.append(f"MODEL.PROMPT.N_CTX_{key} {n} MODEL.PROMPT.DEPTH_{key} {d}")
+        return f"; the file's prompts are {' '.join(notes)}" if notes else ""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer should update."""
@@ -131,8 +181,11 @@ class PromptKDStudent(_Student):
         # A plain attribute, not a submodule: the teacher is not part of the student's state.
         self._class_embedder = class_embedder
 
+    # Older clipkd files saved the projector as projector.layers.*; PromptKD (and clipkd now) VPT_image_trans.conv1.*
+    _LEGACY_PREFIXES = {"projector.layers.": f"{PROJECTOR_KEY}."}
+
     def _trainable_modules(self) -> dict[str, nn.Module]:
-        return {"projector": self.projector}
+        return {PROJECTOR_KEY: self.projector.layers}
 
     def __deepcopy__(self, memo: dict) -> PromptKDStudent:
         """Copy the student but share its class embedder: a copy must not drag a copy of the teacher along."""

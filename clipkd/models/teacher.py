@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -190,10 +191,30 @@ def build_teacher(cfg: CfgNode, template: str | None = None, *, device: str | to
     if t.CHECKPOINT in ("", ZERO_SHOT):  # no prompts: zero-shot with the templates
         return zero_shot_clip(t.NAME, t.PRETRAINED, templates_for(cfg, template), quick_gelu=t.QUICK_GELU,
                               device=device)
+    # The file (or folder) is read without running code from it; only its prompt tensors are used: frozen CLIP
+    # weights a Dassl file carries are ignored (they come from PRETRAINED), class-dependent buffers dropped,
+    # and every prompt must have the shape the teacher's CLIP gives it (mismatches are named).
+    path = resolve_teacher_checkpoint(cfg)
+    prompts = read_prompt_checkpoint(path)
+    student_keys = [k for k in prompts if k.startswith(("VPT_image_trans.", "projector."))]
+    if student_keys:
+        raise ModelError(f"MODEL.TEACHER.CHECKPOINT {path} holds a PromptKD student (projector "
+                         f"{student_keys[0]}, ...), not a teacher's prompts; evaluate it with clipkd eval "
+                         "--checkpoint, or point MODEL.TEACHER.CHECKPOINT at an IVLP/PromptSRC teacher")
     clip_model, tokenizer = create_clip(t.NAME, t.PRETRAINED, quick_gelu=t.QUICK_GELU, device=device,
                                         config_key="MODEL.TEACHER.PRETRAINED")
     if not t.PRETRAINED:
         warnings.warn("MODEL.TEACHER.CHECKPOINT is set but MODEL.TEACHER.PRETRAINED is empty: the prompts will run "
                       "on a randomly initialised CLIP", stacklevel=2)
-    prompts = read_prompt_checkpoint(t.CHECKPOINT)
-    return Teacher(clip_model, tokenizer, prompts=prompts, prompts_source=f"checkpoint {t.CHECKPOINT}")
+    return Teacher(clip_model, tokenizer, prompts=prompts, prompts_source=f"checkpoint {path}")
+
+
+def resolve_teacher_checkpoint(cfg: CfgNode) -> Path:
+    """The file MODEL.TEACHER.CHECKPOINT names: a checkpoint file (clipkd ``model.pt``, Dassl
+    ``model-best.pth.tar`` / ``model.pth.tar-N``), a clipkd run folder, a Dassl ``VLPromptLearner`` folder (or
+    the output folder above it), or PromptKD's teacher root ``<root>/<DatasetName>/VLPromptLearner/`` with
+    DatasetName from DATASET.NAME (e.g. OxfordPets). See :func:`clipkd.models.state.resolve_checkpoint_file`."""
+    from clipkd.models.state import resolve_checkpoint_file
+
+    return resolve_checkpoint_file(cfg.MODEL.TEACHER.CHECKPOINT, dataset=cfg.DATASET.NAME or None,
+                                   key="MODEL.TEACHER.CHECKPOINT")
