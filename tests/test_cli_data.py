@@ -60,6 +60,7 @@ def test_data_commands_do_not_import_torch(synth_root):
             f"rc = main(['data', 'split', '--root', {str(synth_root)!r}, '--dataset', 'dtd', '--shots', '2', "
             "'--seed', '1', '--json']); "
             f"rc |= main(['data', 'check', '--root', {str(synth_root)!r}, '--dataset', 'dtd']); "
+            "rc |= main(['config', 'show', 'OPTIM.LR', '0.5', '--diff']); "
             "assert rc == 0 and 'torch' not in sys.modules and 'open_clip' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 

@@ -345,3 +345,91 @@ def test_ambiguous_layouts_are_explained(tmp_path, capsys):
     rc, out, _ = run_cli(capsys, "report", str(mixed))
     assert rc == 0 and "### kd" in out and "| DescribableTextures | 80.00 ± 0.00 |" in out
     assert "- dtd/seed2: sits higher than the other runs" in out
+
+
+# ---------------------------------------------------------------- --format latex
+def latex_rows(out: str, method: str) -> list[str]:
+    """The body of one method's tabular: the lines between its \\begin{tabular} and \\end{tabular}."""
+    lines = out.splitlines()
+    start = lines.index(f"% {method}") + 1
+    end = lines.index(r"\end{tabular}", start)
+    return lines[start:end + 1]
+
+
+def test_latex_booktabs_table(root, capsys):
+    rc, out, err = run_cli(capsys, "report", str(root), "--format", "latex")
+    assert rc == 0 and "promptkd/dtd/seed3" in err  # the incomplete run goes to stderr, off the table
+    assert out.count(r"\begin{tabular}") == 2  # one tabular per method: kd, promptkd
+    body = latex_rows(out, "promptkd")
+    assert body[0] == r"\begin{tabular}{lccc}" and body[1] == r"\toprule" and body[-2] == r"\bottomrule"
+    assert r"\multicolumn{4}{l}{promptkd} \\" in body
+    assert r"Dataset & Base & New & HM \\" in body
+    pb, pn = [v[0] for v in PETS.values()], [v[1] for v in PETS.values()]
+    assert (f"OxfordPets & {mean(pb):.2f} $\\pm$ {pstd(pb):.2f} & {mean(pn):.2f} $\\pm$ {pstd(pn):.2f} & "
+            f"{hm(mean(pb), mean(pn)):.2f} \\\\") in body
+    assert r"DescribableTextures & 81.00 $\pm$ 1.00 & 63.00 $\pm$ 3.00 & 70.88 \\" in body
+    db, dn = [v[0] for v in DTD.values()], [v[1] for v in DTD.values()]
+    avg_b, avg_n = mean([mean(pb), mean(db)]), mean([mean(pn), mean(dn)])
+    avg = f"Average (2 datasets) & {avg_b:.2f} & {avg_n:.2f} & {hm(avg_b, avg_n):.2f} \\\\"
+    assert body[-3] == avg and body[-4] == r"\midrule"  # the Average row below its own rule
+    assert body.count(r"\midrule") == 3
+    # every row has the tabular's 4 columns
+    assert all(line.count(" & ") == 3 for line in body if line.endswith(r"\\") and "multicolumn" not in line)
+    kd = latex_rows(out, "kd")
+    assert any(line.startswith("OxfordPets & 91.00 $\\pm$ 1.00 & 92.00 $\\pm$ 1.00 & ") for line in kd)
+    assert "| " not in out and "±" not in out  # nothing of the Markdown table
+
+
+def test_latex_escapes_and_single_seed(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root / "ab_kd_100%" / "my_set" / "seed1", b2n(50.0, 40.0))
+    rc, out, _ = run_cli(capsys, "report", str(root), "--format", "latex")
+    assert rc == 0
+    assert r"\multicolumn{4}{l}{ab\_kd\_100\%} \\" in out
+    assert r"my\_set & 50.00 & 40.00 & 44.44 \\" in out  # one seed: the bare mean, no $\pm$ 0.00
+    assert "over one seed" in out
+    assert "ab_kd" not in out.replace(r"ab\_kd", "")
+
+
+def test_latex_compare_published(root, capsys):
+    rc, out, _ = run_cli(capsys, "report", str(root), "--method", "promptkd", "--format", "latex",
+                         "--compare", "published")
+    assert rc == 0
+    body = latex_rows(out, "promptkd")
+    assert body[0] == r"\begin{tabular}{lccccccccc}"
+    assert r"\cmidrule(lr){2-4} \cmidrule(lr){5-7} \cmidrule(lr){8-10}" in body
+    assert r"Dataset & Base & New & HM & Base & New & HM & Base & New & HM \\" in body
+    p = PROMPTKD["oxford_pets"]
+    pb, pn = [v[0] for v in PETS.values()], [v[1] for v in PETS.values()]
+    row = next(line for line in body if line.startswith("OxfordPets &"))
+    cells = row.removesuffix(r" \\").split(" & ")
+    assert cells[4:7] == [f"{p.base:.2f}", f"{p.new:.2f}", f"{p.hm:.2f}"]
+    assert cells[7] == f"${mean(pb) - p.base:+.2f}$" and cells[8] == f"${mean(pn) - p.new:+.2f}$"
+    avg_row = next(line for line in body if line.startswith("Average"))
+    assert avg_row.count("--") == 6  # 2 of 11 datasets: no published average to compare with
+    assert "% Published: " in out
+
+
+def test_latex_fewshot_and_not_sweep(root, capsys):
+    rc, out, _ = run_cli(capsys, "report", str(root), "--fewshot", "--format", "latex")
+    assert rc == 0
+    body = latex_rows(out, "promptkd, 4 shots")
+    assert r"Dataset & Accuracy \\" in body and r"DescribableTextures & 52.00 $\pm$ 2.00 \\" in body
+    assert r"OxfordPets & 86.00 $\pm$ 0.82 \\" in body and r"Average (2 datasets) & 69.00 \\" in body
+    rc, out, err = run_cli(capsys, "report", str(root), "--sweep", "--format", "latex")
+    assert rc == 2 and out == "" and "--format latex" in err and err.count("\n") == 1
+
+
+def test_base_test_selected_runs_are_marked_and_never_averaged_with_honest_ones(tmp_path, capsys):
+    r = tmp_path / "runs"
+    write_run(r / "abkd" / "dtd" / "seed1", b2n(70.0, 60.0))
+    write_run(r / "abkd" / "dtd" / "seed2", {**b2n(90.0, 80.0), "selected_on": "base_test"})
+    assert main(["report", str(r), "--format", "json", "--method", "abkd"]) == 2  # two tables now: pick one
+    capsys.readouterr()
+    assert main(["report", str(r)]) == 0
+    out = capsys.readouterr().out
+    assert "### abkd\n" in out and "### abkd [selected on base test]" in out
+    assert "| 70.00 ± 0.00 |" in out and "| 90.00 ± 0.00 |" in out and "± 10.00" not in out  # never averaged
+    assert main(["report", str(r), "--format", "csv", "--method", "abkd"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {row["method"] for row in rows} == {"abkd", "abkd [selected on base test]"}

@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clipkd.cli import data_cmd, toy_cmd, train_cmd
     from clipkd.cli import report_cmd
     from clipkd.cli import sweep_cmd
+    from clipkd.cli import config_cmd
 
     parser = argparse.ArgumentParser(
         prog="clipkd",
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     toy_cmd.add_parsers(sub)
     report_cmd.add_parsers(sub)
     sweep_cmd.add_parsers(sub)
+    config_cmd.add_parsers(sub)
     return parser
 
 
@@ -52,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"clipkd: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `clipkd data split --json | head`
+        sys.stderr.close()
+        return 0
     except OSError as exc:  # e.g. a read-only or full disk met outside clipkd's own writes
         if args.debug or exc.filename is None:
             raise
@@ -59,9 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"clipkd: error: {os_error_message(exc.filename, exc, 'access')}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # e.g. `clipkd data split --json | head`
-        sys.stderr.close()
-        return 0
     except KeyboardInterrupt:
         print("clipkd: interrupted", file=sys.stderr)
         return 130

@@ -27,6 +27,17 @@ on stderr for csv/json so that stdout stays machine-readable).
 (md and csv print every method; csv has a method column). With --compare published, json entries gain
 "published" and "delta" (ours - published) keys. --fewshot json: {"methods": {M: {K: {"datasets", "average"}}}};
 --sweep json: {"sweeps": [{"method", "dataset", "cells", "best"}]}.
+
+--format latex prints one booktabs tabular per method (datasets as rows; Base, New, HM as columns; the
+Average row below a rule; mean ± std where a dataset has several seeds) or, with --fewshot, per method and K;
+the paper needs the booktabs package.
+
+Dassl's tools/parse_test_res.py reads one accuracy per seed folder (the last "* accuracy: X%" line of
+<seed>/log.txt after a "Finish training" line, or after "=> result" with --test-log). A run's own log.txt
+ends like a Dassl training log with its base result (all, for few-shot runs), so
+"parse_test_res.py output/base2new/<method>/<dataset>" prints the seed-mean Base. For New, --dassl-logs DIR
+writes the CoOp trees DIR/train_base/<dataset>/<method>/seed<S>/log.txt (Base) and
+DIR/test_new/<dataset>/<method>/seed<S>/log.txt (New: parse it with --test-log) from results.json.
 """
 
 
@@ -37,7 +48,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("root", metavar="ROOT",
                    help="results folder holding <method>/<dataset>/seed<S>/ run folders (e.g. output/base2new), "
                         "or a method, dataset or run folder below it")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
+    p.add_argument("--format", choices=("md", "csv", "json", "latex"), default="md",
+                   help="output format (default md; latex: booktabs tables for a paper, not with --sweep)")
     p.add_argument("--method", help="only this method (required for --format json when ROOT holds several)")
     p.add_argument("--dataset", help="only this dataset (stem, e.g. oxford_pets, or NAME, e.g. OxfordPets)")
     p.add_argument("--compare", choices=("published",),
@@ -48,6 +60,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="FILE.png",
                    help="with --sweep: heatmap of HM over (alpha, beta) (needs matplotlib: the 'plot' extra); "
                         "several sweeps write FILE_<method>_<dataset>.png")
+    p.add_argument("--dassl-logs", metavar="DIR",
+                   help="also write the base-to-new results as Dassl logs that Dassl's unchanged "
+                        "tools/parse_test_res.py reads the CoOp way: DIR/train_base/<dataset>/<method>/seed<S>/"
+                        "log.txt (parse_test_res.py DIR/train_base/<dataset>/<method>) and DIR/test_new/... "
+                        "(the same with --test-log); DIR must be new or empty")
     p.set_defaults(func=cmd_report)
 
 
@@ -97,14 +114,55 @@ def _no_runs_message(col, kind: str, args: argparse.Namespace, bad: list) -> str
     return msg
 
 
+DASSL_TRAIN_BASE = "train_base"
+DASSL_TEST_NEW = "test_new"
+
+
+def _write_dassl_logs(runs: list, out: Path) -> None:
+    """Each complete base-to-new run as two Dassl logs in the CoOp layout: ``train_base/<dataset>/<method>/
+    seed<S>/log.txt`` ends like a Dassl training log with the Base result, ``test_new/...`` like a test log
+    with the New result, each accuracy as results.json holds it."""
+    import json
+
+    from clipkd.engine.evaluate import dassl_log_lines  # imports torch: only when --dassl-logs asks for it
+    from clipkd.errors import ClipkdError
+    from clipkd.fileio import atomic_write_text
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ClipkdError(f"--dassl-logs {out} is not a new or empty folder; remove it or pick another (logs "
+                          "left there from other runs would be averaged in by parse_test_res.py)")
+    seen: dict[tuple, Path] = {}
+    for r in runs:
+        key = (r.dataset, r.method, r.seed)
+        if key in seen:
+            raise ClipkdError(f"--dassl-logs: {seen[key]} and {r.path} are both {r.method}/{r.dataset}/seed{r.seed}; "
+                              "pass a ROOT that holds one of them")
+        seen[key] = r.path
+    for r in runs:
+        results = json.loads((r.path / "results.json").read_text(encoding="utf-8"))
+        for folder, half, training in ((DASSL_TRAIN_BASE, "base", True), (DASSL_TEST_NEW, "new", False)):
+            lines = dassl_log_lines(results, half, training=training)
+            atomic_write_text(out / folder / r.dataset / r.method / f"seed{r.seed}" / "log.txt",
+                              "\n".join(lines) + "\n")
+    pairs = sorted({(r.dataset, r.method) for r in runs})
+    print(f"wrote {2 * len(runs)} Dassl logs under {out}; e.g. python tools/parse_test_res.py "
+          f"{out / DASSL_TRAIN_BASE / pairs[0][0] / pairs[0][1]} (Base), and {DASSL_TEST_NEW} in place of "
+          f"{DASSL_TRAIN_BASE} with --test-log (New)", file=sys.stderr)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from clipkd.errors import ClipkdError
     from clipkd.reports import aggregate, render
-    from clipkd.reports.collect import KIND_B2N, KIND_FEWSHOT, KIND_SWEEP, collect
+    from clipkd.reports.collect import BASE_TEST_MARK, KIND_B2N, KIND_FEWSHOT, KIND_SWEEP, collect
     from clipkd.reports.published import REFERENCES
 
     if args.plot and not args.sweep:
         raise ClipkdError("--plot draws a sweep heatmap: add --sweep")
+    if args.format == "latex" and args.sweep:
+        raise ClipkdError("--format latex prints base-to-new and few-shot tables; for a sweep use md, csv or json")
+    if args.dassl_logs and (args.sweep or args.fewshot):
+        raise ClipkdError("--dassl-logs writes base-to-new runs (a few-shot run's own log.txt already ends with "
+                          "its result in Dassl's form): drop --sweep/--fewshot")
     if args.compare and (args.sweep or args.fewshot):
         raise ClipkdError("--compare published applies to the base-to-new tables only (drop --sweep/--fewshot)")
     kind = KIND_SWEEP if args.sweep else KIND_FEWSHOT if args.fewshot else KIND_B2N
@@ -112,7 +170,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     stem = _dataset_stem(args.dataset) if args.dataset else None
 
     def keep(r) -> bool:  # noqa: ANN001
-        return (args.method is None or r.method == args.method) and (stem is None or r.dataset == stem)
+        method = r.method.removesuffix(BASE_TEST_MARK)  # --method M also shows M's base-test-selected runs
+        return (args.method is None or method == args.method) and (stem is None or r.dataset == stem)
 
     runs = [r for r in col.complete(kind) if keep(r)]
     # runs that fit no layout, or sit where method/dataset cannot be read, are listed whatever the filters
@@ -129,10 +188,13 @@ def cmd_report(args: argparse.Namespace) -> int:
                                   "--format json reports one, pick it with --method")
             text = render.dumps(render.b2n_dict(tables[0], ref))
         else:
-            text = render.b2n_csv(tables, ref) if args.format == "csv" else render.b2n_markdown(tables, ref)
+            text = {"md": render.b2n_markdown, "csv": render.b2n_csv, "latex": render.b2n_latex}[args.format](
+                tables, ref)
+        if args.dassl_logs:
+            _write_dassl_logs(runs, Path(args.dassl_logs))
     elif kind == KIND_FEWSHOT:
         ftables = aggregate.fewshot_tables(runs)
-        text = {"md": render.fewshot_markdown, "csv": render.fewshot_csv,
+        text = {"md": render.fewshot_markdown, "csv": render.fewshot_csv, "latex": render.fewshot_latex,
                 "json": lambda t: render.dumps(render.fewshot_dict(t))}[args.format](ftables)
     else:
         sweeps = aggregate.sweeps(runs)

@@ -22,7 +22,7 @@ from clipkd.engine import distributed as dist
 from clipkd.engine.metrics import harmonic_mean
 
 __all__ = ["harmonic_mean", "predict", "predict_half", "evaluate_half", "evaluate_halves",
-           "classification_metrics", "results_payload", "format_dassl_lines"]
+           "classification_metrics", "results_payload", "format_dassl_lines", "dassl_log_lines"]
 
 
 @torch.no_grad()
@@ -68,13 +68,47 @@ def results_payload(halves: dict[str, dict]) -> dict:
 
 
 def format_dassl_lines(name: str, metrics: dict) -> list[str]:
-    """Dassl-style result lines, so existing log parsers keep working."""
+    """Dassl-style result lines of one half, for people reading log.txt (``=> result (base)`` is not the
+    ``=> result`` line Dassl's parse_test_res.py waits for: it reads the ending :func:`dassl_log_lines` gives)."""
     return [
         f"=> result ({name})",
         f"* total: {metrics['n']:,}",
         f"* accuracy: {metrics['accuracy']:.2f}%",
         f"* macro_f1: {metrics['macro_f1']:.2f}%",
     ]
+
+
+# The two lines Dassl's tools/parse_test_res.py waits for (a whole stripped line, compared exactly) before it
+# reads ``* accuracy: X%`` lines: a training log's (default) and a test log's (--test-log).
+DASSL_FINISH_TRAINING = "Finish training"
+DASSL_RESULT = "=> result"
+
+
+def dassl_log_lines(results: dict, half: str | None = None, *, training: bool = True) -> list[str]:
+    """One half's result as the lines Dassl writes, for Dassl's ``tools/parse_test_res.py``.
+
+    That parser reads ``<seed folder>/log.txt``, starts reading at the first line that is exactly
+    ``Finish training`` (or ``=> result`` with ``--test-log``) and keeps the *last* ``* accuracy: X%`` line
+    after it, so a log it reads holds one accuracy. ``training=True`` gives a training log's ending
+    (``Finish training``, then the result: both parser modes read it); ``False`` a test log's (``--test-log``
+    only). ``half`` defaults to base (base-to-new runs) or all (few-shot runs). The accuracy is written with
+    full float precision, so the parser reads exactly the value in results.json.
+    """
+    if half is None:
+        half = "base" if "base" in results else "all"
+    if half not in results or not isinstance(results[half], dict):
+        raise KeyError(f"the results hold no {half!r} half (they hold {', '.join(sorted(results))})")
+    m = results[half]
+    acc = float(m["accuracy"])
+    lines = [DASSL_FINISH_TRAINING] if training else []
+    lines.append(DASSL_RESULT)
+    if "n" in m:
+        n = int(m["n"])
+        lines += [f"* total: {n:,}", f"* correct: {round(acc * n / 100):,}"]
+    lines += [f"* accuracy: {acc!r}%", f"* error: {100.0 - acc!r}%"]
+    if "macro_f1" in m:
+        lines.append(f"* macro_f1: {float(m['macro_f1'])!r}%")
+    return lines
 
 
 

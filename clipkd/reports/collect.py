@@ -30,6 +30,9 @@ from pathlib import Path
 from clipkd.errors import ClipkdError
 
 RESULTS_FILE = "results.json"
+# Runs whose final epoch was picked on the base TEST split (TEST.FINAL_MODEL best_base_test, the reference code's
+# choice) are reported as a method of their own with this mark, so they never share an average with honest runs.
+BASE_TEST_MARK = " [selected on base test]"
 RUN_MARKERS = (RESULTS_FILE, "config.yaml", "log.txt")
 FEWSHOT_DIR = "fewshot"
 
@@ -129,6 +132,13 @@ def _read_results(path: Path, keys: tuple[str, ...]) -> tuple[dict | None, str]:
         return None, f"malformed {RESULTS_FILE}: {exc}"
 
 
+def _selected_on(path: Path) -> str:
+    try:
+        return str(json.loads((path / RESULTS_FILE).read_text(encoding="utf-8")).get("selected_on", "last"))
+    except (OSError, ValueError, AttributeError):
+        return "last"
+
+
 def _above(root: Path) -> tuple[str, ...]:
     """The names of ROOT and the folders above it, outermost first (as written: symlinks are not resolved)."""
     absolute = Path(os.path.abspath(root))
@@ -182,6 +192,8 @@ def _place(run: Run, kind: str, names: tuple[str, ...], level: int) -> None:
         run.shots = int(_SHOTS.match(loc[2]).group(1))  # type: ignore[union-attr]
     run.method, run.dataset, run.level = loc[0], loc[1], level
     run.results, run.problem = _read_results(run.path, ("all",) if kind == KIND_FEWSHOT else ("base", "new"))
+    if run.results is not None and _selected_on(run.path) == "base_test":
+        run.method += BASE_TEST_MARK
 
 
 def _classify(root: Path, paths: list[Path]) -> tuple[list[Run], dict[str, int], dict[str, list[Path]]]:

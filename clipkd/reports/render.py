@@ -1,4 +1,4 @@
-"""Render aggregated tables as Markdown, CSV or JSON (all plain text, returned as strings)."""
+"""Render aggregated tables as Markdown, CSV, JSON or LaTeX (all plain text, returned as strings)."""
 
 from __future__ import annotations
 
@@ -128,6 +128,96 @@ def b2n_csv(tables: list[MethodTable], ref: Reference | None = None) -> str:
                         if p else [""] * 6)
             w.writerow(row)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- LaTeX (booktabs)
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    """Text made safe for a LaTeX table cell (underscores, percent signs, ...)."""
+    return "".join(_TEX_ESCAPES.get(c, c) for c in str(text))
+
+
+def _tex_pm(s: Stat) -> str:
+    """mean $\\pm$ std over several seeds; the bare mean for one seed (a std of one value says nothing)."""
+    return f"{s.mean:.2f} $\\pm$ {s.std:.2f}" if s.n > 1 else f"{s.mean:.2f}"
+
+
+def _tex_d(x: float) -> str:
+    return f"${x:+.2f}$"
+
+
+def _tex_row(cells: list[str]) -> str:
+    return " & ".join(cells) + r" \\"
+
+
+def _tex_seeds_note(counts: list[int]) -> str:
+    """How many seeds the rows average, for the note under a table."""
+    kinds = sorted(set(counts))
+    if kinds == [1]:
+        return "one seed"
+    return f"{kinds[0]} seeds" if len(kinds) == 1 else f"{kinds[0]}-{kinds[-1]} seeds per dataset"
+
+
+def b2n_latex(tables: list[MethodTable], ref: Reference | None = None) -> str:
+    """One booktabs ``tabular`` per method: datasets as rows, Base / New / HM as columns, the Average row
+    below a rule (with ``ref``: column groups Ours / Published / Delta). Needs ``\\usepackage{booktabs}``."""
+    out: list[str] = ["% \\usepackage{booktabs}; written by clipkd report --format latex"]
+    ncols = 10 if ref else 4
+    for t in tables:
+        avg = t.average
+        out += ["", f"% {tex_escape(t.method)}", "\\begin{tabular}{l" + "c" * (ncols - 1) + "}", r"\toprule",
+                _tex_row([f"\\multicolumn{{{ncols}}}{{l}}{{{tex_escape(t.method)}}}"]), r"\midrule"]
+        if ref:
+            out += [_tex_row(["", r"\multicolumn{3}{c}{Ours}", r"\multicolumn{3}{c}{Published}",
+                              r"\multicolumn{3}{c}{$\Delta$}"]),
+                    r"\cmidrule(lr){2-4} \cmidrule(lr){5-7} \cmidrule(lr){8-10}",
+                    _tex_row(["Dataset"] + ["Base", "New", "HM"] * 3)]
+        else:
+            out.append(_tex_row(["Dataset", "Base", "New", "HM"]))
+        out.append(r"\midrule")
+        for r in t.rows:
+            row = [tex_escape(r.name), _tex_pm(r.base), _tex_pm(r.new), f"{r.hm:.2f}"]
+            if ref:
+                p = ref[0].get(r.stem)
+                row += ([f"{p.base:.2f}", f"{p.new:.2f}", f"{p.hm:.2f}", _tex_d(r.base.mean - p.base),
+                         _tex_d(r.new.mean - p.new), _tex_d(r.hm - p.hm)] if p else ["--"] * 6)
+            out.append(_tex_row(row))
+        if avg:
+            out.append(r"\midrule")
+            row = [f"Average ({_n(avg.n_datasets)})", f"{avg.base:.2f}", f"{avg.new:.2f}", f"{avg.hm:.2f}"]
+            if ref:
+                p = average_reference(t, ref)
+                row += ([f"{p.base:.2f}", f"{p.new:.2f}", f"{p.hm:.2f}", _tex_d(avg.base - p.base),
+                         _tex_d(avg.new - p.new), _tex_d(avg.hm - p.hm)] if p else ["--"] * 6)
+            out.append(_tex_row(row))
+        out += [r"\bottomrule", r"\end{tabular}"]
+        out.append(f"% Base/New: mean $\\pm$ population std over {_tex_seeds_note([r.base.n for r in t.rows])}; "
+                   "HM: harmonic mean of the mean Base and mean New; Average: HM of the dataset-mean Base and New.")
+        if ref:
+            note = f"% Published: {tex_escape(ref[2])}; $\\Delta$ = ours - published."
+            if avg and average_reference(t, ref) is None:
+                note += " The published average is compared only when all 11 datasets are present."
+            out.append(note)
+    return "\n".join(out) + "\n"
+
+
+def fewshot_latex(tables: list[FewShotTable]) -> str:
+    """One booktabs ``tabular`` per (method, K): datasets as rows, accuracy, then the Average row."""
+    out: list[str] = ["% \\usepackage{booktabs}; written by clipkd report --fewshot --format latex"]
+    for t in tables:
+        title = f"{tex_escape(t.method)}, {t.shots} shots"
+        out += ["", f"% {title}", r"\begin{tabular}{lc}", r"\toprule",
+                _tex_row([f"\\multicolumn{{2}}{{l}}{{{title}}}"]), r"\midrule", _tex_row(["Dataset", "Accuracy"]),
+                r"\midrule"]
+        out += [_tex_row([tex_escape(r.name), _tex_pm(r.acc)]) for r in t.rows]
+        out += [r"\midrule", _tex_row([f"Average ({_n(len(t.rows))})", f"{t.average:.2f}"]), r"\bottomrule",
+                r"\end{tabular}",
+                f"% Accuracy: mean $\\pm$ population std over {_tex_seeds_note([r.acc.n for r in t.rows])}; "
+                "Average: mean of the dataset means."]
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------- few-shot
