@@ -25,10 +25,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "eval", help="evaluate a trained run, or a zero-shot teacher/student, on base and new classes",
-        description="Re-evaluate a run (--run DIR) or evaluate without training (--zero-shot teacher|student "
-        "with the same config arguments as train).")
+        "eval", help="evaluate a trained run, a student checkpoint, or a zero-shot teacher/student, on base and "
+        "new classes",
+        description="Re-evaluate a run (--run DIR), evaluate a student checkpoint file (--checkpoint FILE: "
+        "clipkd's model.pt or a PromptKD student's model-best.pth.tar, with the config arguments of train), or "
+        "evaluate without training (--zero-shot teacher|student, with the config arguments of train).")
     p.add_argument("--run", help="a run folder written by clipkd train")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="a student checkpoint: clipkd's model.pt (or its run folder) or a PromptKD student file "
+                        "(model-best.pth.tar / model.pth.tar-N, or its VLPromptLearner folder); read without "
+                        "running code from it; the student is built from --dataset-config/--config/KEY VALUE")
     p.add_argument("--zero-shot", choices=("teacher", "student"),
                    help="evaluate a CLIP zero-shot instead: the configured teacher, or the student's CLIP with "
                         "its own text tower and the teacher's templates")
@@ -36,9 +42,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="evaluate one half only (default: base and new, or all for few-shot runs)")
     p.add_argument("--root", help="DATA root (overrides the run's DATASET.ROOT)")
     p.add_argument("--dataset-config")
-    p.add_argument("--config")
+    p.add_argument("--config", action="append", default=[],
+                   help="configs/methods/METHOD.yaml; repeat to add per-dataset settings merged after it")
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="also write the results JSON to this file")
+    p.add_argument("--output-dir", help="write DIR/results.json (the folder is created if needed)")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     p.set_defaults(func=cmd_eval)
 
@@ -95,16 +103,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from clipkd.engine.run import Run
     from clipkd.errors import ClipkdError
 
-    if bool(args.run) == bool(args.zero_shot):
-        raise ClipkdError("give either --run DIR or --zero-shot teacher|student")
+    if sum(bool(a) for a in (args.run, args.zero_shot, args.checkpoint)) != 1:
+        raise ClipkdError("give one of --run DIR, --checkpoint FILE or --zero-shot teacher|student")
     if args.run:
         if args.dataset_config or args.config:
             raise ClipkdError("--run DIR evaluates with the run's own config.yaml; drop --dataset-config/--config "
                               "(KEY VALUE overrides such as DATASET.ROOT still apply)")
         run = Run.load(args.run, [*_flag_opts(args), *_user_opts(args)])
         which = "final"
+    elif args.checkpoint:
+        run = Run(_config(args, [args.dataset_config, *args.config]))
+        run.load_student_file(args.checkpoint)
+        which = "final"
     else:
-        run = Run(_config(args, [args.dataset_config, args.config]))
+        run = Run(_config(args, [args.dataset_config, *args.config]))
         which = args.zero_shot
     halves = (args.subsample,) if args.subsample else None
     results = run.evaluate(halves, which=which)
@@ -113,8 +125,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"({results[half]['n']} images)")
     if "hm" in results:
         print(f"HM: {results['hm']:.2f}%")
-    if args.output:
-        from clipkd.fileio import atomic_write_text
+    if args.checkpoint:
+        results["checkpoint"] = str(args.checkpoint)
+    from clipkd.fileio import atomic_write_text
 
+    if args.output:
         atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
+    if args.output_dir:
+        from clipkd.engine.rundir import RESULTS_FILE
+
+        atomic_write_text(Path(args.output_dir) / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     return 0

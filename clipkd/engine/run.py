@@ -26,7 +26,7 @@ from clipkd.data.splits import ResolvedSplit, resolve_split
 from clipkd.engine import distributed as dist
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.distiller import Distiller, build_objective
-from clipkd.engine.evaluate import evaluate_half, evaluate_halves, predict_half
+from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half
 from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
 from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.train import TrainState, autocast_for, seed_everything, train_epochs
@@ -100,6 +100,10 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
     if d.CE_WEIGHT > 0 and d.PROTOCOL != "inductive":
         raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
                           "set it to 0 or use DISTILL.PROTOCOL inductive")
+    if d.OBJECTIVE == "promptsrc":
+        from clipkd.engine.promptsrc import check_promptsrc_config
+
+        check_promptsrc_config(cfg)
     if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
     t = cfg.MODEL.TEACHER
@@ -214,6 +218,20 @@ class Run:
             self.student.load_trainable_state_dict(ckpt["state_dict"], source=str(path))
         return self.student
 
+    def load_student_file(self, path: str | Path) -> Any:
+        """Build the configured teacher and student as training does and load a student checkpoint into the
+        student, which ``model("final")`` / ``evaluate()`` then use: clipkd's ``model.pt`` (or a run folder)
+        or a PromptKD student file (Dassl ``model-best.pth.tar``: prompts + ``VPT_image_trans.*``). Read
+        without running code from the file; its frozen CLIP weights and class buffers are ignored (they come
+        from MODEL.STUDENT.PRETRAINED), every prompt / projector tensor must be there with the model's shape."""
+        from clipkd.models.state import read_state_dict, resolve_checkpoint_file
+
+        file = resolve_checkpoint_file(path, key="--checkpoint")
+        state = read_state_dict(file, what="student checkpoint")
+        self.build()
+        self.student.load_trainable_state_dict(state, source=str(file), ignore_frozen_clip_weights=True)
+        return self.student
+
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self, halves: Sequence[str] | None = None, which: str = "final", log: RunLog | None = None) -> dict:
         data = self.data
@@ -273,7 +291,8 @@ class Run:
         check_setup(cfg, self.data, dist.world_size())
         self.build()
         data, student = self.data, self.student
-        distiller = Distiller(student, self.teacher, data.train.classnames, build_objective(cfg))
+        objective = build_objective(cfg, student, data.train.classnames)
+        distiller = Distiller(student, self.teacher, data.train.classnames, objective)
         model: torch.nn.Module = distiller
         if distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -303,7 +322,7 @@ class Run:
                 log.info(f"clipkd run: {data.spec.name}, {cfg.DISTILL.PROTOCOL} protocol, "
                          f"{len(data.train.train)} training images, {len(data.train.classnames)} classes, "
                          f"student {cfg.MODEL.STUDENT.TYPE} ({n_train:,} trainable parameters), "
-                         f"loss {cfg.DISTILL.LOSS} x {cfg.DISTILL.WEIGHT}, device {self.device}")
+                         f"objective {objective!r}, device {self.device}")
             autocast, _ = autocast_for(cfg.OPTIM.PRECISION, self.device)
             validate = None
             if cfg.TEST.FINAL_MODEL != "last":  # val: the few-shot val split; best_base_test: the test split
@@ -330,6 +349,8 @@ class Run:
                 save_checkpoint(out / MODEL_FILE, student.trainable_state_dict(), epoch=final_epoch,
                                 student_type=cfg.MODEL.STUDENT.TYPE)
             results = self.evaluate(log=log)
+            for line in dassl_log_lines(results):  # what Dassl's tools/parse_test_res.py reads
+                log.info(line)
             results.update(epoch=final_epoch, selected_on=SELECTED_ON[cfg.TEST.FINAL_MODEL],
                            teacher=teacher_description(cfg) if self.teacher is not None else "none")
             if main:
