@@ -2,8 +2,10 @@
 
 All of clipkd speaks through stdlib ``logging`` under the ``clipkd`` logger; the CLI configures the console
 once (:func:`setup_console_logging`) and each run adds its ``log.txt`` as a handler for its duration, so the
-file holds what the console showed (model building, warnings, epochs, results). A quiet run (the demo's,
-tests') still writes its file but keeps its own lines off the console.
+file also holds what else clipkd reported meanwhile (warnings, and progress where the console shows it). The
+run's own lines always reach its file; they reach the console only when the run echoes (not the demo's or
+tests' runs), and only through handlers the application configured (clipkd never sets a level on its own
+outside the CLI).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from typing import Any
 from clipkd.fileio import OutputError, os_error_message
 
 LOGGER = "clipkd"
-_QUIET = "clipkd_quiet"
+_RUN_LINE = "clipkd_run_line"  # a RunLog line: already in the run's file, so its file handler skips it
 log = logging.getLogger(LOGGER)
 
 
-class _DropQuiet(logging.Filter):
+class _NotRunLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(record, _QUIET, False)
+        return not getattr(record, _RUN_LINE, False)
 
 
 class _Console(logging.StreamHandler):
@@ -49,7 +51,6 @@ def setup_console_logging(level: int = logging.INFO) -> None:
     if not any(isinstance(h, _Console) for h in logger.handlers):
         handler = _Console()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.addFilter(_DropQuiet())
         logger.addHandler(handler)
         warnings_logger = logging.getLogger("py.warnings")
         warnings_logger.addHandler(handler)
@@ -85,8 +86,7 @@ class RunLog:
             self.close()
             raise OutputError(os_error_message(exc.filename or folder, exc, "open")) from exc
         self._file.setFormatter(logging.Formatter("%(message)s"))
-        if log.level == logging.NOTSET:  # not configured by the CLI: still let INFO reach the file
-            log.setLevel(logging.INFO)
+        self._file.addFilter(_NotRunLines())
         log.addHandler(self._file)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # require_tensorboard() checked it at set-up
@@ -94,9 +94,12 @@ class RunLog:
             self._tb = SummaryWriter(str(folder / "tensorboard"))
 
     def info(self, message: str) -> None:
+        """A line of this run: always into ``log.txt``; to the console too when the run echoes."""
         if self._file is None:
             return
-        log.info(message, extra={_QUIET: not self.echo})
+        self._file.emit(logging.LogRecord(LOGGER, logging.INFO, __file__, 0, message, None, None))
+        if self.echo:
+            log.info(message, extra={_RUN_LINE: True})
 
     def metrics(self, kind: str, **values: Any) -> None:
         if self._jsonl is None:
