@@ -125,25 +125,6 @@ class GaussianPromptAggregation:
 
 
 # ------------------------------------------------------------------------------------------------ frozen CLIP
-def _prompt_free_text_encoder(text_encoder: nn.Module) -> nn.Module:
-    """A PromptedTextEncoder without prompts over ``text_encoder``'s frozen text tower (the same tensors).
-
-    PromptedTextEncoder reads its parts from an open_clip CLIP; the student keeps those parts but not the CLIP
-    object, so an empty CLIP is given exactly them (no weights are copied or created).
-    """
-    from open_clip.model import CLIP
-
-    from clipkd.models.prompts import PromptedTextEncoder
-
-    view = CLIP.__new__(CLIP)
-    nn.Module.__init__(view)
-    for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
-        setattr(view, name, getattr(text_encoder, name))
-    view.register_buffer("attn_mask", text_encoder.attn_mask, persistent=False)
-    view.text_pool_type, view.text_eos_id = text_encoder.pool_type, text_encoder.eos_id
-    return PromptedTextEncoder(view, text_encoder.tokenizer)
-
-
 @torch.no_grad()
 def template_averaged_embeddings(text_encoder: nn.Module, classnames: Sequence[str],
                                  templates: Sequence[str | Callable[[str], str]]) -> Tensor:
@@ -169,10 +150,11 @@ class ZeroShotReference:
 
     def __init__(self, student: nn.Module, classnames: Sequence[str],
                  templates: Sequence[str | Callable[[str], str]] | None = None) -> None:
-        from clipkd.models.prompts import PromptedVisionEncoder
+        from clipkd.models.prompts import PromptedTextEncoder, PromptedVisionEncoder
 
         self.image_encoder = PromptedVisionEncoder(student.image_encoder.visual)  # no prompts, shared weights
-        self.text_encoder = _prompt_free_text_encoder(student.text_encoder)
+        # no prompts over the student's frozen text tower (shared weights)
+        self.text_encoder = PromptedTextEncoder(student.text_encoder, student.text_encoder.tokenizer)
         self.logit_scale = student.logit_scale
         self.classnames = list(classnames)
         self.fixed_embeddings = template_averaged_embeddings(

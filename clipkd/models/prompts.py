@@ -198,12 +198,15 @@ class PromptedVisionEncoder(_PromptedEncoder):
 
 
 def _text_tower_parts(model: nn.Module) -> dict[str, object]:
-    """The text-tower pieces of an open_clip CLIP (flattened on the model) or CustomTextCLIP (``.text``)."""
+    """The text-tower pieces of an open_clip CLIP (flattened on the model) or CustomTextCLIP (``.text``), or of
+    another PromptedTextEncoder (the same frozen tower, e.g. for a prompt-free view of a student's)."""
     from open_clip.model import CLIP
     from open_clip.transformer import TextTransformer
 
     text = getattr(model, "text", None)
-    if isinstance(text, TextTransformer):
+    if isinstance(model, PromptedTextEncoder):
+        src, pool, eos = model, model.pool_type, model.eos_id
+    elif isinstance(text, TextTransformer):
         if text.cls_emb is not None or text.use_pad_mask:
             raise ModelError(
                 "text prompts support CLIP-style causal text towers only (no class token / padding mask); "
