@@ -250,3 +250,15 @@ def test_tensorboard_sink_is_opt_in(synth_root, tmp_path, capsys):
         assert rc == 0 and any((out / "tensorboard").iterdir())
     plain = tmp_path / "plain"
     assert train_cli(synth_root, plain, "OPTIM.MAX_EPOCH", "1") == 0 and not (plain / "tensorboard").exists()
+
+
+def test_eval_of_a_student_file_needs_the_prompted_teacher_too(synth_root, tmp_path, capsys):
+    """A PromptKD student's classifier is its teacher's class embeddings: evaluating one under a recipe that
+    names a prompted teacher, without the teacher, must not silently use a zero-shot one."""
+    out = tmp_path / "run"
+    fit(config(synth_root, "abkd_promptkd", "OPTIM.MAX_EPOCH", "1"), out)
+    args = ["eval", "--checkpoint", str(out / "model.pt"), "--root", str(synth_root), "--dataset-config",
+            DATASET_CFG, "--config", str(ROOT / "configs/methods/abkd_promptkd.yaml"), *TINY]
+    assert main([*args, "MODEL.TEACHER.CHECKPOINT", ""]) == 2
+    assert "MODEL.TEACHER.PROMPTED True" in capsys.readouterr().err
+    assert main(args) == 0  # TINY names the zero-shot teacher explicitly, as the run had

@@ -94,6 +94,19 @@ def model_input_size(name: str) -> tuple[int, int] | None:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def check_teacher(cfg: CfgNode) -> None:
+    """A recipe that distils from a prompted teacher never silently gets a zero-shot one (training or eval: a
+    PromptKD student's classifier is its teacher's class embeddings)."""
+    t = cfg.MODEL.TEACHER
+    if t.PROMPTED and not t.CHECKPOINT and needs_teacher(cfg):
+        raise ConfigError(
+            "this method distils from a PromptSRC-prompted teacher (MODEL.TEACHER.PROMPTED True) and "
+            "MODEL.TEACHER.CHECKPOINT is empty: train one with scripts/teacher.sh DATASET SEED and pass "
+            "MODEL.TEACHER.CHECKPOINT output/teachers/<dataset>/seed<S>, or import PromptKD's released teacher "
+            "(MODEL.TEACHER.CHECKPOINT path/to/model-best.pth.tar or its teacher_model folder), or distil from the "
+            "zero-shot teacher on purpose with MODEL.TEACHER.CHECKPOINT zero-shot")
+
+
 def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
     """The combinations that would otherwise fail deep inside a step, or train something meaningless."""
     d = cfg.DISTILL
@@ -106,14 +119,7 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
         check_promptsrc_config(cfg)
     if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
-    t = cfg.MODEL.TEACHER
-    if t.PROMPTED and not t.CHECKPOINT and needs_teacher(cfg):
-        raise ConfigError(
-            "this method distils from a PromptSRC-prompted teacher (MODEL.TEACHER.PROMPTED True) and "
-            "MODEL.TEACHER.CHECKPOINT is empty: train one with scripts/teacher.sh DATASET SEED and pass "
-            "MODEL.TEACHER.CHECKPOINT output/teachers/<dataset>/seed<S>, or import PromptKD's released teacher "
-            "(MODEL.TEACHER.CHECKPOINT path/to/model-best.pth.tar or its teacher_model folder), or distil from the "
-            "zero-shot teacher on purpose with MODEL.TEACHER.CHECKPOINT zero-shot")
+    check_teacher(cfg)
     if cfg.TEST.FINAL_MODEL == "val" and not data.select.val:
         raise ConfigError(f"{data.spec.name} has no held-out val split (its val would be the test set); "
                           "use TEST.FINAL_MODEL last")
@@ -184,6 +190,7 @@ class Run:
         from clipkd.models.student import build_student
         from clipkd.models.teacher import build_teacher
 
+        check_teacher(self.cfg)
         seed_everything(self.cfg.SEED)
         template = get_spec(self.cfg.DATASET.NAME).template  # no data needed (benchmarks build without any)
         self.teacher = build_teacher(self.cfg, template, device=self.device) if needs_teacher(self.cfg) else None
