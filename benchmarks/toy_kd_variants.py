@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from clipkd.data.cache import default_cache_dir
-from clipkd.engine.metrics import harmonic_mean
 from clipkd.engine.run import Run
-from clipkd.toy.demo import demo_config, prepare_assets
+from clipkd.toy.demo import demo_config
+from toy_common import seed_table, toy_assets  # benchmarks/toy_common.py (scripts run from benchmarks/)
 
 # method -> the DISTILL.LOSS name; each runs once with DISTILL.DIVERGENCE kl and once with ab
 METHODS = {"KD": "kl", "DKD": "dkd", "LSD": "lsd", "TTM": "ttm", "DIST": "dist"}
@@ -36,19 +34,6 @@ def overrides(loss: str, divergence: str) -> list[str]:
     return ["DISTILL.LOSS", loss, "DISTILL.DIVERGENCE", divergence]
 
 
-def table(rows: list[dict]) -> str:
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["divergence"]), []).append(r)
-    out = ["| method | divergence | seeds | Base | New | HM |", "|---|---|---|---|---|---|"]
-    for (method, divergence), rs in groups.items():
-        b, n = [r["base"] for r in rs], [r["new"] for r in rs]
-        cell = (lambda v: f"{statistics.fmean(v):.2f} ± {statistics.pstdev(v):.2f}")
-        out.append(f"| {method} | {divergence} | {len(rs)} | {cell(b)} | {cell(n)} | "
-                   f"{harmonic_mean(statistics.fmean(b), statistics.fmean(n)):.2f} |")
-    return "\n".join(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -57,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.time()
-    data_root, weights = prepare_assets(args.cache_dir or default_cache_dir() / "toy", progress=False)
+    data_root, weights = toy_assets(args.cache_dir)
     rows = []
     for seed in args.seeds:
         for method in args.methods:
@@ -75,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.output_dir / "toy_kd_variants.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"## Toy benchmark: KD variants with KL and AB (inductive, {len(args.seeds)} seeds, "
           f"{time.time() - started:.0f} s)\n")
-    print(table(rows))
+    print(seed_table(rows, ("method", "divergence")))
     return 0
 
 

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from clipkd.data.cache import default_cache_dir
-from clipkd.engine.metrics import harmonic_mean
 from clipkd.engine.run import Run
-from clipkd.toy.demo import METHODS, demo_config, prepare_assets
+from clipkd.toy.demo import METHODS, demo_config
+from toy_common import seed_table, toy_assets  # benchmarks/toy_common.py (scripts run from benchmarks/)
 
 TEACHER_EPOCHS = 10
 
@@ -41,21 +39,8 @@ def teacher_overrides(weights: dict[str, Path]) -> list[str]:
 
 
 def row(name: str, teacher: str, seed: int, res: dict) -> dict:
-    return {"method": name, "teacher": teacher, "seed": seed, "base": res["base"]["accuracy"],
+    return {"model": name, "teacher": teacher, "seed": seed, "base": res["base"]["accuracy"],
             "new": res["new"]["accuracy"]}
-
-
-def table(rows: list[dict]) -> str:
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["teacher"]), []).append(r)
-    out = ["| model | teacher | seeds | Base | New | HM |", "|---|---|---|---|---|---|"]
-    for (method, teacher), rs in groups.items():
-        b, n = [r["base"] for r in rs], [r["new"] for r in rs]
-        cell = (lambda v: f"{statistics.fmean(v):.2f} ± {statistics.pstdev(v):.2f}")
-        out.append(f"| {method} | {teacher} | {len(rs)} | {cell(b)} | {cell(n)} | "
-                   f"{harmonic_mean(statistics.fmean(b), statistics.fmean(n)):.2f} |")
-    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     started = time.time()
-    data_root, weights = prepare_assets(args.cache_dir or default_cache_dir() / "toy", progress=False)
+    data_root, weights = toy_assets(args.cache_dir)
     rows = []
     for seed in args.seeds:
         zero_shot = Run(demo_config(data_root, weights, seed))
@@ -84,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.output_dir / "toy_teachers.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"## Toy benchmark: zero-shot vs PromptSRC teacher ({len(args.seeds)} seeds, "
           f"{time.time() - started:.0f} s)\n")
-    print(table(rows))
+    print(seed_table(rows, ("model", "teacher")))
     return 0
 
 

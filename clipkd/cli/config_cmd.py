@@ -52,17 +52,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return flags + opts
 
 
-def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{"A.B": value} for every key of a (yacs) mapping."""
-    out: dict[str, Any] = {}
-    for name, value in node.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{name}."))
-        else:
-            out[f"{prefix}{name}"] = value
-    return out
-
-
 def _nest(flat: dict[str, Any]) -> dict:
     out: dict = {}
     for key, value in flat.items():
@@ -78,13 +67,13 @@ def show_text(files: list[str], overrides: list[str], diff: bool = False) -> str
     """The merged config as YAML (``diff``: only the keys whose value differs from the defaults)."""
     import yaml
 
-    from clipkd.config import build_config, get_cfg_defaults
+    from clipkd.config import build_config, flatten, get_cfg_defaults
 
     cfg = build_config(files, overrides)
     if not diff:
         return cfg.dump()
-    defaults = _leaves(get_cfg_defaults())
-    changed = {k: v for k, v in _leaves(cfg).items() if defaults.get(k) != v}
+    defaults = flatten(get_cfg_defaults())
+    changed = {k: v for k, v in flatten(cfg).items() if defaults.get(k) != v}
     return yaml.safe_dump(_nest(changed), sort_keys=True) if changed else "# no key differs from the defaults\n"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -146,12 +146,15 @@ def _get(cfg: CN, key: str) -> Any:
     return node
 
 
-def _leaves(cfg: CN, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def flatten(cfg: CN, prefix: str = "") -> dict[str, Any]:
+    """``{"OPTIM.LR": 0.005, ...}`` for every key (lists as tuples, so values compare as the config means)."""
+    out: dict[str, Any] = {}
     for name, value in cfg.items():
         if isinstance(value, CN):
-            yield from _leaves(value, f"{prefix}{name}.")
+            out.update(flatten(value, f"{prefix}{name}."))
         else:
-            yield f"{prefix}{name}", value
+            out[f"{prefix}{name}"] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def _show(value: Any) -> str:
@@ -194,7 +197,7 @@ def validate(cfg: CN) -> None:
 
     The first problem raises ConfigError with one line naming the key, the value and the fix.
     """
-    for key, value in _leaves(cfg):
+    for key, value in flatten(cfg).items():
         floats = value if isinstance(value, (tuple, list)) else (value,)
         if any(isinstance(x, float) and not math.isfinite(x) for x in floats):
             raise ConfigError(f"{key} must be a finite number, got {_show(value)}")

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from yacs.config import CfgNode
 
-from clipkd.config import build_config
+from clipkd.config import build_config, flatten
 from clipkd.data.specs import DatasetSpec, get_spec
 from clipkd.data.splits import ResolvedSplit, resolve_split
 from clipkd.engine import distributed as dist
@@ -145,16 +145,6 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
     autocast_for(cfg.OPTIM.PRECISION, dist.pick_device())  # fp16 without CUDA
 
 
-def _flat(cfg: CfgNode, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in cfg.items():
-        if isinstance(value, CfgNode):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
 class Run:
     """One run: ``cfg`` plus an output folder (None for an evaluation that writes nothing)."""
 
@@ -264,7 +254,7 @@ class Run:
             return
         self.dir.check_resumable()
         saved = self.dir / CONFIG_FILE
-        before, now = _flat(build_config([saved], freeze=False)), _flat(self.cfg)
+        before, now = flatten(build_config([saved], freeze=False)), flatten(self.cfg)
         changed = [k for k in now if k != "OUTPUT_DIR" and before.get(k) != now[k]]
         if changed:
             raise TrainingError(f"--resume: the config differs from {saved} at {', '.join(changed[:5])}; resume "
