@@ -22,7 +22,7 @@ from typing import Any
 
 from clipkd.errors import ConfigError
 
-__all__ = ["Registry", "REGISTRIES", "STUDENTS", "LOSSES", "OBJECTIVES", "OPTIMIZERS", "TEMPLATES"]
+__all__ = ["Registry", "REGISTRIES", "STUDENTS", "LOSSES", "DIVERGENCES", "OBJECTIVES", "OPTIMIZERS", "TEMPLATES"]
 
 _MISSING = object()
 
@@ -118,6 +118,16 @@ LOSSES = Registry("DISTILL.LOSS", {
     "js": "clipkd.losses.divergences:js_divergence",
     "skl": "clipkd.losses.divergences:symmetric_kl",
     "promptkd_kl": "clipkd.losses.divergences:promptkd_kl",
+    # methods: a transform of the logits around a divergence (DISTILL.DIVERGENCE), or correlations (dist)
+    "dkd": "clipkd.losses.methods:dkd_loss",
+    "lsd": "clipkd.losses.methods:lsd_loss",
+    "ttm": "clipkd.losses.methods:ttm_loss",
+    "dist": "clipkd.losses.methods:dist_loss",
+})
+
+# The divergences a method (dkd, lsd, ttm) can use inside (DISTILL.DIVERGENCE); each also a DISTILL.LOSS.
+DIVERGENCES = Registry("DISTILL.DIVERGENCE", {
+    name: LOSSES._targets[name] for name in ("kl", "ab", "rkl", "js", "skl")
 })
 
 # Builders (cfg, student, classnames) -> objective: what a training step's loss is (clipkd.engine.distiller).
@@ -139,4 +149,5 @@ TEMPLATES = Registry("MODEL.TEACHER.TEMPLATES", {
 })
 
 # config key -> its registry; clipkd.config.defaults.CHOICES reads the names from here.
-REGISTRIES: dict[str, Registry] = {r.key: r for r in (TEMPLATES, STUDENTS, LOSSES, OBJECTIVES, OPTIMIZERS)}
+REGISTRIES: dict[str, Registry] = {r.key: r for r in (TEMPLATES, STUDENTS, LOSSES, DIVERGENCES, OBJECTIVES,
+                                                      OPTIMIZERS)}

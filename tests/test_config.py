@@ -251,7 +251,7 @@ def test_config_imports_neither_torch_nor_open_clip():
 
 
 def test_choice_message_names_key_value_and_choices():
-    with pytest.raises(ConfigError, match=re.escape("DISTILL.LOSS must be one of ab, kl, rkl, js, skl, promptkd_kl; "
+    with pytest.raises(ConfigError, match=re.escape("DISTILL.LOSS must be one of ab, kl, rkl, js, skl, promptkd_kl, dkd, lsd, ttm, dist; "
                                                     "got 'kld'")):
         build_config([], ["DISTILL.LOSS", "kld"])
     with pytest.raises(ConfigError, match=re.escape("(base trains on the base classes")):

@@ -13,7 +13,7 @@ import torch
 from clipkd.config import build_config, get_cfg_defaults
 from clipkd.config.defaults import CHOICES
 from clipkd.errors import ConfigError
-from clipkd.registry import LOSSES, OPTIMIZERS, REGISTRIES, STUDENTS, TEMPLATES, Registry
+from clipkd.registry import DIVERGENCES, LOSSES, OPTIMIZERS, REGISTRIES, STUDENTS, TEMPLATES, Registry
 
 
 # ------------------------------------------------------------------------------------------------ the class
@@ -80,7 +80,9 @@ def test_resolution_is_lazy():
 
 # ------------------------------------------------------------------------------------------------ the registries
 def test_registry_targets():
+    from clipkd.losses import build as b
     from clipkd.losses import divergences as d
+    from clipkd.losses import methods as m
     from clipkd.models.student import IVLPStudent, PromptKDStudent
     from clipkd.models.teacher import ensemble_templates
 
@@ -89,15 +91,17 @@ def test_registry_targets():
     assert {n: LOSSES.get(n) for n in LOSSES} == {
         "ab": d.alpha_beta_divergence, "kl": d.kl_divergence, "rkl": d.reverse_kl, "js": d.js_divergence,
         "skl": d.symmetric_kl, "promptkd_kl": d.promptkd_kl,
+        "dkd": m.dkd_loss, "lsd": m.lsd_loss, "ttm": m.ttm_loss, "dist": m.dist_loss,
     }
+    assert {n: DIVERGENCES.get(n) for n in DIVERGENCES} == {n: LOSSES.get(n) for n in ("kl", "ab", "rkl", "js", "skl")}
     assert OPTIMIZERS.get("sgd") is torch.optim.SGD and OPTIMIZERS.get("adamw") is torch.optim.AdamW
     assert TEMPLATES.names() == ("dataset", "ensemble") and TEMPLATES.get("ensemble") is ensemble_templates
-    assert d.LOSS_NAMES == LOSSES.names()
+    assert b.LOSS_NAMES == LOSSES.names() and m.DIVERGENCE_NAMES == DIVERGENCES.names()
 
 
 def test_choices_are_derived_from_the_registries():
     assert set(REGISTRIES) == {"MODEL.STUDENT.TYPE", "DISTILL.LOSS", "OPTIM.NAME", "MODEL.TEACHER.TEMPLATES",
-                               "DISTILL.OBJECTIVE"}
+                               "DISTILL.OBJECTIVE", "DISTILL.DIVERGENCE"}
     for key, reg in REGISTRIES.items():
         assert reg.key == key and CHOICES[key] == reg.names()
     assert set(CHOICES) == set(REGISTRIES) | {

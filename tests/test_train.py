@@ -254,9 +254,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synth_root, tmp_pa
     def poisoned(cfg):
         fn = real(cfg)
 
-        def loss(s, t):
+        def loss(s, t, **kw):
             calls["n"] += 1
-            value = fn(s, t)
+            value = fn(s, t, **kw)
             return value * float("nan") if calls["n"] > 5 else value
         return loss
 

@@ -1,4 +1,5 @@
-"""``clipkd sweep``: the ABKD alpha-beta grid of one dataset, run in this process or printed as commands."""
+"""``clipkd sweep``: the ABKD alpha-beta grid (and other swept DISTILL/OPTIM values) of one dataset, run in this
+process or printed as commands."""
 
 from __future__ import annotations
 
@@ -9,17 +10,23 @@ import sys
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "sweep", help="run (or print) the ABKD alpha-beta grid for one dataset",
+        "sweep", help="run (or print) the ABKD alpha-beta grid, or other DISTILL/OPTIM values, for one dataset",
         description="Every (alpha, beta) cell of the grid, both ends included, alpha = 0, beta = 0 and "
-        "alpha + beta = 0 too (the loss is defined there). Cells write OUTPUT/METHOD/STEM/a<A>_b<B>/seed<S>/; "
+        "alpha + beta = 0 too (the loss is defined there), times every --vary value. With an AB recipe the cells "
+        "set the loss's alpha and beta; with a method that has a divergence inside (abdkd, ablsd, abttm) they "
+        "set DISTILL.DIVERGENCE ab and its alpha and beta. Cells write OUTPUT/METHOD/STEM/a<A>_b<B>/seed<S>/; "
         "finished cells are skipped and interrupted ones resumed, so a sweep can simply be run again. Exits "
         "non-zero when a cell failed. Then: clipkd report OUTPUT --sweep --plot hm.png")
-    p.add_argument("--alpha", required=True, help="START:STOP:STEP")
-    grid = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--alpha", help="START:STOP:STEP (with --beta or --alpha-plus-beta)")
+    grid = p.add_mutually_exclusive_group()
     grid.add_argument("--beta", help="START:STOP:STEP (a negative START needs --beta=-0.5:...): the alpha x beta grid")
     grid.add_argument("--alpha-plus-beta", metavar="START:STOP:STEP",
                       help="ABKD's diagonal grid: these sums of alpha and beta, beta = sum - alpha (exact decimals), "
                            "e.g. --alpha-plus-beta 1.0:1.3:0.1 --alpha 0.5:1.2:0.1 as ABKD's scripts")
+    p.add_argument("--vary", nargs=2, action="append", default=[], metavar=("KEY", "VALUES"),
+                   help="also sweep a config key over START:STOP:STEP or a comma list, e.g. --vary DISTILL.DKD_BETA "
+                        "0.5,1 or --vary DISTILL.TEMPERATURE 1:4:1 (repeatable; the values go into the method folder "
+                        "name, METHOD+dkd_beta0.5)")
     p.add_argument("--dataset", required=True, metavar="STEM")
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--root", help="DATA root (required unless --dry-run)")
@@ -36,7 +43,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     opts = [o for o in (args.opts or []) if o != "--"]
     grid = build_grid(args.config, args.dataset, args.alpha, args.beta, args.seeds, args.output, opts,
-                      alpha_plus_beta=args.alpha_plus_beta)
+                      alpha_plus_beta=args.alpha_plus_beta, vary=[tuple(v) for v in args.vary])
     if args.dry_run:
         root = args.root or "$DATA"
         for cell in grid.cells:

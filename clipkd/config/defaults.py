@@ -69,10 +69,20 @@ _C.MODEL.PROMPT.CTX_INIT = "a photo of a"
 # ---------------------------------------------------------------- distillation
 _C.DISTILL = CN()
 _C.DISTILL.PROTOCOL = "inductive"  # inductive (K-shot base classes) | transductive (PromptKD: all train images)
-_C.DISTILL.LOSS = "ab"  # ab | kl | rkl | js | skl | promptkd_kl
-_C.DISTILL.ALPHA = 0.8
+# A divergence as the loss itself (ab | kl | rkl | js | skl | promptkd_kl), or a KD method around one
+# (dkd | lsd | ttm, with DISTILL.DIVERGENCE inside), or dist (correlations). Keys a loss does not take must stay
+# at their defaults (an error otherwise: they would be ignored).
+_C.DISTILL.LOSS = "ab"
+_C.DISTILL.DIVERGENCE = "kl"  # inside dkd (its non-target part), lsd, ttm: kl | ab | rkl | js | skl
+_C.DISTILL.ALPHA = 0.8  # of the alpha-beta divergence (DISTILL.LOSS ab, or DISTILL.DIVERGENCE ab)
 _C.DISTILL.BETA = 0.3
-_C.DISTILL.TEMPERATURE = 1.0
+_C.DISTILL.TEMPERATURE = 1.0  # all but ttm (whose teacher temperature is 1 / TTM_EXPONENT)
+_C.DISTILL.DKD_ALPHA = 1.0  # DKD: weight of the target-class part (binary KL)
+_C.DISTILL.DKD_BETA = 1.0  # DKD: weight of the non-target part (DISTILL.DIVERGENCE)
+_C.DISTILL.DKD_WARMUP = 1.0  # DKD: the loss ramps as min(epoch / DKD_WARMUP, 1), epochs from 1; 0 = no ramp
+_C.DISTILL.TTM_EXPONENT = 0.1  # TTM: the teacher's probabilities to this power, renormalised
+_C.DISTILL.DIST_BETA = 1.0  # DIST: weight of the inter-class (per sample) correlation term
+_C.DISTILL.DIST_GAMMA = 1.0  # DIST: weight of the intra-class (per class, across the batch) term
 _C.DISTILL.WEIGHT = 1.0
 _C.DISTILL.CE_WEIGHT = 0.0  # optional cross-entropy on labels (inductive protocol only)
 # kd: WEIGHT * LOSS(teacher || student) + CE_WEIGHT * CE; promptsrc: PromptSRC's prompt learning (no teacher):
@@ -119,7 +129,8 @@ _FIXED_CHOICES: dict[str, tuple[str, ...]] = {
 
 class _Choices(Mapping[str, tuple[str, ...]]):
     """Key -> allowed values: the fixed choices above, and the names of each registry in clipkd.registry
-    (MODEL.TEACHER.TEMPLATES, MODEL.STUDENT.TYPE, DISTILL.LOSS, DISTILL.OBJECTIVE, OPTIM.NAME), read when
+    (MODEL.TEACHER.TEMPLATES, MODEL.STUDENT.TYPE, DISTILL.LOSS, DISTILL.DIVERGENCE, DISTILL.OBJECTIVE,
+    OPTIM.NAME), read when
     asked, so a name registered later is accepted too."""
 
     def __getitem__(self, key: str) -> tuple[str, ...]:

@@ -67,16 +67,24 @@ class Objective(Protocol):
 
 
 class KDObjective:
-    """``WEIGHT * D(teacher || student) + CE_WEIGHT * CE(student, labels)`` (either part may be off)."""
+    """``WEIGHT * D(teacher || student) + CE_WEIGHT * CE(student, labels)`` (either part may be off).
 
-    def __init__(self, divergence: Callable[[Tensor, Tensor], Tensor] | None, weight: float,
-                 ce_weight: float = 0.0) -> None:
+    A divergence that splits by class (DKD) gets a target per sample: the labels, or with
+    ``target_from_teacher`` (the transductive protocol, whose labels are not used) the teacher's argmax. One
+    with a warm-up gets the epoch (1-based), counted here and kept in the checkpoint so resume is exact.
+    """
+
+    def __init__(self, divergence: Callable[..., Tensor] | None, weight: float, ce_weight: float = 0.0,
+                 target_from_teacher: bool = False) -> None:
         self.divergence = divergence if weight > 0 else None
         self.weight = float(weight)
         self.ce_weight = float(ce_weight)
+        self.needs_target = bool(getattr(self.divergence, "needs_target", False))
+        self.target_from_teacher = target_from_teacher and self.needs_target
         self.needs_teacher = self.divergence is not None
-        self.needs_labels = self.ce_weight > 0
+        self.needs_labels = self.ce_weight > 0 or (self.needs_target and not self.target_from_teacher)
         self.needs_features = False
+        self.epoch = 1  # the epoch being trained, 1-based
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
                  features: StudentFeatures | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -84,7 +92,12 @@ class KDObjective:
         terms: dict[str, Tensor] = {}
         if self.divergence is not None:
             assert teacher_logits is not None
-            kd = self.divergence(student_logits.float(), teacher_logits.float())
+            s, t = student_logits.float(), teacher_logits.float()
+            if self.needs_target:
+                target = t.argmax(-1) if self.target_from_teacher else labels
+                kd = self.divergence(s, t, target=target, epoch=self.epoch)
+            else:
+                kd = self.divergence(s, t)
             loss = loss + self.weight * kd
             terms["kd"] = kd.detach()
         if self.ce_weight > 0:
@@ -94,19 +107,22 @@ class KDObjective:
         return loss, terms
 
     def end_epoch(self, epoch: int, student: nn.Module) -> None:
-        pass
+        self.epoch = epoch + 1
 
     def final_state(self) -> dict[str, Tensor] | None:
         return None  # the student as trained
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.epoch = int(state.get("epoch", self.epoch))
 
     def __repr__(self) -> str:
         parts = [f"{self.divergence} x {self.weight:g}"] if self.divergence is not None else []
+        if self.needs_target:
+            parts[-1] += (" (target: the teacher's argmax, labels unused)" if self.target_from_teacher
+                          else " (target: the labels)")
         if self.ce_weight > 0:
             parts.append(f"CE x {self.ce_weight:g}")
         return " + ".join(parts)
@@ -115,11 +131,12 @@ class KDObjective:
 def build_kd_objective(cfg: CfgNode, student: nn.Module | None = None,
                        classnames: Sequence[str] = ()) -> KDObjective:
     """DISTILL.OBJECTIVE kd: ``DISTILL.WEIGHT * DISTILL.LOSS + DISTILL.CE_WEIGHT * CE`` (student and class names
-    unused)."""
+    unused). In the transductive protocol a loss that needs a target class (DKD) takes the teacher's argmax."""
     from clipkd.losses import build_distill_loss_from_cfg
 
     d = cfg.DISTILL
-    return KDObjective(build_distill_loss_from_cfg(cfg) if d.WEIGHT > 0 else None, d.WEIGHT, d.CE_WEIGHT)
+    return KDObjective(build_distill_loss_from_cfg(cfg) if d.WEIGHT > 0 else None, d.WEIGHT, d.CE_WEIGHT,
+                       target_from_teacher=d.PROTOCOL == "transductive")
 
 
 def build_objective(cfg: CfgNode, student: nn.Module | None = None, classnames: Sequence[str] = ()) -> Objective:

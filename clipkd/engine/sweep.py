@@ -1,4 +1,9 @@
-"""The ABKD alpha-beta grid: one :class:`Cell` per (alpha, beta, seed), each a :class:`~clipkd.engine.run.Run`.
+"""Sweeps: the ABKD alpha-beta grid and any other DISTILL.* / OPTIM.* values, one :class:`Cell` per point and
+seed, each a :class:`~clipkd.engine.run.Run`.
+
+Folders: the alpha-beta grid writes ``OUTPUT/METHOD/STEM/a<A>_b<B>/seed<S>`` (what ``clipkd report --sweep``
+reads); every other swept value goes into the method's folder name, ``METHOD+dkd_beta0.5``, so each value is
+a method of its own to ``clipkd report`` (a row, or a sweep of its own when alpha and beta are swept too).
 
 A cell is described once (its folder and its config overrides) and turned either into a config for an
 in-process Run or, for ``--dry-run``, into the equivalent ``clipkd train`` command line, so the two never
@@ -84,9 +89,15 @@ class Grid:
                 *cell.overrides]
 
 
-def grid_points(alpha: str, beta: str | None = None, alpha_plus_beta: str | None = None) -> list[tuple[float, float]]:
+def grid_points(alpha: str | None, beta: str | None = None,
+                alpha_plus_beta: str | None = None) -> list[tuple[float, float]]:
     """(alpha, beta) pairs: the alpha x beta grid, or ABKD's diagonal grid where ``alpha_plus_beta`` gives the
-    sums and beta = sum - alpha, computed in exact decimals (1.3 - 0.5 is 0.8, not 0.8000000000000002)."""
+    sums and beta = sum - alpha, computed in exact decimals (1.3 - 0.5 is 0.8, not 0.8000000000000002).
+    No ``alpha``: no alpha-beta grid (an empty list)."""
+    if alpha is None:
+        if beta is not None or alpha_plus_beta is not None:
+            raise ConfigError("--beta and --alpha-plus-beta need --alpha")
+        return []
     if (beta is None) == (alpha_plus_beta is None):
         raise ConfigError("give either --beta (alpha x beta grid) or --alpha-plus-beta (ABKD's diagonal grid)")
     alphas = decimal_range(alpha, "alpha")
@@ -95,10 +106,37 @@ def grid_points(alpha: str, beta: str | None = None, alpha_plus_beta: str | None
     return [(float(a), float(s - a)) for s in decimal_range(alpha_plus_beta, "alpha-plus-beta") for a in alphas]
 
 
-def build_grid(method_config: str | Path, dataset: str, alpha: str, beta: str | None, seeds: Sequence[int],
-               output: str | Path, opts: Sequence[str] = (), alpha_plus_beta: str | None = None) -> Grid:
-    """Every (alpha, beta, seed) cell; the dataset config is ``configs/datasets/<dataset>.yaml`` beside the
-    method's ``configs/methods/``."""
+def vary_values(key: str, text: str) -> list[str]:
+    """``--vary KEY VALUES``: START:STOP:STEP (exact decimals, both ends) or a comma-separated list."""
+    if ":" in text:
+        return [format(v.normalize(), "f") for v in decimal_range(text, f"vary {key}")]
+    values = [v.strip() for v in text.split(",")]
+    if not all(values):
+        raise ConfigError(f"--vary {key} takes START:STOP:STEP or a comma-separated list, got '{text}'")
+    return values
+
+
+def _ab_overrides(cfg: CfgNode, method: str) -> list[str]:
+    """How a cell sets the alpha-beta divergence: as the loss (DISTILL.LOSS ab), or inside a method."""
+    from clipkd.losses import loss_params
+
+    if cfg.DISTILL.LOSS == "ab":
+        return []
+    if "divergence" in loss_params(cfg.DISTILL.LOSS, "ab"):
+        return ["DISTILL.DIVERGENCE", "ab"]
+    raise ConfigError(f"--alpha/--beta sweep the alpha-beta divergence, and {method} uses DISTILL.LOSS "
+                      f"{cfg.DISTILL.LOSS}, which has none: use an AB recipe (e.g. abkd_promptkd, abdkd_promptkd), "
+                      "or sweep its own parameters with --vary KEY VALUES")
+
+
+def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta: str | None, seeds: Sequence[int],
+               output: str | Path, opts: Sequence[str] = (), alpha_plus_beta: str | None = None,
+               vary: Sequence[tuple[str, str]] = ()) -> Grid:
+    """Every (alpha, beta) x varied values x seed cell; the dataset config is ``configs/datasets/<dataset>.yaml``
+    beside the method's ``configs/methods/``. ``vary``: (config key, values) pairs, e.g.
+    ("DISTILL.DKD_BETA", "0.5,1")."""
+    from clipkd.config import build_config
+
     points = grid_points(alpha, beta, alpha_plus_beta)
     method_config = Path(method_config).resolve()
     dataset_config = method_config.parents[1] / "datasets" / f"{dataset}.yaml"
@@ -107,14 +145,39 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str, beta: str | 
     if not dataset_config.is_file():
         raise ConfigError(f"dataset config {dataset_config} not found; --dataset takes a stem with a file in "
                           f"{dataset_config.parent}")
+    if not points and not vary:
+        raise ConfigError("nothing to sweep: give --alpha with --beta or --alpha-plus-beta, and/or --vary KEY VALUES")
     method = method_config.stem
-    cells = [
-        Cell(Path(output) / method / dataset / cell_name(a, b) / f"seed{seed}", seed,
-             ("DATASET.SUBSAMPLE_CLASSES", "base", "DISTILL.LOSS", "ab", "DISTILL.ALPHA", repr(a),
-              "DISTILL.BETA", repr(b), *opts))
-        for a, b in points for seed in seeds
-    ]
+    keys = [key for key, _ in vary]
+    if len(set(keys)) != len(keys) or ({"DISTILL.ALPHA", "DISTILL.BETA"} & set(keys) and points):
+        raise ConfigError("each swept key once: --vary repeats a key, or sweeps DISTILL.ALPHA/BETA besides --alpha")
+    base = build_config([dataset_config, method_config], list(opts))  # bad keys/values fail here, once
+    ab = ["DATASET.SUBSAMPLE_CLASSES", "base", *_ab_overrides(base, method)] if points else []
+    variants: list[tuple[str, list[str]]] = [(method, [])]
+    for key, text in vary:
+        values = vary_values(key, text)
+        short = key.split(".")[-1].lower()
+        variants = [(f"{name}+{short}{v}", [*over, key, v]) for name, over in variants for v in values]
+    cells = []
+    for name, over in variants:
+        for point in [*points] or [None]:
+            folder = Path(output) / name / dataset
+            extra: list[str] = []
+            if point is not None:
+                folder = folder / cell_name(*point)
+                extra = [*ab, "DISTILL.ALPHA", repr(point[0]), "DISTILL.BETA", repr(point[1])]
+            overrides = (*extra, *over, *opts)
+            cells += [Cell(folder / f"seed{seed}", seed, overrides) for seed in seeds]
+        _check_loss(build_config([dataset_config, method_config], list(overrides)))
     return Grid(dataset_config, method_config, cells)
+
+
+def _check_loss(cfg: CfgNode) -> None:
+    """A swept key the loss does not take fails the sweep now, not once per cell."""
+    from clipkd.losses import build_distill_loss_from_cfg
+
+    if cfg.DISTILL.OBJECTIVE == "kd" and cfg.DISTILL.WEIGHT > 0:
+        build_distill_loss_from_cfg(cfg)
 
 
 @dataclass

@@ -27,8 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,15 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from clipkd.errors import ConfigError
-from clipkd.registry import LOSSES
 
 __all__ = [
-    "LOSS_NAMES",
-    "DistillLoss",
     "alpha_beta_divergence",
-    "build_distill_loss",
-    "build_distill_loss_from_cfg",
     "js_divergence",
     "kl_divergence",
     "promptkd_kl",
@@ -462,55 +455,3 @@ def promptkd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: flo
         lq, lp = _log_probs(student_logits, teacher_logits, t)
         loss = F.kl_div(lq, torch.exp(lp), reduction="sum") * (t * t)
     return loss / student_logits.numel()
-
-
-# ------------------------------------------------------------------------------------------------ registry
-LOSS_NAMES: tuple[str, ...] = LOSSES.names()  # DISTILL.LOSS's names, from clipkd.registry
-
-
-@dataclass(frozen=True)
-class DistillLoss:
-    """A configured loss ``(student_logits, teacher_logits) -> scalar``; its repr is what run logs record."""
-
-    name: str
-    temperature: float = 1.0
-    alpha: float | None = None
-    beta: float | None = None
-
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        fn = LOSSES.get(self.name)  # the function the DISTILL.LOSS registry names
-        if self.name == "ab":
-            assert self.alpha is not None and self.beta is not None
-            return fn(student_logits, teacher_logits, self.alpha, self.beta, self.temperature)
-        return fn(student_logits, teacher_logits, self.temperature)
-
-
-def _finite_real(value: object, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ConfigError(f"{key} must be a finite real number, got {value!r}")
-    return float(value)
-
-
-def build_distill_loss(
-    name: str, alpha: float = 0.8, beta: float = 0.3, temperature: float = 1.0
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """The distillation loss a config names (DISTILL.LOSS); alpha/beta are used by ``ab`` only.
-
-    All losses but promptkd_kl average over the batch and sum over classes; DISTILL.WEIGHT is applied by the
-    trainer. Bad values raise ConfigError naming the config key, so the CLI can report them in one line.
-    """
-    key = LOSSES.check(name.strip().lower() if isinstance(name, str) else name)
-    a = _finite_real(alpha, "DISTILL.ALPHA")
-    b = _finite_real(beta, "DISTILL.BETA")
-    t = _finite_real(temperature, "DISTILL.TEMPERATURE")
-    if t <= 0:
-        raise ConfigError(f"DISTILL.TEMPERATURE must be > 0, got {temperature!r}")
-    if key == "ab":
-        return DistillLoss("ab", t, a, b)
-    return DistillLoss(key, t)
-
-
-def build_distill_loss_from_cfg(cfg: Any) -> Callable[[Tensor, Tensor], Tensor]:
-    """``build_distill_loss`` from cfg.DISTILL.{LOSS, ALPHA, BETA, TEMPERATURE} (WEIGHT is the trainer's)."""
-    d = cfg.DISTILL
-    return build_distill_loss(d.LOSS, alpha=d.ALPHA, beta=d.BETA, temperature=d.TEMPERATURE)
