@@ -10,15 +10,16 @@ import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from clipkd.data.specs import STEMS
+    from clipkd.data.specs import DG_STEMS, STEMS
 
+    stems = (*STEMS, *DG_STEMS)
     data = sub.add_parser("data", help="make, inspect and check datasets",
                           description="Make, inspect and check datasets in the CoOp layouts.")
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     dsub.required = True
 
     p = dsub.add_parser("synth", help="write a small synthetic dataset in a real dataset's exact layout")
-    p.add_argument("--dataset", required=True, choices=STEMS, metavar="STEM", help=f"one of: {', '.join(STEMS)}")
+    p.add_argument("--dataset", required=True, choices=stems, metavar="STEM", help=f"one of: {', '.join(stems)}")
     p.add_argument("--root", required=True, help="DATA root to write into (the dataset folder goes under it)")
     p.add_argument("--classes", type=int, default=7, help="number of classes (odd counts allowed; default 7)")
     p.add_argument("--images-per-class", type=int, default=8,
@@ -45,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("imagenet-classnames",
                         help="write DATA/imagenet/classnames.txt from the wnid folders and CLIP's class names")
     p.add_argument("--root", required=True, help="DATA root")
+    p.add_argument("--dataset", default="imagenet", choices=("imagenet", *DG_STEMS), metavar="STEM",
+                   help="imagenet (default) or an ImageNet variant, whose folder gets ImageNet's full file "
+                        f"(as CoOp copies it): {', '.join(DG_STEMS)}")
     p.add_argument("--force", action="store_true", help="replace an existing, different classnames.txt")
     p.set_defaults(func=cmd_imagenet_classnames)
 
@@ -77,7 +81,9 @@ def cmd_split(args: argparse.Namespace) -> int:
     for key, table in counts.items():
         for d in getattr(split, key):
             table[d.label] += 1
-    shots = "all" if args.shots <= 0 else f"{args.shots}-shot"
+    shots = "all" if args.shots <= 0 or split.spec.test_only else f"{args.shots}-shot"
+    if split.spec.test_only:
+        shots += " (evaluation set: test images only, no draw)"
     print(f"{split.spec.name} ({split.spec.stem}) {shots}, seed {args.seed}, {args.subsample} classes: "
           f"{len(split.classnames)} classes, train {len(split.train)} / val {len(split.val)} / "
           f"test {len(split.test)} images")
@@ -116,6 +122,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             failed += 1
             print(f"FAIL {spec.stem}: {exc}")
             continue
+        if spec.test_only:
+            n = len({d.label for d in split.test})
+            print(f"OK   {spec.stem} ({spec.name}): {n} classes, test {len(split.test)} images "
+                  "(evaluation set: no train/val)")
+            continue
         n = len({d.label for d in split.train})
         base = math.ceil(n / 2)
         print(f"OK   {spec.stem} ({spec.name}): {n} classes, train {len(split.train)} / val {len(split.val)} / "
@@ -148,6 +159,6 @@ def _check_images(split, decode: bool) -> str:  # noqa: ANN001
 def cmd_imagenet_classnames(args: argparse.Namespace) -> int:
     from clipkd.data.imagenet import write_imagenet_classnames
 
-    path = write_imagenet_classnames(args.root, force=args.force)
+    path = write_imagenet_classnames(args.root, force=args.force, dataset=args.dataset)
     print(f"wrote {path}")
     return 0

@@ -11,7 +11,10 @@ Collect the runs under ROOT and print seed-averaged tables.
 
 Layouts: base-to-new ROOT/<method>/<dataset>/seed<S>/results.json;
 few-shot ROOT/fewshot/<method>/<dataset>/shots<K>/seed<S>/results.json (--fewshot);
-sweep ROOT/<method>/<dataset>/a<alpha>_b<beta>/seed<S>/results.json (--sweep).
+sweep ROOT/<method>/<dataset>/a<alpha>_b<beta>/seed<S>/results.json (--sweep);
+cross-dataset / domain generalisation ROOT/<method>/imagenet/seed<S>/results.json with eval/<target>/results.json
+inside, or ROOT/<method>/<target>/seed<S>/ for transductive methods (--xd, --dg; scripts/xd.sh and dg.sh write
+output/transfer).
 ROOT may also be a folder lower in these trees: a method folder (output/base2new/<method>,
 output/sweep/<method>, output/fewshot/<method>), a dataset folder below it, or a single run folder (seed<S>);
 the method and dataset names are then read from the folders above ROOT. A run folder holds config.yaml
@@ -57,6 +60,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fewshot", action="store_true", help="few-shot tables, one per method and K")
     mode.add_argument("--sweep", action="store_true", help="HM per (alpha, beta) cell and the best cell")
+    mode.add_argument("--xd", action="store_true",
+                      help="cross-dataset table: ImageNet source and the 10 other datasets, all classes, from "
+                           "ROOT/<method>/imagenet/seed<S>/ and its eval/<target>/ (scripts/xd.sh writes "
+                           "output/transfer)")
+    mode.add_argument("--dg", action="store_true",
+                      help="domain-generalisation table: ImageNet source and ImageNetV2/-Sketch/-A/-R, from the same "
+                           "runs (scripts/dg.sh)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="with --sweep: heatmap of HM over (alpha, beta) (needs matplotlib: the 'plot' extra); "
                         "several sweeps write FILE_<method>_<dataset>.png")
@@ -156,6 +166,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from clipkd.reports.collect import BASE_TEST_MARK, KIND_B2N, KIND_FEWSHOT, KIND_SWEEP, collect
     from clipkd.reports.published import REFERENCES
 
+    if args.xd or args.dg:
+        return _transfer_report(args)
     if args.plot and not args.sweep:
         raise ClipkdError("--plot draws a sweep heatmap: add --sweep")
     if args.format == "latex" and args.sweep:
@@ -212,6 +224,51 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(text.rstrip("\n"))
     # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
     lines = render.incomplete_lines(bad, col.root.parent if any(r.path == col.root for r in bad) else col.root)
+    if lines:
+        if args.format == "md":
+            print()
+            print("\n".join(lines))
+        else:
+            print("\n".join(lines), file=sys.stderr)
+    return 0
+
+
+def _transfer_report(args: argparse.Namespace) -> int:
+    """``--xd`` / ``--dg``: the papers' transfer tables (see clipkd/reports/transfer.py)."""
+    from clipkd.errors import ClipkdError
+    from clipkd.reports import transfer
+    from clipkd.reports.published import TRANSFER_REFERENCES
+
+    setting = "xd" if args.xd else "dg"
+    flag = f"--{setting}"
+    for given, name in ((args.plot, "--plot"), (args.dassl_logs, "--dassl-logs"), (args.dataset, "--dataset")):
+        if given:
+            raise ClipkdError(f"{name} does not apply to {flag} (a table over all its datasets); drop it")
+    ref = None
+    if args.compare:
+        rows, source = TRANSFER_REFERENCES[args.compare][setting]
+        if not rows:
+            raise ClipkdError(f"no published {transfer.TITLES[setting].lower()} numbers are stored (none could be "
+                              "checked against a source; clipkd/reports/published.py says how to add them): drop "
+                              "--compare")
+        ref = (rows, source)
+    table = transfer.transfer_table(args.root, setting, method=args.method)
+    root = Path(args.root)
+    if not table.rows:
+        where = f" for --method {args.method}" if args.method else ""
+        hint = ("; " + table.problems[0].problem) if table.problems else ""
+        raise ClipkdError(f"no completed {setting} runs under {root}{where}: expected "
+                          f"<method>/imagenet/seed<S>/results.json (scripts/{setting}.sh writes output/transfer)"
+                          f"{hint}")
+    render = {"md": transfer.transfer_markdown, "csv": transfer.transfer_csv, "latex": transfer.transfer_latex}
+    if args.format == "json":
+        from clipkd.reports.render import dumps
+
+        text = dumps(transfer.transfer_dict(table, ref))
+    else:
+        text = render[args.format](table, ref)
+    print(text.rstrip("\n"))
+    lines = transfer.problem_lines(table, root)
     if lines:
         if args.format == "md":
             print()

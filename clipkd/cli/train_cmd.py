@@ -40,6 +40,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "its own text tower and the teacher's templates")
     p.add_argument("--subsample", choices=("base", "new", "all"),
                    help="evaluate one half only (default: base and new, or all for few-shot runs)")
+    p.add_argument("--dataset", metavar="STEM",
+                   help="with --run: evaluate the run on all classes of another dataset's test split (cross-dataset "
+                        "transfer, domain generalisation: e.g. caltech101, imagenet_a) and write "
+                        "DIR/eval/STEM/results.json; --root names the DATA root that holds it")
     p.add_argument("--root", help="DATA root (overrides the run's DATASET.ROOT)")
     p.add_argument("--dataset-config")
     p.add_argument("--config", action="append", default=[],
@@ -105,10 +109,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if sum(bool(a) for a in (args.run, args.zero_shot, args.checkpoint)) != 1:
         raise ClipkdError("give one of --run DIR, --checkpoint FILE or --zero-shot teacher|student")
+    if args.dataset and not args.run:
+        raise ClipkdError(f"--dataset evaluates a trained run (--run DIR) on another dataset; for a checkpoint or a "
+                          f"zero-shot model pass --dataset-config configs/datasets/{args.dataset}.yaml and "
+                          "DATASET.SUBSAMPLE_CLASSES all instead")
     if args.run:
         if args.dataset_config or args.config:
             raise ClipkdError("--run DIR evaluates with the run's own config.yaml; drop --dataset-config/--config "
                               "(KEY VALUE overrides such as DATASET.ROOT still apply)")
+        if args.dataset:
+            return _eval_transfer(args)
         run = Run.load(args.run, [*_flag_opts(args), *_user_opts(args)])
         which = "final"
     elif args.checkpoint:
@@ -135,4 +145,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from clipkd.engine.rundir import RESULTS_FILE
 
         atomic_write_text(Path(args.output_dir) / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def _eval_transfer(args: argparse.Namespace) -> int:
+    """``clipkd eval --run DIR --dataset STEM``: all classes of STEM's test split, into DIR/eval/STEM/results.json."""
+    from clipkd.engine.transfer import evaluate_transfer
+    from clipkd.errors import ClipkdError
+    from clipkd.fileio import atomic_write_text
+
+    if args.subsample:
+        raise ClipkdError("--dataset evaluates all classes of the target dataset; drop --subsample")
+    if args.output_dir:
+        raise ClipkdError("--dataset writes DIR/eval/STEM/results.json inside the run folder; drop --output-dir "
+                          "(--output FILE writes a copy elsewhere)")
+    results, path = evaluate_transfer(args.run, args.dataset, [*_flag_opts(args), *_user_opts(args)])
+    m = results["all"]
+    print(f"{results['dataset']} ({results['classes']} classes, trained on {results['source']}): accuracy "
+          f"{m['accuracy']:.2f}%  macro-F1 {m['macro_f1']:.2f}%  ({m['n']} images)")
+    print(f"wrote {path}")
+    if args.output:
+        atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
     return 0

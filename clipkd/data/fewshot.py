@@ -101,14 +101,16 @@ def subsample_classes(
     ]
 
 
-def classnames_for_prompts(train: Sequence[Datum]) -> list[str]:
-    """Class names ordered by label, ``_`` replaced by a space, case kept (what prompts are built from)."""
+def classnames_for_prompts(train: Sequence[Datum], what: str = "train") -> list[str]:
+    """Class names ordered by label, ``_`` replaced by a space, case kept (what prompts are built from).
+
+    ``what`` names the list in errors (``test`` for the evaluation-only datasets, which have no train list)."""
     names: dict[int, str] = {}
     for item in train:
         names.setdefault(item.label, item.classname)
     if names and sorted(names) != list(range(len(names))):
         missing = sorted(set(range(max(names) + 1)) - set(names))
         raise DataError(
-            f"labels {missing[:5]} have no train image, so they have no class name; check the split file"
+            f"labels {missing[:5]} have no {what} image, so they have no class name; check the split file"
         )
     return [names[i].replace("_", " ") for i in sorted(names)]

@@ -10,7 +10,14 @@ import importlib.util
 from pathlib import Path
 
 from clipkd.data.readers import dataset_dir, list_wnid_folders
-from clipkd.data.specs import IMAGENET_CLASSNAMES_FILE, IMAGENET_SPLIT_DIRS, get_spec
+from clipkd.data.specs import (
+    DG_STEMS,
+    IMAGENET_CLASSNAMES_FILE,
+    IMAGENET_SPLIT_DIRS,
+    LAYOUT_INDEX_FOLDERS,
+    LAYOUT_WNID_FOLDERS,
+    get_spec,
+)
 from clipkd.errors import DataError
 from clipkd.fileio import atomic_write_text
 
@@ -47,15 +54,23 @@ def imagenet_classnames_lines(wnids: list[str]) -> list[str]:
     return [f"{w} {names[index[w]]}" for w in sorted(wnids)]
 
 
-def write_imagenet_classnames(root: str | Path, force: bool = False) -> Path:
-    """Write DATA/imagenet/classnames.txt for the wnid folders found under images/train and images/val."""
-    spec = get_spec("imagenet")
+def write_imagenet_classnames(root: str | Path, force: bool = False, dataset: str = "imagenet") -> Path:
+    """Write ``classnames.txt`` into DATA/imagenet (one line per wnid folder found under images/train and
+    images/val) or into an ImageNet variant's folder (all 1000 wnids in class-index order: what CoOp's copy of
+    ImageNet's file holds, whose line i names ImageNetV2's folder i)."""
+    spec = get_spec(dataset)
+    if spec.stem != "imagenet" and spec.layout not in (LAYOUT_WNID_FOLDERS, LAYOUT_INDEX_FOLDERS):
+        raise DataError(f"{spec.name} has no classnames.txt; this writes ImageNet's and its variants' "
+                        f"(imagenet, {', '.join(DG_STEMS)})")
     folder = dataset_dir(root, spec)
-    wnids: set[str] = set()
-    for sub in IMAGENET_SPLIT_DIRS.values():
-        wnids.update(list_wnid_folders(folder / spec.image_dir / sub))
-    if not wnids:
-        raise DataError(f"ImageNet: no wnid folders under {folder / spec.image_dir}/train or /val")
+    if spec.stem == "imagenet":
+        wnids: set[str] = set()
+        for sub in IMAGENET_SPLIT_DIRS.values():
+            wnids.update(list_wnid_folders(folder / spec.image_dir / sub))
+        if not wnids:
+            raise DataError(f"ImageNet: no wnid folders under {folder / spec.image_dir}/train or /val")
+    else:
+        wnids = set(imagenet_wnids())
     lines = imagenet_classnames_lines(sorted(wnids))
     path = folder / IMAGENET_CLASSNAMES_FILE
     text = "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""Readers for the three on-disk layouts (CoOp split JSON, FGVCAircraft txt files, ImageNet folders).
+"""Readers for the on-disk layouts (CoOp split JSON, FGVCAircraft txt files, ImageNet folders, and the folders of
+the evaluation-only ImageNet variants).
 
 Each returns a :class:`Split` with the lists in file order (few-shot sampling depends on it) and checks what
 it reads, so that a broken dataset fails here with the file and the fix rather than deep in training.
@@ -18,7 +19,9 @@ from clipkd.data.specs import (
     IMAGENET_SPLIT_DIRS,
     LAYOUT_FGVC,
     LAYOUT_IMAGENET,
+    LAYOUT_INDEX_FOLDERS,
     LAYOUT_SPLIT_JSON,
+    LAYOUT_WNID_FOLDERS,
     DatasetSpec,
 )
 from clipkd.errors import DataError
@@ -179,6 +182,82 @@ def read_imagenet(folder: Path, spec: DatasetSpec) -> tuple[list[Datum], list[Da
     return out["train"], [], out["test"]
 
 
+def _variant_classnames(folder: Path, spec: DatasetSpec) -> list[tuple[str, str]]:
+    """An ImageNet variant's ``classnames.txt`` (CoOp: a copy of ImageNet's) as (wnid, name) pairs in file order."""
+    path = folder / IMAGENET_CLASSNAMES_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{spec.name}: {path} not found; copy DATA/imagenet/classnames.txt there, or write it with "
+            f"'clipkd data imagenet-classnames --root DATA --dataset {spec.stem}' ({README_HINT})"
+        )
+    pairs = list(read_imagenet_classnames(path).items())
+    if not pairs:
+        raise DataError(f"{path} holds no '<wnid> <class name>' line; copy DATA/imagenet/classnames.txt there")
+    return pairs
+
+
+def _image_names(class_dir: Path) -> list[str]:
+    """The images of one class folder, sorted (CoOp lists them in os.listdir order; the order of a test list
+    changes no number, sorting only makes it the same everywhere)."""
+    return sorted(entry.name for entry in os.scandir(class_dir) if not entry.name.startswith(".") and entry.is_file())
+
+
+def read_wnid_folders(folder: Path, spec: DatasetSpec) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """ImageNet-Sketch, -A, -R (test only): ``<image_dir>/<wnid>/*``; the label is the wnid's index in the sorted
+    list of folders present (A and R hold 200 of ImageNet's classes), the name its line in classnames.txt.
+    Files beside the folders (ImageNet-A/-R ship a README.txt) are not classes."""
+    names = dict(_variant_classnames(folder, spec))
+    image_dir = folder / spec.image_dir
+    if not image_dir.is_dir():
+        raise DataError(f"{spec.name}: {image_dir} not found; expected {spec.folder}/{spec.image_dir}/<wnid>/ "
+                        f"({README_HINT})")
+    wnids = sorted(entry.name for entry in os.scandir(image_dir) if entry.is_dir() and not entry.name.startswith("."))
+    if not wnids:
+        raise DataError(f"{spec.name}: no class folders under {image_dir}; expected one folder per wnid "
+                        f"({README_HINT})")
+    unknown = [w for w in wnids if w not in names]
+    if unknown:
+        raise DataError(
+            f"{spec.name}: folder {image_dir / unknown[0]} has no line in {folder / IMAGENET_CLASSNAMES_FILE}"
+            f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; the file must be ImageNet's "
+            "classnames.txt (all 1000 wnids)"
+        )
+    test = []
+    for label, wnid in enumerate(wnids):
+        rel = f"{spec.image_dir}/{wnid}"
+        test.extend(Datum(f"{rel}/{n}", label, names[wnid]) for n in _image_names(image_dir / wnid))
+    return [], [], test
+
+
+def read_index_folders(folder: Path, spec: DatasetSpec) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """ImageNetV2 (test only): ``<image_dir>/<i>/*`` for i = 0..N-1, where class i is line i of classnames.txt
+    (ImageNet's class-index order) and N the number of lines."""
+    pairs = _variant_classnames(folder, spec)
+    image_dir = folder / spec.image_dir
+    if not image_dir.is_dir():
+        raise DataError(f"{spec.name}: {image_dir} not found; expected {spec.folder}/{spec.image_dir}/0/ .. "
+                        f"/{len(pairs) - 1}/ ({README_HINT})")
+    present = {entry.name for entry in os.scandir(image_dir) if entry.is_dir() and not entry.name.startswith(".")}
+    expected = [str(i) for i in range(len(pairs))]
+    extra = sorted(present - set(expected))
+    if extra:
+        raise DataError(f"{spec.name}: folder {image_dir / extra[0]} is not a class index 0..{len(pairs) - 1} "
+                        f"({folder / IMAGENET_CLASSNAMES_FILE} has {len(pairs)} lines)")
+    missing = [i for i in expected if i not in present]
+    if missing:
+        raise DataError(
+            f"{spec.name}: {image_dir / missing[0]} not found"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+            f"{folder / IMAGENET_CLASSNAMES_FILE} has {len(pairs)} lines, so class folders 0..{len(pairs) - 1} "
+            "are expected (folder i holds ImageNet class i)"
+        )
+    test = []
+    for label, (_, name) in enumerate(pairs):
+        rel = f"{spec.image_dir}/{label}"
+        test.extend(Datum(f"{rel}/{n}", label, name) for n in _image_names(image_dir / str(label)))
+    return [], [], test
+
+
 def read_dataset(root: str | os.PathLike, spec: DatasetSpec) -> Split:
     """Read one dataset's full split (all classes, all images) from DATA."""
     folder = dataset_dir(root, spec)
@@ -189,8 +268,15 @@ def read_dataset(root: str | os.PathLike, spec: DatasetSpec) -> Split:
         train, val, test = read_fgvc(folder, spec)
     elif spec.layout == LAYOUT_IMAGENET:
         train, val, test = read_imagenet(folder, spec)
+    elif spec.layout == LAYOUT_WNID_FOLDERS:
+        train, val, test = read_wnid_folders(folder, spec)
+    elif spec.layout == LAYOUT_INDEX_FOLDERS:
+        train, val, test = read_index_folders(folder, spec)
     else:  # pragma: no cover - specs are data in this package
         raise DataError(f"{spec.name}: unknown layout {spec.layout}")
-    if not train:
+    if spec.test_only:
+        if not test:
+            raise DataError(f"{spec.name}: no test images under {folder / spec.image_dir} ({README_HINT})")
+    elif not train:
         raise DataError(f"{spec.name}: the train split under {folder} is empty ({README_HINT})")
     return Split(str(folder), train, val, test)

@@ -1,7 +1,9 @@
-"""The 11 benchmark datasets, described as data.
+"""The 11 benchmark datasets and the 4 ImageNet variants of the domain-generalisation setting, described as data.
 
-Three layouts cover all of them: a CoOp split JSON (9 datasets), FGVCAircraft's official txt files, and
-ImageNet's wnid folders. Everything that differs between datasets of one layout is a field here.
+Three layouts cover the 11: a CoOp split JSON (9 datasets), FGVCAircraft's official txt files, and ImageNet's
+wnid folders. Two more cover the evaluation-only variants, as CoOp's dataset classes read them: one folder per
+wnid (ImageNet-Sketch, -A, -R) or one folder per ImageNet class index (ImageNetV2). Everything that differs
+between datasets of one layout is a field here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from dataclasses import dataclass
 LAYOUT_SPLIT_JSON = "split_json"
 LAYOUT_FGVC = "fgvc"
 LAYOUT_IMAGENET = "imagenet"
+# Evaluation-only ImageNet variants (test images only), each with a copy of ImageNet's classnames.txt:
+LAYOUT_WNID_FOLDERS = "wnid_folders"  # <image_dir>/<wnid>/*: label = index in the sorted folder list
+LAYOUT_INDEX_FOLDERS = "index_folders"  # <image_dir>/<i>/*, i = 0..N-1: class i = line i of classnames.txt
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,9 @@ class DatasetSpec:
     num_classes: int
     template: str  # CoOp's zero-shot prompt template
     sizes: tuple[int, int, int]  # published train/val/test sizes (val 0 = none), for orientation
+    # An evaluation set (CoOp: "used for testing only"): test images only, no train/val split, all classes; a
+    # training run on it is refused.
+    test_only: bool = False
 
 
 _SPECS = (
@@ -55,8 +63,30 @@ _SPECS = (
 TOY_SPEC = DatasetSpec("toy", "Toy", "toy", LAYOUT_SPLIT_JSON, "images", "split_toy.json", 36,
                        "a photo of a {}.", (720, 288, 900))
 
+# The domain-generalisation targets (CoOp's DATASETS.md and its imagenetv2/imagenet_sketch/imagenet_a/imagenet_r
+# dataset classes): folder, image folder, classes (A and R: the 200 wnid folders their image folders hold).
+_DG_SPECS = (
+    DatasetSpec("imagenetv2", "ImageNetV2", "imagenetv2", LAYOUT_INDEX_FOLDERS,
+                "imagenetv2-matched-frequency-format-val", None, 1000, "a photo of a {}.", (0, 0, 10000),
+                test_only=True),
+    DatasetSpec("imagenet_sketch", "ImageNetSketch", "imagenet-sketch", LAYOUT_WNID_FOLDERS, "images", None, 1000,
+                "a photo of a {}.", (0, 0, 50889), test_only=True),
+    DatasetSpec("imagenet_a", "ImageNetA", "imagenet-adversarial", LAYOUT_WNID_FOLDERS, "imagenet-a", None, 200,
+                "a photo of a {}.", (0, 0, 7500), test_only=True),
+    DatasetSpec("imagenet_r", "ImageNetR", "imagenet-rendition", LAYOUT_WNID_FOLDERS, "imagenet-r", None, 200,
+                "a photo of a {}.", (0, 0, 30000), test_only=True),
+)
+
 STEMS: tuple[str, ...] = tuple(s.stem for s in _SPECS)  # the 11 benchmark datasets
-DATASETS: dict[str, DatasetSpec] = {**{s.stem: s for s in _SPECS}, TOY_SPEC.stem: TOY_SPEC}
+DG_STEMS: tuple[str, ...] = tuple(s.stem for s in _DG_SPECS)  # the 4 evaluation-only ImageNet variants
+DATASETS: dict[str, DatasetSpec] = {**{s.stem: s for s in _SPECS}, **{s.stem: s for s in _DG_SPECS},
+                                    TOY_SPEC.stem: TOY_SPEC}
+
+# Cross-dataset transfer and domain generalisation (CoOp/CoCoOp, PromptKD Table 2): a model learned on the source
+# is evaluated on all classes of each target.
+TRANSFER_SOURCE = "imagenet"
+XD_TARGETS: tuple[str, ...] = tuple(s for s in STEMS if s != TRANSFER_SOURCE)  # the 10 other benchmark datasets
+DG_TARGETS: tuple[str, ...] = DG_STEMS
 
 # FGVCAircraft's official files, inside its folder.
 FGVC_CLASSES_FILE = "variants.txt"

@@ -52,6 +52,8 @@ def resolve_split(
     ``cache_dir``: None = default cache location, False = no cache, else a folder.
     """
     spec = dataset if isinstance(dataset, DatasetSpec) else get_spec(dataset)
+    if spec.test_only:
+        return _resolve_test_only(root, spec, subsample)
     full = read_dataset(root, spec)
     sample_val = spec.layout != LAYOUT_IMAGENET
     if shots > 0:
@@ -75,3 +77,16 @@ def resolve_split(
         train, val = list(full.train), list(full.val)
     train, val, test = subsample_classes(train, val, full.test, subsample=subsample)
     return ResolvedSplit(spec, full.dataset_dir, classnames_for_prompts(train), train, val, test)
+
+
+def _resolve_test_only(root: str | os.PathLike, spec: DatasetSpec, subsample: str) -> ResolvedSplit:
+    """An evaluation set: its test images over all its classes (no draw: there is no train list to draw from;
+    class names come from the test list)."""
+    from clipkd.errors import DataError
+
+    if subsample != "all":
+        raise DataError(f"{spec.name} is an evaluation set (test images only): it has no base/new halves; use "
+                        "all classes (--subsample all, DATASET.SUBSAMPLE_CLASSES all)")
+    full = read_dataset(root, spec)
+    return ResolvedSplit(spec, full.dataset_dir, classnames_for_prompts(full.test, what="test"), [], [],
+                         list(full.test))

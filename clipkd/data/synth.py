@@ -17,9 +17,12 @@ from typing import Callable
 from clipkd.data.specs import (
     FGVC_CLASSES_FILE,
     FGVC_SPLIT_FILES,
+    IMAGENET_CLASSNAMES_FILE,
     IMAGENET_SPLIT_DIRS,
     LAYOUT_FGVC,
     LAYOUT_IMAGENET,
+    LAYOUT_INDEX_FOLDERS,
+    LAYOUT_WNID_FOLDERS,
     DatasetSpec,
     get_spec,
 )
@@ -110,6 +113,10 @@ def synthesize(
         _synth_imagenet(folder, spec, classes, images_per_class, rng)
     elif spec.layout == LAYOUT_FGVC:
         _synth_fgvc(folder, spec, classes, images_per_class, rng)
+    elif spec.layout == LAYOUT_WNID_FOLDERS:
+        _synth_wnid_folders(folder, spec, classes, images_per_class, rng)
+    elif spec.layout == LAYOUT_INDEX_FOLDERS:
+        _synth_index_folders(folder, spec, classes, images_per_class, rng)
     else:
         _synth_split_json(folder, spec, classes, images_per_class, rng)
     return folder
@@ -169,3 +176,29 @@ def _synth_imagenet(folder: Path, spec: DatasetSpec, n: int, k: int, rng: random
                        label, n, rng)
             val_id += rng.randint(1, 5)
     write_imagenet_classnames(folder.parent)
+
+
+def _synth_wnid_folders(folder: Path, spec: DatasetSpec, n: int, k: int, rng: random.Random) -> None:
+    """ImageNet-Sketch/-A/-R: test images in ``n`` wnid folders (a subset, as A and R are), a README.txt beside
+    them (as A and R ship; not a class), and ImageNet's full classnames.txt (CoOp copies ImageNet's)."""
+    from clipkd.data.imagenet import imagenet_wnids, write_imagenet_classnames
+
+    wnids = sorted(rng.sample(imagenet_wnids(), n))
+    image_dir = folder / spec.image_dir
+    for label, wnid in enumerate(wnids):
+        for i in range(_counts(label, k)["test"]):
+            draw_image(image_dir / wnid / f"{rng.randint(0, 99999):05d}_{i}.jpg", label, n, rng)
+    (image_dir / "README.txt").write_text("synthetic stand-in for the dataset's README\n")
+    write_imagenet_classnames(folder.parent, dataset=spec.stem)
+
+
+def _synth_index_folders(folder: Path, spec: DatasetSpec, n: int, k: int, rng: random.Random) -> None:
+    """ImageNetV2: folders ``0..n-1``; classnames.txt lists ``n`` wnids in class-index order, folder i holding
+    class i (the real file has all 1000 lines, and the real folders 0..999)."""
+    from clipkd.data.imagenet import imagenet_classnames_lines, imagenet_wnids
+
+    wnids = sorted(rng.sample(imagenet_wnids(), n))
+    for label in range(n):
+        for i in range(_counts(label, k)["test"]):
+            draw_image(folder / spec.image_dir / str(label) / f"{rng.getrandbits(40):010x}_{i}.jpeg", label, n, rng)
+    (folder / IMAGENET_CLASSNAMES_FILE).write_text("\n".join(imagenet_classnames_lines(wnids)) + "\n")

@@ -107,6 +107,16 @@ def check_teacher(cfg: CfgNode) -> None:
             "zero-shot teacher on purpose with MODEL.TEACHER.CHECKPOINT zero-shot")
 
 
+def check_trainable(cfg: CfgNode) -> None:
+    """An evaluation set (ImageNetV2/-Sketch/-A/-R: test images only) cannot be trained on; say what to do instead."""
+    spec = get_spec(cfg.DATASET.NAME) if cfg.DATASET.NAME else None  # an empty name: prepare_data reports it
+    if spec is not None and spec.test_only:
+        raise ConfigError(
+            f"DATASET.NAME {spec.name} is an evaluation set (test images only, as in CoOp): nothing can be trained "
+            f"on it; train on ImageNet (scripts/dg.sh SEED METHOD) and evaluate that run on it with "
+            f"clipkd eval --run DIR --dataset {spec.stem}")
+
+
 def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
     """The combinations that would otherwise fail deep inside a step, or train something meaningless."""
     d = cfg.DISTILL
@@ -285,6 +295,7 @@ class Run:
         self._check_folder(resume)
         if self.tensorboard:
             require_tensorboard()
+        check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
         check_setup(cfg, self.data, dist.world_size())
         self.build()
         data, student = self.data, self.student

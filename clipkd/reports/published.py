@@ -52,3 +52,26 @@ TABLE1_AVERAGES: dict[str, Published] = {
 REFERENCES: dict[str, tuple[dict[str, Published], Published, str]] = {
     "published": (PROMPTKD, TABLE1_AVERAGES["PromptKD"], PROMPTKD_SOURCE),
 }
+
+
+# ---------------------------------------------------------------- cross-dataset transfer and domain generalisation
+@dataclass(frozen=True)
+class PublishedTransfer:
+    """One method's published row of a cross-dataset (``xd``) or domain-generalisation (``dg``) table: accuracy on
+    the source (ImageNet), on each target (keyed by dataset stem) and the printed average over the targets."""
+
+    method: str  # as the paper names it
+    recipe: str  # the clipkd method folder (configs/methods/<recipe>.yaml) whose runs it is compared with
+    source: float | None
+    targets: dict[str, float]
+    average: float | None
+
+
+# What `clipkd report --xd/--dg --compare published` compares against: per setting, (rows, source). Empty on
+# purpose: the tables of PromptKD (Table 2), CoOp and CoCoOp could not be read from a source available when this
+# was written (their numbers are printed in the papers' PDFs only, not in their repositories or in
+# reference/PROTOCOL.md), and numbers are not entered from memory. Add a row here with its source, exactly as printed,
+# to make the comparison appear.
+TRANSFER_REFERENCES: dict[str, dict[str, tuple[list[PublishedTransfer], str]]] = {
+    "published": {"xd": ([], ""), "dg": ([], "")},
+}

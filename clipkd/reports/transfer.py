@@ -1,0 +1,296 @@
+"""The cross-dataset (``--xd``) and domain-generalisation (``--dg``) tables: source accuracy, each target, the
+average over the targets; mean and population std (ddof=0) over seeds.
+
+Layout (written by scripts/xd.sh and scripts/dg.sh, ``ROOT`` = ``output/transfer``): the source run
+``ROOT/<method>/imagenet/seed<S>/results.json`` (``{"all": {"accuracy"}}``); a target's accuracy is
+``<source run>/eval/<target>/results.json`` (the source run evaluated there, ``clipkd eval --run DIR --dataset``)
+or, for a transductive method that trains on every dataset, the run ``ROOT/<method>/<target>/seed<S>/results.json``.
+A target with both for one seed is ambiguous and listed as a problem. ROOT may also be a method folder (its name
+is then read from the path above), as for the base-to-new report.
+
+Average: the mean of the per-target seed means over the targets present (the papers average their targets'
+means); the table says how many targets it covers, so a partial average is never mistaken for the full one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipkd.data.specs import DG_TARGETS, TRANSFER_SOURCE, XD_TARGETS
+from clipkd.reports.aggregate import Stat, dataset_name
+from clipkd.reports.collect import BASE_TEST_MARK, KIND_B2N, RESULTS_FILE, Run, _accuracy, collect
+from clipkd.reports.published import PublishedTransfer
+from clipkd.reports.render import _md_table, _tex_pm, _tex_row, _tex_seeds_note, tex_escape
+
+EVAL_DIR = "eval"  # clipkd.engine.transfer.EVAL_DIR (not imported: that module pulls in torch)
+SETTINGS: dict[str, tuple[str, ...]] = {"xd": XD_TARGETS, "dg": DG_TARGETS}
+TITLES = {"xd": "Cross-dataset transfer", "dg": "Domain generalisation"}
+TransferReference = tuple[list[PublishedTransfer], str]  # published rows, source
+
+
+@dataclass
+class Problem:
+    path: Path
+    problem: str
+
+
+@dataclass
+class TransferRow:
+    method: str
+    source: Stat | None
+    targets: dict[str, Stat] = field(default_factory=dict)  # stem -> accuracy over seeds
+    seeds: tuple[int, ...] = ()  # the seeds of the source runs
+
+    def average(self, targets: tuple[str, ...]) -> float | None:
+        """Mean of the target means over the targets present (None when none is)."""
+        means = [self.targets[t].mean for t in targets if t in self.targets]
+        return sum(means) / len(means) if means else None
+
+
+@dataclass
+class TransferTable:
+    setting: str  # "xd" | "dg"
+    rows: list[TransferRow] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return SETTINGS[self.setting]
+
+    def n_targets(self, row: TransferRow) -> int:
+        return sum(t in row.targets for t in self.targets)
+
+
+def _all_accuracy(file: Path) -> tuple[float | None, str]:
+    """``all.accuracy`` of a results.json, or None and why not."""
+    if not file.is_file():
+        return None, f"no {file.name} (unfinished or failed)"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"unreadable {file.name}: {exc}"
+    if not isinstance(data, dict):
+        return None, f"{file.name} is not a JSON object"
+    try:
+        return _accuracy(data.get("all"), "all"), ""
+    except ValueError as exc:
+        return None, (f"malformed {file.name}: {exc} (a base-to-new run? the transfer settings train and evaluate "
+                      "on all classes)")
+
+
+def _method(run: Run) -> str:
+    try:
+        selected = json.loads((run.path / RESULTS_FILE).read_text(encoding="utf-8")).get("selected_on", "last")
+    except (OSError, ValueError, AttributeError):
+        selected = "last"
+    return run.method + (BASE_TEST_MARK if selected == "base_test" else "")
+
+
+def transfer_table(root: str | Path, setting: str, method: str | None = None) -> TransferTable:
+    """Collect the runs under ``root`` and aggregate one setting's table (rows: methods, sorted)."""
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
+    targets = SETTINGS[setting]
+    col = collect(root)
+    table = TransferTable(setting)
+    values: dict[tuple[str, str, int], tuple[float, Path]] = {}  # (method, stem, seed) -> accuracy, file
+    sources: dict[str, dict[int, float]] = {}
+    for run in col.runs:
+        if run.kind != KIND_B2N or not run.placed:
+            if run.kind in (KIND_B2N, None) and run.problem:
+                table.problems.append(Problem(run.path, run.problem))
+            continue
+        name = _method(run)
+        if method is not None and name.removesuffix(BASE_TEST_MARK) != method:
+            continue
+        if run.dataset == TRANSFER_SOURCE:
+            acc, why = _all_accuracy(run.path / RESULTS_FILE)
+            if acc is None:
+                table.problems.append(Problem(run.path, why))
+                continue
+            assert run.seed is not None
+            sources.setdefault(name, {})[run.seed] = acc
+            for stem in targets:
+                file = run.path / EVAL_DIR / stem / RESULTS_FILE
+                if file.parent.is_dir():
+                    acc, why = _all_accuracy(file)
+                    if acc is None:
+                        table.problems.append(Problem(file.parent, why))
+                    else:
+                        _put(values, (name, stem, run.seed), acc, file, table)
+        elif run.dataset in targets:
+            acc, why = _all_accuracy(run.path / RESULTS_FILE)
+            if acc is None:
+                table.problems.append(Problem(run.path, why))
+            else:
+                assert run.seed is not None
+                _put(values, (name, run.dataset, run.seed), acc, run.path / RESULTS_FILE, table)
+    methods = sorted(set(sources) | {m for m, _, _ in values})
+    for name in methods:
+        src = sources.get(name, {})
+        row = TransferRow(name, Stat.of([src[s] for s in sorted(src)]) if src else None, seeds=tuple(sorted(src)))
+        for stem in targets:
+            accs = [values[k][0] for k in sorted(values) if k[0] == name and k[1] == stem]
+            if accs:
+                row.targets[stem] = Stat.of(accs)
+        table.rows.append(row)
+    return table
+
+
+def _put(values: dict, key: tuple[str, str, int], acc: float, file: Path, table: TransferTable) -> None:
+    if key in values:
+        other = values.pop(key)[1]
+        table.problems.append(Problem(file, f"{key[1]} seed{key[2]} of {key[0]} is also in {other} (an evaluation of "
+                                            "the source run and a run of its own): keep one of them"))
+        return
+    values[key] = (acc, file)
+
+
+# ---------------------------------------------------------------- rendering
+def _cell(s: Stat | None) -> str:
+    return "—" if s is None else f"{s.mean:.2f} ± {s.std:.2f}"
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def _published_rows(table: TransferTable, ref: TransferReference | None) -> list[tuple[str, PublishedTransfer]]:
+    return [] if ref is None else [(f"published: {p.method}", p) for p in ref[0]]
+
+
+def _delta(row: TransferRow, p: PublishedTransfer, targets: tuple[str, ...]) -> list[str]:
+    """ours - published per column (source, targets, average); — where either side is missing."""
+    out = [f"{row.source.mean - p.source:+.2f}" if row.source and p.source is not None else "—"]
+    for t in targets:
+        out.append(f"{row.targets[t].mean - p.targets[t]:+.2f}" if t in row.targets and t in p.targets else "—")
+    avg = row.average(targets)
+    full = all(t in row.targets for t in targets)
+    out.append(f"{avg - p.average:+.2f}" if full and avg is not None and p.average is not None else "—")
+    return out
+
+
+def transfer_markdown(table: TransferTable, ref: TransferReference | None = None) -> str:
+    t = table.targets
+    header = ["Method", f"{dataset_name(TRANSFER_SOURCE)} (source)", *(dataset_name(s) for s in t), "Average",
+              "Targets", "Seeds"]
+    rows = []
+    for r in table.rows:
+        rows.append([r.method, _cell(r.source), *(_cell(r.targets.get(s)) for s in t), _num(r.average(t)),
+                     f"{table.n_targets(r)}/{len(t)}", str(len(r.seeds))])
+    for label, p in _published_rows(table, ref):
+        rows.append([label, _num(p.source), *(_num(p.targets.get(s)) for s in t), _num(p.average), "", ""])
+        for r in table.rows:
+            if r.method == p.recipe:
+                rows.append([f"Δ {r.method} - published", *_delta(r, p, t), "", ""])
+    out = [f"### {TITLES[table.setting]}: {dataset_name(TRANSFER_SOURCE)} -> {len(t)} targets", ""]
+    out += _md_table(header, rows, "l" + "r" * (len(header) - 1))
+    out += ["", "Accuracy (%) over all classes of each test set: mean ± population std over seeds. Average: mean of "
+            "the target means over the targets present (Targets); the papers' average needs all of them. Seeds: "
+            "source runs."]
+    if ref:
+        out.append(f"Published: {ref[1]}; Δ = ours - published.")
+    return "\n".join(out) + "\n"
+
+
+def transfer_dict(table: TransferTable, ref: TransferReference | None = None) -> dict:
+    """``{"setting", "source", "targets", "methods": {M: {"source": {mean,std,n}|null, "targets": {stem: ...},
+    "average", "n_targets", "seeds"}}}`` (+ ``"published"``, ``"published_source"`` with a reference)."""
+    t = table.targets
+
+    def stat(s: Stat | None) -> dict | None:
+        return None if s is None else {"mean": s.mean, "std": s.std, "n": s.n}
+
+    out: dict = {"setting": table.setting, "source": TRANSFER_SOURCE, "targets": list(t), "methods": {
+        r.method: {"source": stat(r.source), "targets": {s: stat(r.targets[s]) for s in t if s in r.targets},
+                   "average": r.average(t), "n_targets": table.n_targets(r), "seeds": list(r.seeds)}
+        for r in table.rows}}
+    if ref:
+        out["published"] = {p.method: {"recipe": p.recipe, "source": p.source, "targets": dict(p.targets),
+                                       "average": p.average} for p in ref[0]}
+        out["published_source"] = ref[1]
+    return out
+
+
+TRANSFER_CSV_FIELDS = ["setting", "method", "dataset", "name", "role", "mean", "std", "n"]
+
+
+def transfer_csv(table: TransferTable, ref: TransferReference | None = None) -> str:
+    """Long format: one line per method and column (role source / target / average); published rows have
+    method ``published: <name>`` and no std/n."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(TRANSFER_CSV_FIELDS)
+    t = table.targets
+    for r in table.rows:
+        if r.source is not None:
+            w.writerow([table.setting, r.method, TRANSFER_SOURCE, dataset_name(TRANSFER_SOURCE), "source",
+                        r.source.mean, r.source.std, r.source.n])
+        for s in t:
+            if s in r.targets:
+                st = r.targets[s]
+                w.writerow([table.setting, r.method, s, dataset_name(s), "target", st.mean, st.std, st.n])
+        avg = r.average(t)
+        if avg is not None:
+            w.writerow([table.setting, r.method, "average", "Average", "average", avg, "", table.n_targets(r)])
+    for label, p in _published_rows(table, ref):
+        if p.source is not None:
+            w.writerow([table.setting, label, TRANSFER_SOURCE, dataset_name(TRANSFER_SOURCE), "source", p.source,
+                        "", ""])
+        for s in t:
+            if s in p.targets:
+                w.writerow([table.setting, label, s, dataset_name(s), "target", p.targets[s], "", ""])
+        if p.average is not None:
+            w.writerow([table.setting, label, "average", "Average", "average", p.average, "", ""])
+    return buf.getvalue()
+
+
+def transfer_latex(table: TransferTable, ref: TransferReference | None = None) -> str:
+    """One booktabs ``tabular``: methods as rows; the source, each target and the average as columns (the papers'
+    layout); mean $\\pm$ std where a method has several seeds. Needs ``\\usepackage{booktabs}``."""
+    t = table.targets
+    ncols = len(t) + 3
+    out = [f"% \\usepackage{{booktabs}}; written by clipkd report --{table.setting} --format latex",
+           "\\begin{tabular}{l" + "c" * (ncols - 1) + "}", r"\toprule",
+           _tex_row(["", "Source", f"\\multicolumn{{{len(t)}}}{{c}}{{Target}}", ""]),
+           f"\\cmidrule(lr){{2-2}} \\cmidrule(lr){{3-{len(t) + 2}}}",
+           _tex_row(["Method", tex_escape(dataset_name(TRANSFER_SOURCE)),
+                     *(tex_escape(dataset_name(s)) for s in t), "Average"]),
+           r"\midrule"]
+    for r in table.rows:
+        out.append(_tex_row([tex_escape(r.method), _tex_pm(r.source) if r.source else "--",
+                             *(_tex_pm(r.targets[s]) if s in r.targets else "--" for s in t),
+                             f"{r.average(t):.2f}" if r.average(t) is not None else "--"]))
+    published = _published_rows(table, ref)
+    if published:
+        out.append(r"\midrule")
+        for label, p in published:
+            out.append(_tex_row([tex_escape(label), _num(p.source).replace("—", "--"),
+                                 *(_num(p.targets.get(s)).replace("—", "--") for s in t),
+                                 _num(p.average).replace("—", "--")]))
+    out += [r"\bottomrule", r"\end{tabular}"]
+    counts = [r.source.n for r in table.rows if r.source] + [s.n for r in table.rows for s in r.targets.values()]
+    out.append(f"% Accuracy over all classes of each test set: mean $\\pm$ population std over "
+               f"{_tex_seeds_note(counts or [1])}; Average: mean of the target means over the targets present "
+               f"({', '.join(f'{r.method}: {table.n_targets(r)}/{len(t)}' for r in table.rows)}).")
+    if ref:
+        out.append(f"% Published: {tex_escape(ref[1])}.")
+    return "\n".join(out) + "\n"
+
+
+def problem_lines(table: TransferTable, root: Path) -> list[str]:
+    """The runs and evaluations that could not be read, relative to ROOT."""
+    if not table.problems:
+        return []
+    lines = [f"Incomplete or failed runs and evaluations ({len(table.problems)}):"]
+    for p in table.problems:
+        try:
+            rel = p.path.relative_to(root).as_posix()
+        except ValueError:
+            rel = str(p.path)
+        lines.append(f"- {rel}: {p.problem}")
+    return lines
