@@ -223,14 +223,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print(text.rstrip("\n"))
     # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
-    lines = render.incomplete_lines(bad, col.root.parent if any(r.path == col.root for r in bad) else col.root)
+    _print_problems(render.incomplete_lines(bad, col.root.parent if any(r.path == col.root for r in bad)
+                                           else col.root), args.format)
+    return 0
+
+
+def _print_problems(lines: list[str], fmt: str) -> None:
+    """Unfinished or failed runs: under the Markdown table, or on stderr so csv/json/latex stay parseable."""
     if lines:
-        if args.format == "md":
+        if fmt == "md":
             print()
             print("\n".join(lines))
         else:
             print("\n".join(lines), file=sys.stderr)
-    return 0
 
 
 def _transfer_report(args: argparse.Namespace) -> int:
@@ -268,11 +273,5 @@ def _transfer_report(args: argparse.Namespace) -> int:
     else:
         text = render[args.format](table, ref)
     print(text.rstrip("\n"))
-    lines = transfer.problem_lines(table, root)
-    if lines:
-        if args.format == "md":
-            print()
-            print("\n".join(lines))
-        else:
-            print("\n".join(lines), file=sys.stderr)
+    _print_problems(transfer.problem_lines(table, root), args.format)
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from clipkd.data.specs import DG_TARGETS, TRANSFER_SOURCE, XD_TARGETS
 from clipkd.reports.aggregate import Stat, dataset_name
-from clipkd.reports.collect import BASE_TEST_MARK, KIND_B2N, RESULTS_FILE, Run, _accuracy, collect
+from clipkd.reports.collect import BASE_TEST_MARK, KIND_B2N, RESULTS_FILE, Run, _read_results, collect
 from clipkd.reports.published import PublishedTransfer
 from clipkd.reports.render import _md_table, _tex_pm, _tex_row, _tex_seeds_note, tex_escape
 
@@ -66,20 +66,13 @@ class TransferTable:
 
 
 def _all_accuracy(file: Path) -> tuple[float | None, str]:
-    """``all.accuracy`` of a results.json, or None and why not."""
-    if not file.is_file():
-        return None, f"no {file.name} (unfinished or failed)"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"unreadable {file.name}: {exc}"
-    if not isinstance(data, dict):
-        return None, f"{file.name} is not a JSON object"
-    try:
-        return _accuracy(data.get("all"), "all"), ""
-    except ValueError as exc:
-        return None, (f"malformed {file.name}: {exc} (a base-to-new run? the transfer settings train and evaluate "
-                      "on all classes)")
+    """``all.accuracy`` of a results.json (a run's, or an evaluation's under ``eval/<stem>/``), or None and why."""
+    results, why = _read_results(file.parent, ("all",))
+    if results is None:
+        if why.startswith("malformed"):
+            why += " (a base-to-new run? the transfer settings train and evaluate on all classes)"
+        return None, why
+    return results["all"], ""
 
 
 def _method(run: Run) -> str:
