@@ -210,17 +210,18 @@ def _pair_consts(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Per-pair scalars as (P, 1, 1) tensors, so that all pairs are computed by the same few ops.
 
-    max(lo r, hi r) = m r + h |r| with m = (lo + hi) / 2, h = (hi - lo) / 2; c0 = -log(gap) folds the 1/gap of
-    the divided difference into the exponential; a zero gap is flagged to take the derivative instead.
+    max(lo r, hi r) = m r + h |r| with m = (lo + hi) / 2, h = (hi - lo) / 2; inv_gap = 1/gap multiplies the
+    bounded factor expm1(-gap |r|) (so |factor| <= |r| and nothing overflows before the true value would); a zero
+    gap is flagged to take the derivative instead.
     """
     rows = [plan.pair(n) for n in names]
     col = functools.partial(torch.tensor, dtype=dtype, device=device)
     m = col([(lo + hi) / 2 for lo, hi, _ in rows]).view(-1, 1, 1)
     h = col([(hi - lo) / 2 for lo, hi, _ in rows]).view(-1, 1, 1)
-    c0 = col([-math.log(g) if g else 0.0 for _, _, g in rows]).view(-1, 1, 1)
+    inv_gap = col([1.0 / g if g else 0.0 for _, _, g in rows]).view(-1, 1, 1)
     neg_gap = col([-g for _, _, g in rows]).view(-1, 1, 1)
     zero = col([1.0 if not g else 0.0 for _, _, g in rows]).view(-1, 1, 1) if any(not g for *_, g in rows) else None
-    return m, h, c0, neg_gap, zero
+    return m, h, inv_gap, neg_gap, zero
 
 
 def _neg_divided_differences(lp: Tensor, r: Tensor, ar: Tensor, plan: _ABPlan, names: tuple[str, ...]) -> Tensor:
@@ -231,9 +232,9 @@ def _neg_divided_differences(lp: Tensor, r: Tensor, ar: Tensor, plan: _ABPlan, n
     keeps the difference exact when gap |r| is tiny (alpha, beta or alpha+beta -> 0, or p ~ q). A zero gap (on a
     limit line) gives the derivative, sign(r) exp(E) |r|, which is the limit of the same expression.
     """
-    m, h, c0, neg_gap, zero = _pair_consts(plan, names, r.dtype, r.device)
-    e = _exp_floored_(torch.addcmul(c0, m, r).addcmul_(h, ar).add_(lp, alpha=plan.s))
-    w = torch.mul(ar, neg_gap).clamp_min_(_EXPM1_FLOOR).expm1_()
+    m, h, inv_gap, neg_gap, zero = _pair_consts(plan, names, r.dtype, r.device)
+    e = _exp_floored_(torch.mul(m, r).addcmul_(h, ar).add_(lp, alpha=plan.s))
+    w = torch.mul(ar, neg_gap).clamp_min_(_EXPM1_FLOOR).expm1_().mul_(inv_gap)
     if zero is not None:
         w.addcmul_(zero, ar, value=-1.0)
     return e.mul_(w).mul_(torch.sign(r))
