@@ -25,3 +25,11 @@ def test_gpu_check_quick_on_cpu():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| fp32 | yes |" in proc.stdout and "| bf16 | yes |" in proc.stdout
     assert "torchrun, 1 process(es), gloo: ok" in proc.stdout
+
+
+def test_sweep_quick():
+    proc = run("sweep.py", "--quick")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| 3 |" in proc.stdout and "| reading the cache |" in proc.stdout
+    assert "Results identical with and without the cache: yes; the reading run computed no teacher" in proc.stdout
+    assert proc.stdout.count("| yes |") == 2  # fused results identical to separate ones, K = 2 and 3

@@ -398,3 +398,6 @@ def test_sweep_sets_the_divergence_inside_a_method_and_varies_its_parameters(cap
     assert "has none" in capsys.readouterr().err
     assert main(["sweep", "--config", recipe("dist_promptkd"), "--dataset", "dtd", "--dry-run"]) == 2
     assert "nothing to sweep" in capsys.readouterr().err
+    assert main(["sweep", "--config", recipe("lsd_promptkd"), "--vary", "OPTIM.LR", "0.01,0.02", "--dataset", "dtd",
+                 "--dry-run", "OPTIM.LR", "0.5"]) == 2
+    assert "OPTIM.LR is swept and also set" in capsys.readouterr().err

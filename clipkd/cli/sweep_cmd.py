@@ -33,6 +33,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="configs/methods/abkd_promptkd.yaml", help="method config")
     p.add_argument("--output", default="output/sweep", help="sweep root (default output/sweep)")
     p.add_argument("--dry-run", action="store_true", help="print one self-contained command per cell and stop")
+    p.add_argument("--fused", action="store_true",
+                   help="train the cells that share a data stream (dataset, seed, shots, protocol, batch, input, "
+                        "teacher) together in this process: one loader and one teacher forward per batch for all "
+                        "their students; each cell still writes exactly the folder clipkd train writes, resumes "
+                        "on its own, and fails on its own (with --dry-run: the per-cell commands, unfused)")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides for every cell")
     p.set_defaults(func=cmd_sweep)
 
@@ -51,7 +56,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     if not args.root:
         raise ClipkdError("--root DATA is needed to run the sweep (or pass --dry-run to print the commands)")
-    summary = run_grid(grid, args.root)
+    summary = run_grid(grid, args.root, fused=args.fused)
     for line in summary.lines():
         print(line, file=sys.stderr if summary.failed else sys.stdout)
     return 1 if summary.failed else 0

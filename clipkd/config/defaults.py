@@ -88,6 +88,10 @@ _C.DISTILL.CE_WEIGHT = 0.0  # optional cross-entropy on labels (inductive protoc
 # kd: WEIGHT * LOSS(teacher || student) + CE_WEIGHT * CE; promptsrc: PromptSRC's prompt learning (no teacher):
 # CE_WEIGHT * CE + its three self-regularising terms (PROMPTSRC.*), Gaussian-averaged prompts at the end.
 _C.DISTILL.OBJECTIVE = "kd"  # kd | promptsrc
+# A folder for the teacher's image features of each (epoch, image) of the training stream and of the test sets,
+# reused by later runs of the same stream (other sweep cells, reruns); "" = off. Exact: results do not change.
+# Safe to delete at any time (clipkd.engine.teacher_cache).
+_C.DISTILL.TEACHER_CACHE = ""
 
 # ---------------------------------------------------------------- PromptSRC (DISTILL.OBJECTIVE promptsrc)
 _C.PROMPTSRC = CN()

@@ -177,15 +177,19 @@ class Distiller(nn.Module):
         return self
 
     @torch.no_grad()
-    def teacher_logits(self, images: Tensor) -> Tensor:
-        return class_logits(self.teacher, images, class_features=self.teacher_text)
+    def teacher_logits(self, images: Tensor, features: Tensor | None = None) -> Tensor:
+        """The teacher's logits of a batch; ``features``: its image features when already at hand (taken once
+        per batch for several students, or read from the teacher cache), else computed from ``images``."""
+        if features is None:
+            return class_logits(self.teacher, images, class_features=self.teacher_text)
+        return self.teacher.logit_scale * features @ self.teacher_text.t()  # what class_logits computes
 
-    def forward(self, images: Tensor, labels: Tensor) -> StepOutput:
+    def forward(self, images: Tensor, labels: Tensor, teacher_features: Tensor | None = None) -> StepOutput:
         # class_logits(self.student, images, self.classnames), step by step: some objectives see the features.
         image_features = self.student.image_features(images)
         text_features = self.student.text_features(self.classnames)
         logits = self.student.logit_scale * image_features @ text_features.t()
-        t_logits = self.teacher_logits(images) if self.objective.needs_teacher else None
+        t_logits = self.teacher_logits(images, teacher_features) if self.objective.needs_teacher else None
         if self.needs_features:
             features = StudentFeatures(images, image_features, text_features)
             loss, terms = self.objective(logits, t_logits, labels, features=features)

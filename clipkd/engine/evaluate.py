@@ -112,11 +112,27 @@ def dassl_log_lines(results: dict, half: str | None = None, *, training: bool = 
 
 
 
+@torch.no_grad()
+def _image_features(model: Any, loader: DataLoader, device: torch.device,
+                    autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features as the model computes them, on the CPU; labels) over a loader, in its order."""
+    feats, labels = [], []
+    for images, y, _ in loader:
+        with autocast():
+            feats.append(model.image_features(images.to(device, non_blocking=True)).cpu())
+        labels.append(y)
+    if not feats:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
 def predict_half(
     model: Any, split: ResolvedSplit, cfg: CfgNode, device: torch.device,
-    autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test",
+    autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test", feature_cache: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels of ``model`` on one half's ``items`` list, among that half's classes only."""
+    """Predicted and true labels of ``model`` on one half's ``items`` list, among that half's classes only.
+    ``feature_cache`` (single process; :class:`clipkd.engine.teacher_cache.EvalFeatureCache`): the model's image
+    features of the list are read from it or computed once and stored, then scored batch by batch as below."""
     model.eval()
     with torch.no_grad(), autocast():
         class_features = model.text_features(split.classnames).float()
@@ -124,6 +140,13 @@ def predict_half(
     sampler = DistributedSampler(dataset, shuffle=False) if dist.is_initialized() else None
     loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
                           num_workers=cfg.DATALOADER.NUM_WORKERS, sampler=sampler)
+    if feature_cache is not None and sampler is None:
+        feats, true = feature_cache.features(dataset, lambda: _image_features(model, loader, device, autocast))
+        cf = class_features.to(device)
+        # the same batches as predict(), so the same matmuls: cached and computed predictions are identical
+        pred = [(f.to(device).float() @ cf.t()).argmax(dim=-1).cpu()
+                for f in feats.split(cfg.DATALOADER.TEST.BATCH_SIZE)] if len(true) else []
+        return (torch.cat(pred) if pred else torch.empty(0, dtype=torch.long)), true
     pred, true = predict(model.image_features, class_features, loader, device, autocast)
     if sampler is not None:  # rank 0's view of every rank's share, in dataset order
         merged: dict[int, tuple[int, int]] = {}
@@ -136,22 +159,23 @@ def predict_half(
 
 def evaluate_half(
     model: Any, split: ResolvedSplit, cfg: CfgNode, device: torch.device,
-    autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test",
+    autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test", feature_cache: Any = None,
 ) -> dict:
     """Accuracy / macro-F1 of ``model`` on one half, among that half's classes only."""
-    pred, true = predict_half(model, split, cfg, device, autocast, items)
+    pred, true = predict_half(model, split, cfg, device, autocast, items, feature_cache)
     return classification_metrics(pred, true, len(split.classnames))
 
 
 def evaluate_halves(
     model: Any, halves: dict[str, ResolvedSplit], cfg: CfgNode, device: torch.device,
     autocast: Callable[[], Any] = contextlib.nullcontext, log: Callable[[str], None] | None = None,
+    feature_cache: Any = None,
 ) -> dict:
     """``{"base": {...}, "new": {...}, "hm": ...}`` (or ``{"all": ...}``) on the halves' test lists; the Dassl
-    result lines go to ``log``."""
+    result lines go to ``log``; ``feature_cache`` as in :func:`predict_half`."""
     metrics = {}
     for name, split in halves.items():
-        metrics[name] = evaluate_half(model, split, cfg, device, autocast)
+        metrics[name] = evaluate_half(model, split, cfg, device, autocast, feature_cache=feature_cache)
         if log is not None:
             for line in format_dassl_lines(name, metrics[name]):
                 log(line)

@@ -12,8 +12,9 @@ from its config alone.
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +30,9 @@ from clipkd.engine.distiller import Distiller, build_objective
 from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half
 from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
 from clipkd.engine.runlog import RunLog, require_tensorboard
-from clipkd.engine.train import TrainState, autocast_for, seed_everything, train_epochs
+from clipkd.engine.teacher_cache import TeacherFeatures
+from clipkd.engine.train import (Trainee, TrainState, autocast_for, restore_rng, rng_snapshot, seed_everything,
+                                 train_epochs)
 from clipkd.errors import ConfigError, TrainingError
 from clipkd.fileio import atomic_write_text
 from clipkd.models.teacher import ZERO_SHOT
@@ -37,6 +40,23 @@ from clipkd.models.teacher import ZERO_SHOT
 WHICH = ("final", "teacher", "student")  # trained student, configured teacher, zero-shot student CLIP
 # results.json "selected_on": how the final epoch was chosen (reports never average "base_test" with the rest)
 SELECTED_ON = {"last": "last", "val": "val", "best_base_test": "base_test"}
+
+
+def student_key(cfg: CfgNode) -> str:
+    """The config keys a student is built from (besides the seed and the teacher): equal keys, equal students."""
+    flat = flatten(cfg)
+    return json.dumps({k: v for k, v in flat.items() if k.startswith(("MODEL.STUDENT.", "MODEL.PROMPT."))},
+                      sort_keys=True, default=str)
+
+
+@dataclass
+class Built:
+    """The models a fused sweep's cells share (:meth:`Run.build`): one teacher, one student per student config."""
+
+    teacher: Any
+    after_teacher: dict  # RNG state right after building the teacher
+    # student_key -> (an untouched copy of the student built for it, the RNG state right after that build)
+    students: dict[str, tuple[Any, dict]] = field(default_factory=dict)
 
 
 def teacher_description(cfg: CfgNode) -> str:
@@ -169,6 +189,8 @@ class Run:
         self.teacher: Any = None
         self.student: Any = None
         self._zero_shot_student: Any = None
+        self.built: Built | None = None  # what build(keep=True) made, for other cells of a fused sweep
+        self._eval_cache: Any = None
 
     @classmethod
     def load(cls, folder: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> Run:
@@ -185,16 +207,36 @@ class Run:
             self._data = prepare_data(self.cfg)
         return self._data
 
-    def build(self) -> None:
-        """Seed, then build teacher and student (in that order: both consume the RNG)."""
+    def build(self, shared: Built | None = None, keep: bool = False) -> None:
+        """Seed, then build teacher and student (in that order: both consume the RNG).
+
+        A fused sweep builds once for all its cells: ``keep`` stores in :attr:`built` the teacher, an untouched
+        copy of the student and the RNG states after each; a later cell passes that as ``shared`` and gets the
+        same teacher and a copy of the student built for its student config (built and added on first use),
+        with the RNG where its own build would have left it: exactly the models it would have built alone."""
         from clipkd.models.student import build_student
         from clipkd.models.teacher import build_teacher
 
         check_teacher(self.cfg)
-        seed_everything(self.cfg.SEED)
-        template = get_spec(self.cfg.DATASET.NAME).template  # no data needed (benchmarks build without any)
-        self.teacher = build_teacher(self.cfg, template, device=self.device) if needs_teacher(self.cfg) else None
-        self.student = build_student(self.cfg, self.teacher, device=self.device)
+        if shared is None:
+            seed_everything(self.cfg.SEED)
+            template = get_spec(self.cfg.DATASET.NAME).template  # no data needed (benchmarks build without any)
+            self.teacher = build_teacher(self.cfg, template, device=self.device) if needs_teacher(self.cfg) else None
+            after_teacher = rng_snapshot() if keep else {}
+        else:
+            self.teacher, after_teacher = shared.teacher, shared.after_teacher
+            restore_rng(after_teacher)
+        key = student_key(self.cfg)
+        if shared is not None and key in shared.students:
+            student, after_student = shared.students[key]
+            self.student = copy.deepcopy(student)
+            restore_rng(after_student)
+        else:
+            self.student = build_student(self.cfg, self.teacher, device=self.device)
+            if keep or shared is not None:
+                shared = shared or Built(self.teacher, after_teacher)
+                shared.students[key] = (copy.deepcopy(self.student), rng_snapshot())
+        self.built = shared
 
     def model(self, which: str = "final") -> Any:
         """``final``: the trained student (from ``model.pt`` unless this object just trained it);
@@ -249,12 +291,25 @@ class Run:
                                   "(DATASET.SUBSAMPLE_CLASSES base gives base and new, all gives all)")
         autocast, _ = autocast_for(self.cfg.OPTIM.PRECISION, self.device)
         return evaluate_halves(self.model(which), {h: data.halves[h] for h in names}, self.cfg, self.device,
-                               autocast, log=log.info if log is not None else None)
+                               autocast, log=log.info if log is not None else None,
+                               feature_cache=self.teacher_eval_cache(which))
 
     def predict(self, half: str, which: str = "final") -> torch.Tensor:
         """Predicted labels on one half's test images (e.g. for teacher-student agreement)."""
         autocast, _ = autocast_for(self.cfg.OPTIM.PRECISION, self.device)
-        return predict_half(self.model(which), self.data.halves[half], self.cfg, self.device, autocast)[0]
+        return predict_half(self.model(which), self.data.halves[half], self.cfg, self.device, autocast,
+                            feature_cache=self.teacher_eval_cache(which))[0]
+
+    def teacher_eval_cache(self, which: str) -> Any:
+        """With DISTILL.TEACHER_CACHE, where the teacher's test-set features are kept (``which`` teacher only;
+        single process only: under torchrun each rank predicts a share and the shares are merged instead)."""
+        if which != "teacher" or not self.cfg.DISTILL.TEACHER_CACHE or dist.is_initialized():
+            return None
+        if self._eval_cache is None:
+            from clipkd.engine.teacher_cache import EvalFeatureCache, eval_entry
+
+            self._eval_cache = EvalFeatureCache(eval_entry(self.cfg, self.model("teacher"), self.device))
+        return self._eval_cache
 
     # ------------------------------------------------------------------------------------ training
     def _check_folder(self, resume: bool) -> None:
@@ -265,7 +320,8 @@ class Run:
         self.dir.check_resumable()
         saved = self.dir / CONFIG_FILE
         before, now = flatten(build_config([saved], freeze=False)), flatten(self.cfg)
-        changed = [k for k in now if k != "OUTPUT_DIR" and before.get(k) != now[k]]
+        same = ("OUTPUT_DIR", "DISTILL.TEACHER_CACHE")  # neither changes what the run computes
+        changed = [k for k in now if k not in same and before.get(k) != now[k]]
         if changed:
             raise TrainingError(f"--resume: the config differs from {saved} at {', '.join(changed[:5])}; resume "
                                 "with the same arguments, or train into a new --output-dir")
@@ -287,6 +343,19 @@ class Run:
 
     def fit(self, resume: bool = False) -> dict:
         """Train, write ``model.pt`` and ``results.json``; returns the results."""
+        training = self.start_training(resume)
+        try:
+            train_epochs([training.trainee], training.dataset, self.device, training.teacher_features)
+            if training.trainee.error is not None:
+                raise training.trainee.error
+            return self.finish_training(training)
+        finally:
+            self.close_training(training)
+
+    def start_training(self, resume: bool = False, shared: Built | None = None, keep: bool = False) -> Training:
+        """Everything before the first epoch: checks, models, folder (locked), restored state, log. ``fit`` and
+        the fused sweep (:mod:`clipkd.engine.fused`: ``shared`` / ``keep`` as in :meth:`build`) go through here;
+        pair it with :meth:`close_training`."""
         if self.dir is None:
             raise TrainingError("a run needs an output folder to train into")
         cfg, out = self.cfg, self.dir
@@ -297,7 +366,10 @@ class Run:
             require_tensorboard()
         check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
         check_setup(cfg, self.data, dist.world_size())
-        self.build()
+        if shared is None and not keep:
+            self.build()
+        else:
+            self.build(shared, keep)
         data, student = self.data, self.student
         objective = build_objective(cfg, student, data.train.classnames)
         distiller = Distiller(student, self.teacher, data.train.classnames, objective)
@@ -307,12 +379,23 @@ class Run:
 
             model = DistributedDataParallel(distiller, device_ids=[self.device.index]
                                             if self.device.type == "cuda" else None)
+        from clipkd.data.loaders import ImageListDataset
+        from clipkd.data.transforms import build_transform
         from clipkd.engine.optim import build_optimizer, build_scheduler
 
         optimizer = build_optimizer(student.trainable_parameters(), cfg)
         _, use_scaler = autocast_for(cfg.OPTIM.PRECISION, self.device)
         state = TrainState(distiller, model, optimizer, build_scheduler(optimizer, cfg),
                            torch.amp.GradScaler(self.device.type, enabled=use_scaler))
+        dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
+        features = None
+        if self.teacher is not None:
+            entry = None
+            if cfg.DISTILL.TEACHER_CACHE and objective.needs_teacher:  # checked (maybe refused) before writing
+                from clipkd.engine.teacher_cache import train_entry
+
+                entry = train_entry(cfg, dataset.items, dataset.paths, self.teacher, self.device, dist.world_size())
+            features = TeacherFeatures(self.teacher, entry, rank=dist.rank())
         self._take_folder(resume)
         log = None
         try:
@@ -331,43 +414,67 @@ class Run:
                          f"{len(data.train.train)} training images, {len(data.train.classnames)} classes, "
                          f"student {cfg.MODEL.STUDENT.TYPE} ({n_train:,} trainable parameters), "
                          f"objective {objective!r}, device {self.device}")
+            if features is not None and features.entry is not None:
+                log.info(f"teacher cache {features.entry.describe()} before this run (delete the folder to free it)")
             autocast, _ = autocast_for(cfg.OPTIM.PRECISION, self.device)
             validate = None
             if cfg.TEST.FINAL_MODEL != "last":  # val: the few-shot val split; best_base_test: the test split
                 items = "val" if cfg.TEST.FINAL_MODEL == "val" else "test"
                 validate = (lambda: evaluate_half(student, data.select, cfg, self.device, autocast,
                                                   items=items)["accuracy"])
-            from clipkd.data.loaders import ImageListDataset
-            from clipkd.data.transforms import build_transform
-
-            dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
             metric = "val_accuracy" if cfg.TEST.FINAL_MODEL == "val" else "base_test_accuracy"
-            train_epochs(state, dataset, cfg, self.device, out, log, validate, select_metric=metric)
-
-            final_epoch = cfg.OPTIM.MAX_EPOCH
-            final = distiller.objective.final_state()
-            if final is not None:  # e.g. PromptSRC's Gaussian-weighted prompts
-                student.load_trainable_state_dict(final, source="the objective's final state")
-            elif validate is not None and state.best["epoch"] > 0:
-                student.load_trainable_state_dict(load_checkpoint(out / BEST_CKPT)["state_dict"])
-                final_epoch = state.best["epoch"]
-                on = "few-shot val" if cfg.TEST.FINAL_MODEL == "val" else "base TEST (the reference code's choice)"
-                log.info(f"final model: epoch {final_epoch} (best {on} accuracy {state.best['accuracy']:.2f}%)")
-            if main:
-                save_checkpoint(out / MODEL_FILE, student.trainable_state_dict(), epoch=final_epoch,
-                                student_type=cfg.MODEL.STUDENT.TYPE)
-            results = self.evaluate(log=log)
-            for line in dassl_log_lines(results):  # what Dassl's tools/parse_test_res.py reads
-                log.info(line)
-            results.update(epoch=final_epoch, selected_on=SELECTED_ON[cfg.TEST.FINAL_MODEL],
-                           teacher=teacher_description(cfg) if self.teacher is not None else "none")
-            if main:
-                atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
-            log.metrics("results", **results)
-            dist.barrier()
-            return results
-        finally:
+            return Training(Trainee(state, cfg, out, log, validate, metric), dataset, features)
+        except BaseException:
             if log is not None:
                 log.close()
             if main:
                 out.release()
+            raise
+
+    def finish_training(self, training: Training) -> dict:
+        """After the last epoch: the final model (objective's, best or last), ``model.pt``, the evaluation and
+        ``results.json``; returns the results."""
+        cfg, out, main = self.cfg, self.dir, dist.is_main()
+        assert out is not None
+        state, log, student = training.trainee.state, training.trainee.log, self.student
+        final_epoch = cfg.OPTIM.MAX_EPOCH
+        final = state.distiller.objective.final_state()
+        if final is not None:  # e.g. PromptSRC's Gaussian-weighted prompts
+            student.load_trainable_state_dict(final, source="the objective's final state")
+        elif training.trainee.validate is not None and state.best["epoch"] > 0:
+            student.load_trainable_state_dict(load_checkpoint(out / BEST_CKPT)["state_dict"])
+            final_epoch = state.best["epoch"]
+            on = "few-shot val" if cfg.TEST.FINAL_MODEL == "val" else "base TEST (the reference code's choice)"
+            log.info(f"final model: epoch {final_epoch} (best {on} accuracy {state.best['accuracy']:.2f}%)")
+        if main:
+            save_checkpoint(out / MODEL_FILE, student.trainable_state_dict(), epoch=final_epoch,
+                            student_type=cfg.MODEL.STUDENT.TYPE)
+        features = training.teacher_features
+        if features is not None and features.entry is not None:
+            log.info(f"teacher cache {features.entry.describe()} after this run ({features.read} batches read, "
+                     f"{features.computed} computed; delete the folder to free it)")
+        results = self.evaluate(log=log)
+        for line in dassl_log_lines(results):  # what Dassl's tools/parse_test_res.py reads
+            log.info(line)
+        results.update(epoch=final_epoch, selected_on=SELECTED_ON[cfg.TEST.FINAL_MODEL],
+                       teacher=teacher_description(cfg) if self.teacher is not None else "none")
+        if main:
+            atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+        log.metrics("results", **results)
+        dist.barrier()
+        return results
+
+    def close_training(self, training: Training) -> None:
+        """Close the log and unlock the folder (whatever happened in between)."""
+        training.trainee.log.close()
+        if dist.is_main() and self.dir is not None:
+            self.dir.release()
+
+
+@dataclass
+class Training:
+    """A run between :meth:`Run.start_training` and :meth:`Run.close_training`: what the trainer needs."""
+
+    trainee: Trainee
+    dataset: Any  # ImageListDataset of the training list
+    teacher_features: TeacherFeatures | None  # None when the run has no teacher

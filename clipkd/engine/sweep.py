@@ -151,6 +151,10 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
     keys = [key for key, _ in vary]
     if len(set(keys)) != len(keys) or ({"DISTILL.ALPHA", "DISTILL.BETA"} & set(keys) and points):
         raise ConfigError("each swept key once: --vary repeats a key, or sweeps DISTILL.ALPHA/BETA besides --alpha")
+    fixed = set(opts[0::2]) & (set(keys) | ({"DISTILL.ALPHA", "DISTILL.BETA"} if points else set()))
+    if fixed:
+        raise ConfigError(f"{', '.join(sorted(fixed))} is swept and also set in the KEY VALUE overrides; "
+                          "drop one of the two")
     base = build_config([dataset_config, method_config], list(opts))  # bad keys/values fail here, once
     ab = ["DATASET.SUBSAMPLE_CLASSES", "base", *_ab_overrides(base, method)] if points else []
     variants: list[tuple[str, list[str]]] = [(method, [])]
@@ -193,33 +197,50 @@ class SweepSummary:
         return out
 
 
-def run_grid(grid: Grid, root: str, *, echo: bool = False) -> SweepSummary:
-    """Run every cell in this process; a failed cell is recorded and the sweep goes on."""
+def run_grid(grid: Grid, root: str, *, echo: bool = False, fused: bool = False) -> SweepSummary:
+    """Run every cell in this process; a failed cell is recorded and the sweep goes on. ``fused``: the cells
+    that share a data stream train together, one loader and one teacher forward per batch for all of them
+    (:mod:`clipkd.engine.fused`); each still writes exactly its own folder."""
+    from clipkd.engine.fused import fit_fused, group_cells
     from clipkd.engine.rundir import RunDir
     from clipkd.engine.run import Run
 
-    for cell in grid.cells:  # a bad override or root fails the whole sweep now, not once per cell
-        grid.config(cell, root)
+    configs = [grid.config(cell, root) for cell in grid.cells]  # a bad override or root fails the sweep now
     summary = SweepSummary()
     n = len(grid.cells)
-    for i, cell in enumerate(grid.cells, 1):
-        rundir = RunDir(cell.out)
-        if rundir.finished:
-            log.info(f"[{i}/{n}] skip {cell.out} (finished)")
-            summary.skipped.append(cell.out)
+    for group in group_cells(configs) if fused else [[i] for i in range(n)]:
+        cells = []
+        for i in group:  # checked when the group's turn comes: another process may have finished a cell
+            if RunDir(grid.cells[i].out).finished:
+                log.info(f"[{i + 1}/{n}] skip {grid.cells[i].out} (finished)")
+                summary.skipped.append(grid.cells[i].out)
+            else:
+                cells.append(i)
+        if not cells:
             continue
-        resume = rundir.started
-        log.info(f"[{i}/{n}] {'resume' if resume else 'run'} {cell.out}")
-        try:
-            Run(grid.config(cell, root), cell.out, echo=echo).fit(resume=resume)
-        except ClipkdError as exc:
-            summary.failed.append((cell.out, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - one broken cell must not end the sweep
-            log.debug("cell %s failed:\n%s", cell.out, traceback.format_exc())
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            summary.failed.append((cell.out, f"{type(exc).__name__}: {first}"))
+        resume = [RunDir(grid.cells[i].out).started for i in cells]
+        together = f" (fused: {len(cells)} cells, one teacher forward per batch)" if len(cells) > 1 else ""
+        for i, again in zip(cells, resume):
+            log.info(f"[{i + 1}/{n}] {'resume' if again else 'run'} {grid.cells[i].out}{together}")
+        runs = [Run(configs[i], grid.cells[i].out, echo=echo) for i in cells]
+        if len(runs) > 1:
+            outcomes = fit_fused(runs, resume)
         else:
-            summary.done.append(cell.out)
-        if summary.failed and summary.failed[-1][0] == cell.out:
-            log.warning(f"[{i}/{n}] failed {cell.out}: {summary.failed[-1][1]}")
+            try:
+                outcomes = [runs[0].fit(resume=resume[0])]
+            except Exception as exc:  # noqa: BLE001 - one broken cell must not end the sweep
+                outcomes = [exc]
+        for i, outcome in zip(cells, outcomes):
+            out = grid.cells[i].out
+            if not isinstance(outcome, Exception):
+                summary.done.append(out)
+                continue
+            if isinstance(outcome, ClipkdError):
+                reason = str(outcome)
+            else:
+                log.debug("cell %s failed:\n%s", out, "".join(traceback.format_exception(outcome)))
+                first = str(outcome).strip().splitlines()[0] if str(outcome).strip() else ""
+                reason = f"{type(outcome).__name__}: {first}"
+            summary.failed.append((out, reason))
+            log.warning(f"[{i + 1}/{n}] failed {out}: {reason}")
     return summary

@@ -5,6 +5,10 @@ Reproducibility: every epoch reseeds torch and the loader from (SEED, epoch), an
 from (SEED, epoch, index), so a run resumed from the checkpoint written at the end of an epoch continues
 exactly as the uninterrupted run would (bit-identical on CPU), and torchrun with W processes trains on the
 batches one process would. Model selection never looks at the test split.
+
+The same purity makes the teacher's output for a step a function of (teacher, data, seed, epoch, index):
+``train_epochs`` takes it once per batch for any number of students (a fused sweep) and can read it from a
+teacher cache filled by an earlier run (:mod:`clipkd.engine.teacher_cache`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +31,7 @@ from clipkd.engine.checkpoint import save_checkpoint
 from clipkd.engine.distiller import Distiller
 from clipkd.engine.rundir import BEST_CKPT, LAST_CKPT, RunDir
 from clipkd.engine.runlog import RunLog
+from clipkd.engine.teacher_cache import TeacherFeatures
 from clipkd.errors import ConfigError, TrainingError
 
 
@@ -38,14 +43,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_snapshot() -> dict[str, Any]:
+    """Every generator a model build draws from (Python, NumPy, torch CPU and CUDA), to rewind to later: a
+    fused sweep builds the teacher once and each student from the state right after it, as a run alone does."""
+    import numpy as np
+
+    snap: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snap["cuda"] = torch.cuda.get_rng_state_all()
+    return snap
+
+
+def restore_rng(snap: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(snap["python"])
+    np.random.set_state(snap["numpy"])
+    torch.set_rng_state(snap["torch"])
+    if "cuda" in snap:
+        torch.cuda.set_rng_state_all(snap["cuda"])
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """OPTIM.PRECISION with ``auto`` made concrete: bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], Any], bool]:
     """The autocast context for OPTIM.PRECISION, and whether fp16 loss scaling is needed."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext, False
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -80,20 +113,41 @@ class TrainState:
         self.epoch, self.best = ckpt["epoch"], ckpt["best"]
 
 
-def train_epochs(
-    state: TrainState, dataset: ImageListDataset, cfg: CfgNode, device: torch.device, rundir: RunDir,
-    log: RunLog, validate: Callable[[], float] | None = None, select_metric: str = "val_accuracy",
-) -> None:
-    """Train from ``state.epoch`` to OPTIM.MAX_EPOCH; ``validate()`` (logged as ``select_metric``, e.g. the
-    few-shot val accuracy) picks the best epoch."""
+@dataclass
+class Trainee:
+    """One student in training: its state, config, folder and log. :func:`train_epochs` trains a list of them
+    on one data stream (a fused sweep: one loader and one teacher forward per batch feed them all); a run
+    alone is a list of one."""
+
+    state: TrainState
+    cfg: CfgNode
+    rundir: RunDir
+    log: RunLog
+    validate: Callable[[], float] | None = None  # picks the best epoch (TEST.FINAL_MODEL val / best_base_test)
+    select_metric: str = "val_accuracy"  # how ``validate()`` is logged
+    error: Exception | None = None  # why it stopped early (e.g. a non-finite loss): the others go on
+
+
+def train_epochs(trainees: Sequence[Trainee], dataset: ImageListDataset, device: torch.device,
+                 teacher_features: TeacherFeatures | None = None) -> None:
+    """Train each trainee from its ``state.epoch`` to its OPTIM.MAX_EPOCH. Per batch the teacher's image
+    features are taken once (``teacher_features``: computed, or read from the teacher cache) and every
+    trainee then takes its own step on the same images.
+
+    The stream (SEED, batch size, workers, precision) is the first trainee's config: a fused sweep groups only
+    cells that agree on it. A trainee joins at its own epoch (cells resumed from different checkpoints) and
+    one whose step fails keeps the error in ``error`` and drops out; the caller raises it."""
     from tqdm import tqdm
 
+    cfg = trainees[0].cfg
     autocast, _ = autocast_for(cfg.OPTIM.PRECISION, device)
-    student = state.distiller.student
     world, batch_size = dist.world_size(), cfg.DATALOADER.TRAIN_X.BATCH_SIZE  # the global batch
     full_batches = len(dataset) >= batch_size
     steps_per_epoch = len(dataset) // batch_size if full_batches else 1
-    for epoch in range(state.epoch, cfg.OPTIM.MAX_EPOCH):
+    for epoch in range(min(t.state.epoch for t in trainees), max(t.cfg.OPTIM.MAX_EPOCH for t in trainees)):
+        active = [t for t in trainees if t.error is None and t.state.epoch == epoch < t.cfg.OPTIM.MAX_EPOCH]
+        if not active:
+            continue
         seed = epoch_seed(cfg.SEED, epoch)
         torch.manual_seed(seed)
         # One permutation per epoch, the same in every process; process r takes items r, r+W, ...: the union
@@ -103,47 +157,83 @@ def train_epochs(
         dataset.aug_seed = seed
         loader = build_loader(dataset, max(batch_size // world, 1), shuffle=False, sampler=sampler,
                               num_workers=cfg.DATALOADER.NUM_WORKERS, drop_last=full_batches)
-        state.model.train()
-        lr = state.optimizer.param_groups[0]["lr"]
-        total, started, step = 0.0, time.time(), -1
+        teacher = teacher_features if any(t.state.distiller.objective.needs_teacher for t in active) else None
+        if teacher is not None:
+            teacher.begin_epoch(epoch)
+        for t in active:
+            t.state.model.train()
+        lrs = [t.state.optimizer.param_groups[0]["lr"] for t in active]
+        totals, started, step = [0.0] * len(active), time.time(), -1
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.OPTIM.MAX_EPOCH}", leave=False, disable=None)
-        for step, (images, labels, _) in enumerate(bar):
+        for step, (images, labels, indices) in enumerate(bar):
+            if all(t.error is not None for t in active):
+                break
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast():
-                loss = state.model(images, labels).loss
+            features = None
+            if teacher is not None:
+                with autocast():
+                    features = teacher(indices, images)  # once per batch, whatever the number of students
             global_step = epoch * steps_per_epoch + step + 1
-            if dist.any_rank(not bool(torch.isfinite(loss))):
-                kept = f"{rundir / LAST_CKPT} (after epoch {epoch})" if epoch > 0 else "none (first epoch)"
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} (global step "
-                    f"{global_step}); stopped. Last good checkpoint: {kept}. Lower OPTIM.LR, set "
-                    "OPTIM.GRAD_CLIP, or check DISTILL.* values")
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scaler.scale(loss).backward()
-            if cfg.OPTIM.GRAD_CLIP > 0:
-                state.scaler.unscale_(state.optimizer)
-                torch.nn.utils.clip_grad_norm_(student.trainable_parameters(), cfg.OPTIM.GRAD_CLIP)
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-            step_loss = dist.mean(loss.item())  # the global batch's loss
-            total += step_loss
-            log.metrics("step", epoch=epoch + 1, step=step + 1, global_step=global_step, loss=step_loss, lr=lr)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-        state.scheduler.step()
-        state.distiller.objective.end_epoch(epoch + 1, student)
-        state.epoch = epoch + 1
-        epoch_metrics: dict[str, Any] = {"loss": total / max(step + 1, 1)}
-        if validate is not None:
-            epoch_metrics[select_metric] = accuracy = validate()
-            if accuracy > state.best["accuracy"]:
-                state.best = {"accuracy": accuracy, "epoch": epoch + 1}
-                if dist.is_main():
-                    save_checkpoint(rundir / BEST_CKPT, student.trainable_state_dict(), epoch=epoch + 1)
-        log.metrics("epoch", epoch=epoch + 1, lr=lr, time=round(time.time() - started, 3), **epoch_metrics)
-        log.info(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] loss {epoch_metrics['loss']:.4f} lr {lr:.3e}"
-                 + (f" {select_metric.replace('_', ' ')} {epoch_metrics[select_metric]:.2f}%"
-                    if validate is not None else "")
-                 + f" ({time.time() - started:.1f}s)")
-        if dist.is_main():
-            save_checkpoint(rundir / LAST_CKPT, student.trainable_state_dict(), **state.checkpoint())
+            for k, t in enumerate(active):
+                if t.error is not None:
+                    continue
+                try:
+                    step_loss = _step(t, images, labels, features, autocast, epoch, step, global_step, lrs[k])
+                except Exception as exc:  # noqa: BLE001 - this trainee stops; the caller raises it
+                    t.error = exc
+                    continue
+                totals[k] += step_loss
+                if len(active) == 1:
+                    bar.set_postfix(loss=f"{step_loss:.4f}")
+        if teacher is not None:
+            teacher.end_epoch()  # stores what this epoch computed in the teacher cache
+        for k, t in enumerate(active):
+            if t.error is None:
+                _end_epoch(t, epoch, lrs[k], totals[k] / max(step + 1, 1), started)
         dist.barrier()
+
+
+def _step(t: Trainee, images: torch.Tensor, labels: torch.Tensor, teacher_features: torch.Tensor | None,
+          autocast: Callable[[], Any], epoch: int, step: int, global_step: int, lr: float) -> float:
+    """One optimizer step of one trainee; returns the global batch's loss."""
+    state, cfg = t.state, t.cfg
+    with autocast():
+        loss = state.model(images, labels, teacher_features=teacher_features).loss
+    if dist.any_rank(not bool(torch.isfinite(loss))):
+        kept = f"{t.rundir / LAST_CKPT} (after epoch {epoch})" if epoch > 0 else "none (first epoch)"
+        raise TrainingError(
+            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} (global step "
+            f"{global_step}); stopped. Last good checkpoint: {kept}. Lower OPTIM.LR, set "
+            "OPTIM.GRAD_CLIP, or check DISTILL.* values")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if cfg.OPTIM.GRAD_CLIP > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.distiller.student.trainable_parameters(), cfg.OPTIM.GRAD_CLIP)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    step_loss = dist.mean(loss.item())  # the global batch's loss
+    t.log.metrics("step", epoch=epoch + 1, step=step + 1, global_step=global_step, loss=step_loss, lr=lr)
+    return step_loss
+
+
+def _end_epoch(t: Trainee, epoch: int, lr: float, loss: float, started: float) -> None:
+    """The LR schedule, the objective's epoch state, validation, the epoch's log lines and ``last.pt``."""
+    state, cfg, student = t.state, t.cfg, t.state.distiller.student
+    state.scheduler.step()
+    state.distiller.objective.end_epoch(epoch + 1, student)
+    state.epoch = epoch + 1
+    epoch_metrics: dict[str, Any] = {"loss": loss}
+    if t.validate is not None:
+        epoch_metrics[t.select_metric] = accuracy = t.validate()
+        if accuracy > state.best["accuracy"]:
+            state.best = {"accuracy": accuracy, "epoch": epoch + 1}
+            if dist.is_main():
+                save_checkpoint(t.rundir / BEST_CKPT, student.trainable_state_dict(), epoch=epoch + 1)
+    t.log.metrics("epoch", epoch=epoch + 1, lr=lr, time=round(time.time() - started, 3), **epoch_metrics)
+    t.log.info(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] loss {epoch_metrics['loss']:.4f} lr {lr:.3e}"
+               + (f" {t.select_metric.replace('_', ' ')} {epoch_metrics[t.select_metric]:.2f}%"
+                  if t.validate is not None else "")
+               + f" ({time.time() - started:.1f}s)")
+    if dist.is_main():
+        save_checkpoint(t.rundir / LAST_CKPT, student.trainable_state_dict(), **state.checkpoint())

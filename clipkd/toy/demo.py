@@ -2,8 +2,9 @@
 
 For each seed: the zero-shot teacher and zero-shot student (each CLIP with its own text tower), then the
 PromptKD student distilled with KD (forward KL) and with ABKD (alpha-beta divergence), in the inductive
-protocol (K-shot base classes) and, unless ``--no-transductive``, the transductive one. Prints a Base / New /
-HM table (the last thing printed) and writes it as Markdown and JSON.
+protocol (K-shot base classes) and, unless ``--no-transductive``, the transductive one. KD and ABKD of one
+protocol train fused (:mod:`clipkd.engine.fused`: one loader and teacher forward for both, results as alone).
+Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def run_demo(
 
     ``overrides`` (KEY VALUE pairs) change the distillation runs' config, e.g. a shorter schedule in tests.
     """
+    from clipkd.engine.fused import fit_fused
     from clipkd.engine.run import Run
 
     output_dir = Path(output_dir)
@@ -84,10 +86,15 @@ def run_demo(
             agree = _agreement(zero_shot.predict("base", which=which), teacher_pred)
             rows.append(_row(method, "zero-shot", seed, zero_shot.evaluate(which=which), agree))
         for protocol in protocols:
-            for method, extra in METHODS.items():
-                run_cfg = demo_config(data_root, weights, seed, "DISTILL.PROTOCOL", protocol, *extra, *overrides)
-                run = Run(run_cfg, output_dir / "runs" / f"{method}-{protocol}" / f"seed{seed}", echo=False)
-                res = run.fit()
+            # KD and ABKD read the same stream: trained together, one teacher forward per batch (exactly as alone)
+            runs = {method: Run(demo_config(data_root, weights, seed, "DISTILL.PROTOCOL", protocol, *extra,
+                                            *overrides),
+                                output_dir / "runs" / f"{method}-{protocol}" / f"seed{seed}", echo=False)
+                    for method, extra in METHODS.items()}
+            outcomes = fit_fused(list(runs.values()), [False] * len(runs))
+            for (method, run), res in zip(runs.items(), outcomes):
+                if isinstance(res, Exception):
+                    raise res
                 rows.append(_row(method, protocol, seed, res, _agreement(run.predict("base"), teacher_pred)))
     payload = {"rows": rows, "seconds": round(time.time() - started, 1),
                "alpha": cfg.DISTILL.ALPHA, "beta": cfg.DISTILL.BETA}

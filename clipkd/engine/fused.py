@@ -1,0 +1,97 @@
+"""Fused sweeps: train every cell that shares a data stream in one process, one teacher forward per batch.
+
+The cells of an ABKD alpha-beta grid differ only in what the student learns from the teacher (DISTILL.*) and
+how (OPTIM.*): they read the same images in the same order with the same augmentation, and the frozen teacher
+gives the same outputs for them (:mod:`clipkd.engine.train`). ``clipkd sweep --fused`` therefore builds the
+teacher and the loader once per group of such cells and feeds each batch, and the teacher's image features of
+it, to K students, each with its own prompts, projector, optimizer, scheduler and objective.
+
+A fused cell is the run it replaces: its student is the one it would build alone (the first cell's build is
+copied, with the RNG state a build leaves, when the student configs agree: building a ViT-B/16 costs seconds), it
+trains on the same batches with the same teacher outputs, and it writes its own folder
+(config.yaml, log.txt, metrics.jsonl, checkpoints, model.pt, results.json) through the same code as
+``clipkd train`` (:meth:`clipkd.engine.run.Run.start_training` / ``finish_training``). Resume is per cell:
+finished cells are skipped, and each unfinished one restarts from its own ``last.pt``; cells at different
+epochs train in one group, each joining when the group's epoch reaches its own. A cell that fails (a non-finite
+loss, a folder in use) drops out and the others go on. The epoch ``time`` a fused cell logs is the group's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from yacs.config import CfgNode
+
+# What a cell may change without leaving the group: everything its student is and learns. The rest of the config
+# (data, seed, input, loader, teacher) makes the stream and must agree; of these prefixes, the keys in
+# STREAM_KEYS shape the stream too.
+PER_STUDENT = ("OUTPUT_DIR", "DISTILL.", "OPTIM.", "MODEL.STUDENT.", "MODEL.PROMPT.", "TEST.", "PROMPTSRC.")
+STREAM_KEYS = ("DISTILL.PROTOCOL", "DISTILL.TEACHER_CACHE", "OPTIM.PRECISION")
+
+
+def stream_key(cfg: CfgNode) -> str:
+    """Cells with equal keys can be trained together: same images, order, augmentation, teacher and precision."""
+    from clipkd.config import flatten
+    from clipkd.engine.run import needs_teacher
+
+    flat = flatten(cfg)
+    shared = {k: v for k, v in flat.items() if k in STREAM_KEYS or not k.startswith(PER_STUDENT)}
+    shared["needs_teacher"] = needs_teacher(cfg)  # whether a run alone builds a teacher before its student
+    return json.dumps(shared, sort_keys=True, default=str)
+
+
+def group_cells(configs: Sequence[CfgNode]) -> list[list[int]]:
+    """Indices of ``configs`` grouped by :func:`stream_key`, groups and members in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(stream_key(cfg), []).append(i)
+    return list(groups.values())
+
+
+def fit_fused(runs: Sequence[Any], resume: Sequence[bool]) -> list[dict | Exception]:
+    """Train ``runs`` (:class:`~clipkd.engine.run.Run`s of one :func:`stream_key`) together; each one's results,
+    or the error that stopped it. A KeyboardInterrupt stops them all (each keeps its ``last.pt``)."""
+    from clipkd.engine.teacher_cache import TeacherFeatures
+    from clipkd.engine.train import train_epochs
+
+    if len({stream_key(r.cfg) for r in runs}) > 1:
+        raise ValueError("fit_fused: the runs do not share one data stream (group them with group_cells)")
+    outcomes: list[Any] = [None] * len(runs)
+    trainings: dict[int, Any] = {}
+    shared = None  # the teacher and student built by the first cell that got that far (Run.build)
+    try:
+        for i, run in enumerate(runs):
+            try:
+                trainings[i] = run.start_training(resume[i], shared=shared, keep=shared is None)
+            except Exception as exc:  # noqa: BLE001 - this cell cannot run; the others can
+                outcomes[i] = exc
+            if shared is None:
+                shared = run.built
+        for run in runs:  # the untouched student copies are not needed any more: free their memory
+            run.built = None
+        shared = None
+        if trainings:
+            first = trainings[min(trainings)]
+            features = None
+            if first.teacher_features is not None:  # one source of teacher features for all: the cache if any uses it
+                entry = next((t.teacher_features.entry for t in trainings.values()
+                              if t.teacher_features.entry is not None), None)
+                features = TeacherFeatures(first.teacher_features.teacher, entry, first.teacher_features.rank)
+                for t in trainings.values():
+                    t.teacher_features = features  # so each cell's log reports the cache it used
+            train_epochs([t.trainee for t in trainings.values()], first.dataset, runs[min(trainings)].device,
+                         features)
+            for i, t in trainings.items():
+                if t.trainee.error is not None:
+                    outcomes[i] = t.trainee.error
+                    continue
+                try:
+                    outcomes[i] = runs[i].finish_training(t)
+                except Exception as exc:  # noqa: BLE001 - e.g. a full disk for one cell's results
+                    outcomes[i] = exc
+    finally:
+        for i, t in trainings.items():
+            runs[i].close_training(t)
+    return outcomes
