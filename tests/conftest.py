@@ -27,3 +27,19 @@ def private_cache(tmp_path, monkeypatch):
     cache = tmp_path / "clipkd-cache"
     monkeypatch.setenv("CLIPKD_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    """The batch size of every teacher image forward, to count how often the teacher really ran."""
+    from clipkd.models.teacher import Teacher
+
+    calls: list[int] = []
+    real = Teacher.image_features
+
+    def counted(self, images):
+        calls.append(images.shape[0])
+        return real(self, images)
+
+    monkeypatch.setattr(Teacher, "image_features", counted)
+    return calls

@@ -13,7 +13,6 @@ from clipkd.cli.main import main
 from clipkd.engine.fused import group_cells, stream_key
 from clipkd.engine.run import Run
 from clipkd.engine.sweep import build_grid, run_grid
-from clipkd.models.teacher import Teacher
 from test_train import ROOT, TINY, interrupt_after_checkpoint
 
 METHOD = str(ROOT / "configs/methods/abkd_promptkd.yaml")
@@ -48,15 +47,9 @@ def assert_same_cell(fused: Path, single: Path) -> None:
     assert configs[0] == configs[1]
 
 
-def test_fused_cells_equal_the_cells_alone_and_share_one_teacher_forward(synth_root, tmp_path, monkeypatch):
-    calls = []
-    real = Teacher.image_features
-
-    def counted(self, images):
-        calls.append(images.shape[0])
-        return real(self, images)
-
-    monkeypatch.setattr(Teacher, "image_features", counted)
+def test_fused_cells_equal_the_cells_alone_and_share_one_teacher_forward(synth_root, tmp_path, monkeypatch,
+                                                                          teacher_calls):
+    calls = teacher_calls
     import clipkd.models.student as student_mod
 
     builds, real_build = [], student_mod.build_student

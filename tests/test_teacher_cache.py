@@ -18,7 +18,6 @@ from clipkd.engine.run import Run
 from clipkd.engine.teacher_cache import CacheEntry, TeacherFeatures
 from clipkd.errors import ConfigError
 from clipkd.fileio import stale_temp_files
-from clipkd.models.teacher import Teacher
 from test_train import DATASET_CFG, ROOT, TINY, config, fit
 
 
@@ -28,19 +27,6 @@ def model(out: Path) -> dict:
 
 def step_losses(out: Path) -> list[float]:
     return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
-
-
-@pytest.fixture
-def teacher_calls(monkeypatch):
-    calls = []
-    real = Teacher.image_features
-
-    def counted(self, images):
-        calls.append(images.shape[0])
-        return real(self, images)
-
-    monkeypatch.setattr(Teacher, "image_features", counted)
-    return calls
 
 
 def test_cached_runs_are_bit_identical_to_a_run_without_cache(synth_root, tmp_path, teacher_calls):
