@@ -10,6 +10,7 @@ silently ignored (DISTILL.TEMPERATURE with TTM, DISTILL.ALPHA with KL) is caught
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -60,8 +61,14 @@ PARAMS: dict[str, Param] = {
 _DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
 
 
+@functools.lru_cache(maxsize=None)
+def _arguments(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """A loss function's argument names, read once (a loss is called every training step)."""
+    return tuple(inspect.signature(fn).parameters)
+
+
 def _signature_params(fn: Callable[..., Any]) -> tuple[str, ...]:
-    return tuple(p for p in inspect.signature(fn).parameters if p not in _DATA_ARGS)
+    return tuple(p for p in _arguments(fn) if p not in _DATA_ARGS)
 
 
 def loss_params(name: str, divergence: str | None = None) -> tuple[str, ...]:
@@ -100,7 +107,7 @@ class DistillLoss:
 
     @property
     def needs_target(self) -> bool:
-        return "target" in inspect.signature(LOSSES.get(self.name)).parameters
+        return "target" in _arguments(LOSSES.get(self.name))
 
     def __getitem__(self, param: str) -> Any:
         return dict(self.params)[param]
@@ -108,7 +115,7 @@ class DistillLoss:
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None,
                  epoch: float | None = None) -> Tensor:
         fn = LOSSES.get(self.name)
-        taken = inspect.signature(fn).parameters
+        taken = _arguments(fn)
         extra = {k: v for k, v in (("target", target), ("epoch", epoch)) if k in taken}
         return fn(student_logits, teacher_logits, **extra, **dict(self.params))
 
