@@ -97,8 +97,8 @@ def test_distillation_moves_student_and_frozen_weights_stay(synth_root, tmp_path
     built = {}
     real_build = Run.build
 
-    def spy(self):
-        real_build(self)
+    def spy(self, *args, **kwargs):
+        real_build(self, *args, **kwargs)
         teacher, student = self.teacher, self.student
         built["student"], built["teacher"] = student, teacher
         trainable = {id(p) for p in student.trainable_parameters()}

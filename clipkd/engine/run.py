@@ -366,10 +366,7 @@ class Run:
             require_tensorboard()
         check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
         check_setup(cfg, self.data, dist.world_size())
-        if shared is None and not keep:
-            self.build()
-        else:
-            self.build(shared, keep)
+        self.build(shared, keep)
         data, student = self.data, self.student
         objective = build_objective(cfg, student, data.train.classnames)
         distiller = Distiller(student, self.teacher, data.train.classnames, objective)
