@@ -555,3 +555,16 @@ def test_sweep_cells_of_one_kind_and_each_seed_once(tmp_path, capsys):
     assert [c["base"]["mean"] for c in sweeps["abkd [transductive]"]["cells"]] == [10.0]
     assert "a1_b1/seed01: seed 1 is there 2 times" in err and "abkd/eurosat: mixes runs" in err
 
+
+def test_sweep_plot_into_a_folder_or_without_suffix_says_the_file_written(root, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    rc, _, err = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(folder))
+    png = folder / "sweep_abkd_eurosat.png"
+    assert rc == 0 and err.splitlines()[0] == f"wrote {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "plots.png").exists()
+    bare = tmp_path / "heatmap"
+    rc, _, err = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(bare))
+    assert rc == 0 and err.splitlines()[0] == f"wrote {bare}.png" and Path(f"{bare}.png").is_file()
+    assert not bare.exists()

@@ -74,7 +74,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "runs (scripts/dg.sh)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="with --sweep: heatmap of HM over (alpha, beta) (needs matplotlib: the 'plot' extra); "
-                        "several sweeps write FILE_<method>_<dataset>.png")
+                        "several sweeps write FILE_<method>_<dataset>.png; an existing folder (or a name ending "
+                        "in /) gets sweep_<method>_<dataset>.png inside; a name without a suffix gets .png")
     p.add_argument("--dassl-logs", metavar="DIR",
                    help="also write the base-to-new results as Dassl logs that Dassl's unchanged "
                         "tools/parse_test_res.py reads the CoOp way: DIR/train_base/<dataset>/<method>/seed<S>/"
@@ -219,11 +220,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         text = {"md": render.sweep_markdown, "csv": render.sweep_csv,
                 "json": lambda s: render.dumps(render.sweep_dict(s))}[args.format](sweeps)
         if args.plot:
-            from clipkd.reports.plot import plot_sweep
+            from clipkd.reports.plot import plot_sweep, sweep_plot_paths
 
-            out = Path(args.plot)
-            for s in sweeps:
-                path = out if len(sweeps) == 1 else out.with_name(f"{out.stem}_{s.method}_{s.stem}{out.suffix}")
+            for s, path in zip(sweeps, sweep_plot_paths(args.plot, sweeps)):
                 plot_sweep(s, path)
                 print(f"wrote {path}", file=sys.stderr)
 
