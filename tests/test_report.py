@@ -12,6 +12,7 @@ import pytest
 
 from clipkd.cli.main import main
 from clipkd.reports.published import PROMPTKD, PROMPTKD_SOURCE, TABLE1_AVERAGES
+from tests_helpers import run_config
 
 # method promptkd: oxford_pets 3 seeds, dtd 2 complete seeds + seed3 failed (log.txt only)
 PETS = {1: (95.0, 97.0), 2: (96.0, 98.0), 3: (97.5, 99.5)}
@@ -31,9 +32,9 @@ def sweep_values(a: float, b: float, seed: int) -> tuple[float, float]:
     return 80.0 + 2 * a + b + seed + bonus, 70.0 - a + 2 * b - seed + bonus
 
 
-def write_run(folder: Path, payload: dict | str | None) -> None:
+def write_run(folder: Path, payload: dict | str | None, config: str = "SEED: 1\n") -> None:
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text("SEED: 1\n")
+    (folder / "config.yaml").write_text(config)
     if payload is None:
         return
     text = payload if isinstance(payload, str) else json.dumps(payload)
@@ -433,3 +434,137 @@ def test_base_test_selected_runs_are_marked_and_never_averaged_with_honest_ones(
     assert main(["report", str(r), "--format", "csv", "--method", "abkd"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {row["method"] for row in rows} == {"abkd", "abkd [selected on base test]"}
+
+
+# ------------------------------------------------ runs that do not belong together are never averaged
+DTD_NAME, PETS_NAME = "DescribableTextures", "OxfordPets"
+KINDS = {  # attribute: (config keys, results.json keys) of the usual runs, then of the odd one, and the labels
+    "protocol": (({"DISTILL__PROTOCOL": "inductive"}, {}), ({"DISTILL__PROTOCOL": "transductive"}, {}),
+                 ("inductive", "transductive")),
+    "shots": (({"DATASET__NUM_SHOTS": 16}, {}), ({"DATASET__NUM_SHOTS": 1}, {}), ("16 shots", "1 shot")),
+    "teacher": (({}, {"teacher": "prompted: /teachers/dtd/model.pt"}), ({}, {"teacher": "zero-shot"}),
+                ("prompted teacher", "zero-shot teacher")),
+    "selection": (({}, {"selected_on": "last"}), ({}, {"selected_on": "val"}), ("last epoch", "selected on val")),
+}
+
+
+def mixed_tree(root: Path, attr: str) -> None:
+    """kd on DTD (seeds 1, 2) and OxfordPets (seed 1) of one kind, and DTD seed 3 of another kind."""
+    usual, odd, _ = KINDS[attr]
+    for stem, name, seed, (cfg, extra), (b, n) in (
+            ("dtd", DTD_NAME, 1, usual, (80.0, 60.0)), ("dtd", DTD_NAME, 2, usual, (82.0, 66.0)),
+            ("oxford_pets", PETS_NAME, 1, usual, (95.0, 97.0)), ("dtd", DTD_NAME, 3, odd, (40.0, 30.0))):
+        write_run(root / "kd" / stem / f"seed{seed}", {**b2n(b, n), **extra},
+                  run_config(DATASET__NAME=name, SEED=seed, **cfg))
+
+
+@pytest.mark.parametrize("attr", list(KINDS))
+def test_runs_of_different_kinds_are_never_averaged(tmp_path, capsys, attr):
+    root = tmp_path / "runs"
+    mixed_tree(root, attr)
+    usual, odd = (f"kd [{label}]" for label in KINDS[attr][2])
+    rc, out, _ = run_cli(capsys, "report", str(root))
+    assert rc == 0
+    assert f"### {usual}\n" in out and f"### {odd}\n" in out and "### kd\n" not in out
+    assert "| DescribableTextures | 81.00 ± 1.00 | 63.00 ± 3.00 |" in out  # seeds 1 and 2 only
+    assert "| DescribableTextures | 40.00 ± 0.00 | 30.00 ± 0.00 |" in out  # seed 3 in a table of its own
+    problems = out.split("Not averaged with the others (1):")[1]
+    assert "- kd: mixes runs of different kinds" in problems and usual.removeprefix("kd ")[1:-1] in problems
+    # csv and latex: the same two tables; the mixture on stderr
+    rc, out, err = run_cli(capsys, "report", str(root), "--format", "csv")
+    rows = {(r["method"], r["dataset"]): r for r in csv.DictReader(io.StringIO(out))}
+    assert rows[usual, "dtd"]["base_n"] == "2" and rows[odd, "dtd"]["base_n"] == "1"
+    assert float(rows[usual, "dtd"]["base_mean"]) == pytest.approx(81.0) and "mixes runs" in err
+    rc, out, err = run_cli(capsys, "report", str(root), "--format", "latex")
+    assert rc == 0 and out.count(r"\begin{tabular}") == 2 and "mixes runs" in err
+    # json reports one table: --method cannot pick one kind, so the error says to pass a ROOT holding one kind
+    rc, out, err = run_cli(capsys, "report", str(root), "--format", "json", "--method", "kd")
+    assert rc == 2 and out == "" and usual in err and odd in err and "pass a ROOT" in err
+
+
+def test_misplaced_runs_duplicate_seeds_and_bad_accuracies_are_left_out(tmp_path, capsys):
+    root = tmp_path / "runs"
+    dtd = root / "kd" / "dtd"
+    cfg = run_config(DATASET__NAME=DTD_NAME)
+    write_run(dtd / "seed1", b2n(80.0, 60.0), cfg)
+    write_run(dtd / "seed01", b2n(70.0, 50.0), cfg)  # seed 1 again
+    write_run(dtd / "seed2", b2n(82.0, 66.0), cfg)
+    write_run(dtd / "seed3", b2n(99.0, 99.0), run_config(DATASET__NAME="EuroSAT"))  # another dataset's run
+    write_run(dtd / "seed4", b2n(150.0, 60.0), cfg)  # not a percentage
+    write_run(dtd / "seed5", b2n(80.0, -1.0), cfg)
+    write_run(dtd / "seed6", json.dumps(b2n(80.0, 60.0)).replace("60.0", "NaN", 1), cfg)
+    write_run(dtd / "seed7", b2n(84.0, 72.0), cfg)
+    rc, out, err = run_cli(capsys, "report", str(root), "--format", "json")
+    assert rc == 0
+    row = json.loads(out)["datasets"]["DescribableTextures"]
+    assert row["base"] == pytest.approx({"mean": 83.0, "std": 1.0, "n": 2})  # seeds 2 and 7 only
+    assert row["new"] == pytest.approx({"mean": 69.0, "std": 3.0, "n": 2})
+    assert "kd/dtd/seed3: its config.yaml names dataset eurosat" in err
+    for seed in ("seed1", "seed01"):
+        assert f"kd/dtd/{seed}: seed 1 is there 2 times" in err
+    assert "kd/dtd/seed4: malformed results.json" in err and "150.0, outside [0, 100]" in err
+    assert "kd/dtd/seed5: malformed results.json" in err and "-1.0, outside [0, 100]" in err
+    assert "kd/dtd/seed6: malformed results.json" in err and "not a finite number" in err
+    rc, out, _ = run_cli(capsys, "report", str(root))
+    assert "| DescribableTextures | 83.00 ± 1.00 | 69.00 ± 3.00 |" in out
+    assert "Incomplete or failed runs (3):" in out and "Not averaged with the others (3):" in out
+    # nothing left to average: one line naming a run and why
+    rc, out, err = run_cli(capsys, "report", str(dtd / "seed3"))
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "can be averaged" in err and "names dataset eurosat" in err
+
+
+def test_fewshot_kinds_shots_and_duplicates(tmp_path, capsys):
+    root = tmp_path / "out"
+    pets = root / "fewshot" / "kd" / "oxford_pets"
+    for seed, acc in ((1, 80.0), (2, 84.0)):
+        write_run(pets / "shots4" / f"seed{seed}", {"all": {"accuracy": acc}},
+                  run_config(DATASET__NAME=PETS_NAME, DATASET__NUM_SHOTS=4))
+    write_run(pets / "shots4" / "seed3", {"all": {"accuracy": 10.0}},  # a 16-shot run in the 4-shot folder
+              run_config(DATASET__NAME=PETS_NAME, DATASET__NUM_SHOTS=16))
+    write_run(pets / "shots4" / "seed4", {"all": {"accuracy": 20.0}},
+              run_config(DATASET__NAME=PETS_NAME, DATASET__NUM_SHOTS=4, DISTILL__PROTOCOL="transductive"))
+    write_run(pets / "shots4" / "seed002", {"all": {"accuracy": 30.0}},
+              run_config(DATASET__NAME=PETS_NAME, DATASET__NUM_SHOTS=4))
+    rc, out, err = run_cli(capsys, "report", str(root), "--fewshot", "--format", "json")
+    assert rc == 0
+    methods = json.loads(out)["methods"]
+    assert set(methods) == {"kd [inductive]", "kd [transductive]"}
+    assert methods["kd [inductive]"]["4"]["datasets"]["OxfordPets"] == {"mean": 80.0, "std": 0.0, "n": 1}
+    assert methods["kd [transductive]"]["4"]["datasets"]["OxfordPets"]["mean"] == 20.0
+    assert "shots4/seed3: its config.yaml says DATASET.NUM_SHOTS 16, not 4" in err
+    assert "shots4/seed002: seed 2 is there 2 times" in err and "mixes runs of different kinds" in err
+
+
+def test_sweep_cells_of_one_kind_and_each_seed_once(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    cfg = run_config(DATASET__NAME="EuroSAT")
+    for cell, seeds in (("a0_b1", {1: (80.0, 60.0), 2: (82.0, 62.0)}), ("a1_b1", {1: (70.0, 50.0), 2: (72.0, 52.0)})):
+        for seed, (b, n) in seeds.items():
+            write_run(root / "abkd" / "eurosat" / cell / f"seed{seed}", b2n(b, n), cfg)
+    write_run(root / "abkd" / "eurosat" / "a1_b1" / "seed01", b2n(99.0, 99.0), cfg)  # seed 1 again
+    write_run(root / "abkd" / "eurosat" / "a0_b1" / "seed3", b2n(10.0, 10.0),
+              run_config(DATASET__NAME="EuroSAT", DISTILL__PROTOCOL="transductive"))
+    rc, out, err = run_cli(capsys, "report", str(root), "--sweep", "--format", "json")
+    assert rc == 0
+    sweeps = {s["method"]: s for s in json.loads(out)["sweeps"]}
+    assert set(sweeps) == {"abkd [inductive]", "abkd [transductive]"}
+    cells = {(c["alpha"], c["beta"]): c for c in sweeps["abkd [inductive]"]["cells"]}
+    assert cells[0.0, 1.0]["base"] == pytest.approx({"mean": 81.0, "std": 1.0, "n": 2})
+    assert cells[1.0, 1.0]["base"] == pytest.approx({"mean": 72.0, "std": 0.0, "n": 1})  # seed 2 only
+    assert [c["base"]["mean"] for c in sweeps["abkd [transductive]"]["cells"]] == [10.0]
+    assert "a1_b1/seed01: seed 1 is there 2 times" in err and "abkd/eurosat: mixes runs" in err
+
+
+def test_sweep_plot_into_a_folder_or_without_suffix_says_the_file_written(root, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    rc, _, err = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(folder))
+    png = folder / "sweep_abkd_eurosat.png"
+    assert rc == 0 and err.splitlines()[0] == f"wrote {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "plots.png").exists()
+    bare = tmp_path / "heatmap"
+    rc, _, err = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(bare))
+    assert rc == 0 and err.splitlines()[0] == f"wrote {bare}.png" and Path(f"{bare}.png").is_file()
+    assert not bare.exists()

@@ -22,6 +22,7 @@ from clipkd.data.specs import DATASETS, DG_STEMS, DG_TARGETS, STEMS, XD_TARGETS,
 from clipkd.data.synth import synthesize
 from clipkd.engine.run import Run
 from clipkd.errors import ClipkdError, ConfigError, DataError
+from tests_helpers import run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPKD = str(Path(sys.executable).parent / "clipkd")
@@ -397,3 +398,29 @@ def test_teacher_is_pinned_to_the_source_dataset(tmp_path):
     zero = build_config([ROOT / "configs/datasets/imagenet.yaml", ROOT / "configs/methods/promptkd.yaml"],
                         ["MODEL.TEACHER.CHECKPOINT", "zero-shot"])
     assert "MODEL.TEACHER.CHECKPOINT" not in target_overrides(zero, "imagenet_a")
+
+
+def test_report_rows_hold_one_kind_of_run_and_each_seed_once(tmp_path, capsys):
+    root = tmp_path / "transfer"
+    imagenet = root / "m" / "imagenet"
+    for seed, src, target, teacher in (("seed1", 70.0, 30.0, "prompted: /t/model.pt"),
+                                       ("seed2", 72.0, 34.0, "prompted: /t/model.pt"),
+                                       ("seed01", 10.0, 10.0, "prompted: /t/model.pt"),  # seed 1 again
+                                       ("seed3", 50.0, 20.0, "zero-shot")):  # another kind of teacher
+        _results(imagenet / seed, src, teacher=teacher)
+        (imagenet / seed / "config.yaml").write_text(run_config(DATASET__NAME="ImageNet"))
+        _results(imagenet / seed / "eval" / "imagenet_a", target, teacher=teacher)
+    assert main(["report", str(root), "--dg", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)["methods"]
+    assert set(rows) == {"m [prompted teacher]", "m [zero-shot teacher]"}
+    prompted = rows["m [prompted teacher]"]
+    assert prompted["seeds"] == [2] and prompted["source"] == {"mean": 72.0, "std": 0.0, "n": 1}
+    assert prompted["targets"]["imagenet_a"]["mean"] == 34.0
+    assert rows["m [zero-shot teacher]"]["source"]["mean"] == 50.0
+    for seed in ("seed1", "seed01"):
+        assert f"m/imagenet/{seed}: seed 1 is there 2 times" in captured.err
+    assert "- m/imagenet: mixes runs of different kinds (prompted teacher: 1 run; zero-shot teacher: 1 run)" in \
+        captured.err
+    assert main(["report", str(root), "--dg"]) == 0
+    assert "Not averaged with the others (3):" in capsys.readouterr().out

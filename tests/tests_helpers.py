@@ -10,3 +10,17 @@ def first_appearance_sorted(items) -> bool:
         if d.label not in seen:
             seen.append(d.label)
     return seen == sorted(seen)
+
+
+def run_config(**keys: object) -> str:
+    """A run folder's config.yaml as ``clipkd train`` writes it (every key; KEY__SUB=value sets KEY.SUB)."""
+    from clipkd.config import get_cfg_defaults
+
+    cfg = get_cfg_defaults()
+    for key, value in keys.items():
+        node = cfg
+        *parents, last = key.split("__")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return cfg.dump()

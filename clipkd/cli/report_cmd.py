@@ -24,6 +24,11 @@ Base/New: mean and population std (ddof=0) over seeds; HM: harmonic mean of the 
 Average row: HM of the dataset-mean Base and dataset-mean New (not the mean of per-dataset HMs).
 Run folders without a readable results.json are listed as incomplete/failed (after the table for md,
 on stderr for csv/json so that stdout stays machine-readable).
+Only runs of one kind are averaged together: the same DISTILL.PROTOCOL, DATASET.NUM_SHOTS, teacher (zero-shot,
+prompted, none) and final-epoch selection (results.json selected_on). A table mixing kinds is split into one
+per kind, named by what differs (e.g. "kd [transductive]"), and the mixture is listed with the problems; a run
+whose config.yaml names another dataset (or K) than its folder, and a seed present twice (seed1 and seed01),
+are listed and left out; an accuracy outside [0, 100] makes results.json malformed.
 
 --format json prints {"datasets": {NAME: {"base": {"mean","std","n"}, "new": {...}, "hm"}},
 "average": {"base","new","hm"}} for ONE method: when ROOT holds several methods, pick one with --method
@@ -69,22 +74,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "runs (scripts/dg.sh)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="with --sweep: heatmap of HM over (alpha, beta) (needs matplotlib: the 'plot' extra); "
-                        "several sweeps write FILE_<method>_<dataset>.png")
+                        "several sweeps write FILE_<method>_<dataset>.png; an existing folder (or a name ending "
+                        "in /) gets sweep_<method>_<dataset>.png inside; a name without a suffix gets .png")
     p.add_argument("--dassl-logs", metavar="DIR",
                    help="also write the base-to-new results as Dassl logs that Dassl's unchanged "
                         "tools/parse_test_res.py reads the CoOp way: DIR/train_base/<dataset>/<method>/seed<S>/"
                         "log.txt (parse_test_res.py DIR/train_base/<dataset>/<method>) and DIR/test_new/... "
                         "(the same with --test-log); DIR must be new or empty")
     p.set_defaults(func=cmd_report)
-
-
-def _dataset_stem(name: str) -> str:
-    from clipkd.data.specs import DATASETS
-
-    for spec in DATASETS.values():
-        if name in (spec.stem, spec.name):
-            return spec.stem
-    return name  # an unknown dataset folder is still selectable by its folder name
 
 
 def _no_runs_message(col, kind: str, args: argparse.Namespace, bad: list) -> str:  # noqa: ANN001
@@ -163,7 +160,8 @@ def _write_dassl_logs(runs: list, out: Path) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from clipkd.errors import ClipkdError
     from clipkd.reports import aggregate, render
-    from clipkd.reports.collect import BASE_TEST_MARK, KIND_B2N, KIND_FEWSHOT, KIND_SWEEP, collect
+    from clipkd.reports.collect import (BASE_TEST_MARK, KIND_B2N, KIND_FEWSHOT, KIND_SWEEP, collect, dataset_stem,
+                                        sort_out)
     from clipkd.reports.published import REFERENCES
 
     if args.xd or args.dg:
@@ -179,7 +177,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ClipkdError("--compare published applies to the base-to-new tables only (drop --sweep/--fewshot)")
     kind = KIND_SWEEP if args.sweep else KIND_FEWSHOT if args.fewshot else KIND_B2N
     col = collect(args.root)
-    stem = _dataset_stem(args.dataset) if args.dataset else None
+    stem = dataset_stem(args.dataset) if args.dataset else None
 
     def keep(r) -> bool:  # noqa: ANN001
         method = r.method.removesuffix(BASE_TEST_MARK)  # --method M also shows M's base-test-selected runs
@@ -190,14 +188,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     bad = [r for r in col.incomplete(kind) if not r.placed or keep(r)]
     if not runs:
         raise ClipkdError(_no_runs_message(col, kind, args, bad))
+    # one table per (method, K) / (method, dataset) for few-shot / sweeps: runs of one kind, each seed once
+    table_of = {KIND_B2N: lambda r: r.method, KIND_FEWSHOT: lambda r: (r.method, r.shots),
+                KIND_SWEEP: lambda r: (r.method, r.dataset)}[kind]
+    runs, left_out = sort_out(runs, table_of)
+    if not runs:
+        first = left_out[0]
+        raise ClipkdError(f"no runs under {args.root} can be averaged: {len(left_out)} left out "
+                          f"(e.g. {first.path}: {first.problem})")
 
     if kind == KIND_B2N:
         tables = aggregate.base_to_new_tables(runs)
         ref = REFERENCES[args.compare] if args.compare else None
         if args.format == "json":
             if len(tables) > 1:
-                raise ClipkdError(f"several methods under {args.root} ({', '.join(t.method for t in tables)}): "
-                                  "--format json reports one, pick it with --method")
+                pick = "" if args.method else "pick a method with --method, or "
+                raise ClipkdError(f"several tables under {args.root} ({', '.join(t.method for t in tables)}): "
+                                  f"--format json reports one: {pick}pass a ROOT that holds one of them")
             text = render.dumps(render.b2n_dict(tables[0], ref))
         else:
             text = {"md": render.b2n_markdown, "csv": render.b2n_csv, "latex": render.b2n_latex}[args.format](
@@ -213,18 +220,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         text = {"md": render.sweep_markdown, "csv": render.sweep_csv,
                 "json": lambda s: render.dumps(render.sweep_dict(s))}[args.format](sweeps)
         if args.plot:
-            from clipkd.reports.plot import plot_sweep
+            from clipkd.reports.plot import plot_sweep, sweep_plot_paths
 
-            out = Path(args.plot)
-            for s in sweeps:
-                path = out if len(sweeps) == 1 else out.with_name(f"{out.stem}_{s.method}_{s.stem}{out.suffix}")
+            for s, path in zip(sweeps, sweep_plot_paths(args.plot, sweeps)):
                 plot_sweep(s, path)
                 print(f"wrote {path}", file=sys.stderr)
 
     print(text.rstrip("\n"))
     # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
-    _print_problems(render.incomplete_lines(bad, col.root.parent if any(r.path == col.root for r in bad)
-                                           else col.root), args.format)
+    at_root = any(r.path == col.root for r in bad) or any(p.path == col.root for p in left_out)
+    _print_problems(render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out), args.format)
     return 0
 
 

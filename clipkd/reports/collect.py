@@ -16,6 +16,13 @@ follows from the folder names at its bottom (``seed<S>`` under ``a<A>_b<B>`` is 
 (method, dataset) are read from the folders above ROOT. Per kind, the depth is set by the deepest runs
 under ROOT (the plain layout whenever it occurs); runs of that kind at another depth are listed as not
 fitting, with the reason, never dropped.
+
+Runs averaged together must be the same kind of run (:func:`sort_out`, used by every table, format and mode):
+the same protocol, shot count, teacher kind (zero-shot, prompted, none) and selection of the final epoch, read
+from each run's config.yaml and results.json. A table whose runs differ in any of these is split into one table
+per kind (its name says which) and the mixture is listed among the problems; a run whose config names another
+dataset (or, few-shot, another K) than its folder, or a seed that is there twice (``seed1`` and ``seed01``), is
+left out and listed. An accuracy outside [0, 100] (or not finite) makes results.json malformed.
 """
 
 from __future__ import annotations
@@ -24,16 +31,22 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from clipkd.data.specs import DATASETS
 from clipkd.errors import ClipkdError
 
 RESULTS_FILE = "results.json"
 # Runs whose final epoch was picked on the base TEST split (TEST.FINAL_MODEL best_base_test, the reference code's
 # choice) are reported as a method of their own with this mark, so they never share an average with honest runs.
 BASE_TEST_MARK = " [selected on base test]"
-RUN_MARKERS = (RESULTS_FILE, "config.yaml", "log.txt")
+CONFIG_FILE = "config.yaml"
+RUN_MARKERS = (RESULTS_FILE, CONFIG_FILE, "log.txt")
 FEWSHOT_DIR = "fewshot"
 
 KIND_B2N = "base2new"
@@ -72,6 +85,7 @@ class Run:
     # how many of method/dataset/... were read from the folders above ROOT (0: ROOT holds <method>/...);
     # None when the run has the shape of ``kind`` but does not sit where the layout needs it
     level: int | None = None
+    profile: "Profile | None" = None  # what the run is (set by sort_out)
 
     @property
     def ok(self) -> bool:
@@ -113,6 +127,8 @@ def _accuracy(block: object, key: str) -> float:
     value = block["accuracy"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f'"{key}.accuracy" is not a finite number: {value!r}')
+    if not 0 <= value <= 100:
+        raise ValueError(f'"{key}.accuracy" is {value!r}, outside [0, 100] (accuracies are in %)')
     return float(value)
 
 
@@ -132,11 +148,17 @@ def _read_results(path: Path, keys: tuple[str, ...]) -> tuple[dict | None, str]:
         return None, f"malformed {RESULTS_FILE}: {exc}"
 
 
-def _selected_on(path: Path) -> str:
+def _results_fields(path: Path) -> dict:
+    """results.json as a dict ({} when it cannot be read: _read_results says why)."""
     try:
-        return str(json.loads((path / RESULTS_FILE).read_text(encoding="utf-8")).get("selected_on", "last"))
-    except (OSError, ValueError, AttributeError):
-        return "last"
+        data = json.loads((path / RESULTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _selected_on(path: Path) -> str:
+    return str(_results_fields(path).get("selected_on", "last"))
 
 
 def _above(root: Path) -> tuple[str, ...]:
@@ -246,7 +268,7 @@ def collect(root: str | Path) -> Collection:
     paths: list[Path] = []
     root_is_seed = bool(_SEED.match(Path(os.path.abspath(root)).name))  # abspath: ROOT may be "."
     # ROOT itself is a run when named seed<S> or holding a run's files (a lone log.txt may be a script's log)
-    if root_is_seed or any((root / m).is_file() for m in (RESULTS_FILE, "config.yaml")):
+    if root_is_seed or any((root / m).is_file() for m in (RESULTS_FILE, CONFIG_FILE)):
         paths.append(root)
     if not root_is_seed:  # a run folder's insides (checkpoints, logs) are not runs
         for dirpath, dirnames, filenames in os.walk(root):
@@ -258,3 +280,146 @@ def collect(root: str | Path) -> Collection:
                     dirnames[:] = []  # a run folder's insides (checkpoints, logs) are not runs
     runs, levels, deeper = _classify(root, paths)
     return Collection(root=root, runs=runs, levels=levels, deeper=deeper)
+
+
+# ---------------------------------------------------------------- which runs may be averaged together
+def dataset_stem(name: str) -> str:
+    """The stem of a dataset named by stem or Dassl NAME (an unknown name as it is)."""
+    if name in DATASETS:
+        return name
+    return next((spec.stem for spec in DATASETS.values() if spec.name == name), name)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a run is, from its config.yaml and results.json; None where the run does not record it."""
+
+    protocol: str | None  # DISTILL.PROTOCOL
+    shots: int | None  # DATASET.NUM_SHOTS
+    teacher: str | None  # results.json "teacher": zero-shot | prompted | none
+    selection: str  # results.json "selected_on": last | val | base_test
+    dataset: str | None  # the stem DATASET.NAME names
+
+    def label(self, attr: str) -> str:
+        """How a table's name tells runs apart on ``attr`` (one of KIND_ATTRS)."""
+        value = getattr(self, attr)
+        if value is None:
+            return f"{attr} not recorded"
+        if attr == "shots":
+            return "all images" if value == 0 else f"{value} shot" + ("" if value == 1 else "s")
+        if attr == "teacher":
+            return "no teacher" if value == "none" else f"{value} teacher"
+        if attr == "selection":
+            return {"last": "last epoch", "base_test": "selected on base test"}.get(value, f"selected on {value}")
+        return str(value)
+
+
+# what runs averaged together must share (the dataset is checked against each run's folder instead)
+KIND_ATTRS = ("protocol", "shots", "teacher", "selection")
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _config_value(config: dict, key: str) -> Any:
+    """The value of a dotted key; None where the file leaves it out (a run's config.yaml has every key; a file
+    written by hand may not, and then it is not guessed)."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def read_profile(path: Path) -> tuple[Profile | None, str]:
+    """The profile of the run in ``path``, or None and why it cannot be told (an unreadable config.yaml)."""
+    results = _results_fields(path)
+    teacher = results.get("teacher")
+    teacher = str(teacher).split(":")[0] if teacher is not None else None
+    selection = str(results.get("selected_on", "last"))
+    file = path / CONFIG_FILE
+    if not file.is_file():  # e.g. results copied without their run folder: nothing to tell runs apart by
+        return Profile(None, None, teacher, selection, None), ""
+    try:
+        config = yaml.load(file.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return None, f"unreadable {CONFIG_FILE} ({type(exc).__name__}): cannot tell what kind of run it is"
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        return None, f"{CONFIG_FILE} is not a mapping of keys: cannot tell what kind of run it is"
+    name, shots = _config_value(config, "DATASET.NAME"), _config_value(config, "DATASET.NUM_SHOTS")
+    protocol = _config_value(config, "DISTILL.PROTOCOL")
+    return Profile(protocol=str(protocol) if protocol is not None else None,
+                   shots=shots if isinstance(shots, int) and not isinstance(shots, bool) else None,
+                   teacher=teacher, selection=selection,
+                   dataset=dataset_stem(str(name)) if name else None), ""
+
+
+@dataclass
+class Problem:
+    """A run (or folder) that a table leaves out or reports apart, and why."""
+
+    path: Path
+    problem: str
+
+
+def _misplaced(run: Run, profile: Profile) -> str:
+    """Why the run's config contradicts the folder it sits in ("" when it does not)."""
+    if profile.dataset is not None and profile.dataset != run.dataset:
+        return (f"its {CONFIG_FILE} names dataset {profile.dataset} (DATASET.NAME), not {run.dataset} as its folder "
+                f"says: left out; move it to the folder of its dataset")
+    if run.kind == KIND_FEWSHOT and profile.shots is not None and profile.shots != run.shots:
+        return (f"its {CONFIG_FILE} says DATASET.NUM_SHOTS {profile.shots}, not {run.shots} as its folder "
+                f"shots{run.shots} says: left out; move it to shots{profile.shots}")
+    return ""
+
+
+def sort_out(runs: list[Run], table: Callable[[Run], Hashable] = lambda r: r.method,
+             ) -> tuple[list[Run], list[Problem]]:
+    """Of the runs a report is about to average: those that may be, and the problems.
+
+    ``table`` gives the table a run is averaged in (base-to-new: its method). A run whose config contradicts its
+    folder, or whose seed is there twice in one place (``seed1`` and ``seed01``), is left out. Runs of one table
+    that differ in KIND_ATTRS are never averaged together: each kind gets a table of its own, named by method plus
+    what sets it apart (the method of the runs is changed to that name), and the mixture is a problem.
+    """
+    kept: list[Run] = []
+    problems: list[Problem] = []
+    for run in runs:
+        run.profile, why = read_profile(run.path)
+        why = why or _misplaced(run, run.profile)  # type: ignore[arg-type]
+        if why:
+            problems.append(Problem(run.path, why))
+        else:
+            kept.append(run)
+
+    slots: dict[tuple, list[Run]] = {}
+    for run in kept:
+        slots.setdefault((table(run), run.dataset, run.shots, run.alpha, run.beta, run.seed), []).append(run)
+    for same in slots.values():
+        if len(same) > 1:
+            names = ", ".join(r.path.name for r in same)
+            for r in same:
+                problems.append(Problem(r.path, f"seed {r.seed} is there {len(same)} times ({names}: the same seed): "
+                                                "none of them is averaged; keep one folder"))
+    kept = [r for r in kept if len(slots[(table(r), r.dataset, r.shots, r.alpha, r.beta, r.seed)]) == 1]
+
+    groups: dict[Hashable, list[Run]] = {}
+    for run in kept:
+        groups.setdefault(table(run), []).append(run)
+    for members in groups.values():
+        profiles = [r.profile for r in members]
+        varying = [a for a in KIND_ATTRS if len({getattr(p, a) for p in profiles}) > 1]
+        if not varying:
+            continue
+        counts: dict[str, int] = {}
+        for run in members:
+            label = ", ".join(run.profile.label(a) for a in varying)  # type: ignore[union-attr]
+            counts[label] = counts.get(label, 0) + 1
+            run.method += f" [{label}]"
+        kinds = "; ".join(f"{label}: {n} run" + ("" if n == 1 else "s") for label, n in sorted(counts.items()))
+        folder = Path(os.path.commonpath([r.path for r in members]))
+        names = ", ".join(sorted({r.method for r in members}))
+        problems.append(Problem(folder, f"mixes runs of different kinds ({kinds}): never averaged together, "
+                                        f"each kind is reported apart ({names})"))
+    return kept, problems

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from clipkd.errors import ClipkdError
 from clipkd.reports.aggregate import Sweep
+
+PLOT_SUFFIX = ".png"
+
+
+def _safe(name: str) -> str:
+    """A method name as part of a file name (a table name such as "abkd [transductive]" has spaces)."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("_")
+
+
+def sweep_plot_paths(target: str, sweeps: list[Sweep]) -> list[Path]:
+    """The file each sweep's heatmap goes to, for ``--plot TARGET``: exactly the files written, so that the
+    report can name them.
+
+    An existing folder (or a name ending in a slash) gets ``sweep_<method>_<dataset>.png`` per sweep; a file name
+    without a suffix gets ``.png`` (matplotlib would add it unasked); several sweeps get
+    ``<stem>_<method>_<dataset><suffix>`` beside the name given.
+    """
+    if os.path.isdir(target) or target.endswith(("/", os.sep)):
+        return [Path(target) / f"sweep_{_safe(s.method)}_{s.stem}{PLOT_SUFFIX}" for s in sweeps]
+    out = Path(target)
+    if not out.suffix:
+        out = out.with_name(out.name + PLOT_SUFFIX)
+    if len(sweeps) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{_safe(s.method)}_{s.stem}{out.suffix}") for s in sweeps]
 
 
 def _pyplot():  # noqa: ANN202

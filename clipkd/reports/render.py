@@ -6,11 +6,12 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from clipkd.data.specs import STEMS
 from clipkd.reports.aggregate import FewShotTable, MethodTable, Stat, Sweep
-from clipkd.reports.collect import Run
+from clipkd.reports.collect import Problem, Run
 from clipkd.reports.published import Published
 
 Reference = tuple[dict[str, Published], Published, str]  # per-dataset, average, source
@@ -303,14 +304,26 @@ def sweep_csv(sweeps: list[Sweep]) -> str:
     return buf.getvalue()
 
 
-# ---------------------------------------------------------------- incomplete runs
-def incomplete_lines(runs: list[Run], root: Path) -> list[str]:
-    if not runs:
+# ---------------------------------------------------------------- problems
+def _listing(header: str, items: Sequence[Run | Problem], root: Path) -> list[str]:
+    if not items:
         return []
-    lines = [f"Incomplete or failed runs ({len(runs)}):"]
-    for r in runs:
-        lines.append(f"- {r.path.relative_to(root).as_posix()}: {r.problem}")
+    lines = [f"{header} ({len(items)}):"]
+    for r in items:
+        try:
+            rel = r.path.relative_to(root).as_posix()
+        except ValueError:
+            rel = str(r.path)
+        lines.append(f"- {r.path if rel == '.' else rel}: {r.problem}")
     return lines
+
+
+def incomplete_lines(runs: Sequence[Run | Problem], root: Path, left_out: Sequence[Problem] = (),
+                     what: str = "runs") -> list[str]:
+    """The report's problems list: runs that could not be read, then those not averaged with the others
+    (collect.sort_out: left out, or a mixture reported as separate tables); paths relative to ``root``."""
+    return (_listing(f"Incomplete or failed {what}", runs, root)
+            + _listing("Not averaged with the others", left_out, root))
 
 
 def dumps(obj: dict) -> str:

@@ -16,26 +16,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipkd.data.specs import DG_TARGETS, TRANSFER_SOURCE, XD_TARGETS
 from clipkd.reports.aggregate import Stat, dataset_name
-from clipkd.reports.collect import BASE_TEST_MARK, KIND_B2N, RESULTS_FILE, Run, _read_results, collect
+from clipkd.reports.collect import (BASE_TEST_MARK, KIND_B2N, RESULTS_FILE, Problem, Run, _read_results,
+                                    _results_fields, collect, sort_out)
 from clipkd.reports.published import PublishedTransfer
-from clipkd.reports.render import _md_table, _tex_pm, _tex_row, _tex_seeds_note, tex_escape
+from clipkd.reports.render import _md_table, _tex_pm, _tex_row, _tex_seeds_note, incomplete_lines, tex_escape
 
 EVAL_DIR = "eval"  # clipkd.engine.transfer.EVAL_DIR (not imported: that module pulls in torch)
 SETTINGS: dict[str, tuple[str, ...]] = {"xd": XD_TARGETS, "dg": DG_TARGETS}
 TITLES = {"xd": "Cross-dataset transfer", "dg": "Domain generalisation"}
 TransferReference = tuple[list[PublishedTransfer], str]  # published rows, source
-
-
-@dataclass
-class Problem:
-    path: Path
-    problem: str
 
 
 @dataclass
@@ -55,7 +49,8 @@ class TransferRow:
 class TransferTable:
     setting: str  # "xd" | "dg"
     rows: list[TransferRow] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # runs and evaluations that could not be read
+    left_out: list[Problem] = field(default_factory=list)  # not averaged with the others (collect.sort_out)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -76,10 +71,7 @@ def _all_accuracy(file: Path) -> tuple[float | None, str]:
 
 
 def _method(run: Run) -> str:
-    try:
-        selected = json.loads((run.path / RESULTS_FILE).read_text(encoding="utf-8")).get("selected_on", "last")
-    except (OSError, ValueError, AttributeError):
-        selected = "last"
+    selected = _results_fields(run.path).get("selected_on", "last")
     return run.method + (BASE_TEST_MARK if selected == "base_test" else "")
 
 
@@ -92,36 +84,38 @@ def transfer_table(root: str | Path, setting: str, method: str | None = None) ->
     table = TransferTable(setting)
     values: dict[tuple[str, str, int], tuple[float, Path]] = {}  # (method, stem, seed) -> accuracy, file
     sources: dict[str, dict[int, float]] = {}
+    runs, accuracy = [], {}
     for run in col.runs:
         if run.kind != KIND_B2N or not run.placed:
             if run.kind in (KIND_B2N, None) and run.problem:
                 table.problems.append(Problem(run.path, run.problem))
             continue
-        name = _method(run)
-        if method is not None and name.removesuffix(BASE_TEST_MARK) != method:
+        if method is not None and _method(run).removesuffix(BASE_TEST_MARK) != method:
             continue
-        if run.dataset == TRANSFER_SOURCE:
-            acc, why = _all_accuracy(run.path / RESULTS_FILE)
-            if acc is None:
-                table.problems.append(Problem(run.path, why))
-                continue
-            assert run.seed is not None
-            sources.setdefault(name, {})[run.seed] = acc
-            for stem in targets:
-                file = run.path / EVAL_DIR / stem / RESULTS_FILE
-                if file.parent.is_dir():
-                    acc, why = _all_accuracy(file)
-                    if acc is None:
-                        table.problems.append(Problem(file.parent, why))
-                    else:
-                        _put(values, (name, stem, run.seed), acc, file, table)
-        elif run.dataset in targets:
-            acc, why = _all_accuracy(run.path / RESULTS_FILE)
-            if acc is None:
-                table.problems.append(Problem(run.path, why))
-            else:
-                assert run.seed is not None
-                _put(values, (name, run.dataset, run.seed), acc, run.path / RESULTS_FILE, table)
+        if run.dataset != TRANSFER_SOURCE and run.dataset not in targets:
+            continue
+        acc, why = _all_accuracy(run.path / RESULTS_FILE)
+        if acc is None:
+            table.problems.append(Problem(run.path, why))
+        else:
+            accuracy[run.path] = acc
+            runs.append(run)
+    runs, table.left_out = sort_out(runs, _method)  # a method's row: one kind of run, each seed once
+    for run in runs:
+        name, acc = _method(run), accuracy[run.path]
+        assert run.seed is not None
+        if run.dataset != TRANSFER_SOURCE:
+            _put(values, (name, run.dataset, run.seed), acc, run.path / RESULTS_FILE, table)
+            continue
+        sources.setdefault(name, {})[run.seed] = acc
+        for stem in targets:
+            file = run.path / EVAL_DIR / stem / RESULTS_FILE
+            if file.parent.is_dir():
+                acc, why = _all_accuracy(file)
+                if acc is None:
+                    table.problems.append(Problem(file.parent, why))
+                else:
+                    _put(values, (name, stem, run.seed), acc, file, table)
     methods = sorted(set(sources) | {m for m, _, _ in values})
     for name in methods:
         src = sources.get(name, {})
@@ -276,14 +270,6 @@ def transfer_latex(table: TransferTable, ref: TransferReference | None = None) -
 
 
 def problem_lines(table: TransferTable, root: Path) -> list[str]:
-    """The runs and evaluations that could not be read, relative to ROOT."""
-    if not table.problems:
-        return []
-    lines = [f"Incomplete or failed runs and evaluations ({len(table.problems)}):"]
-    for p in table.problems:
-        try:
-            rel = p.path.relative_to(root).as_posix()
-        except ValueError:
-            rel = str(p.path)
-        lines.append(f"- {rel}: {p.problem}")
-    return lines
+    """The runs and evaluations that could not be read, and those not averaged with the others, relative to
+    ROOT."""
+    return incomplete_lines(table.problems, root, table.left_out, what="runs and evaluations")
