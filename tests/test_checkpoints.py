@@ -348,3 +348,26 @@ def test_student_file_problems_are_named_and_old_names_load(tmp_path):
     # a student file is not a teacher
     with pytest.raises(ModelError, match="holds a PromptKD student"):
         build_teacher(teacher_cfg(tmp_path, old_file))
+
+
+@pytest.mark.parametrize("key", ["prompt_learner.ctx", "image_encoder.VPT",
+                                 "text_encoder.transformer.resblocks.1.VPT_shallow"])
+def test_teacher_file_with_a_non_tensor_prompt_is_a_model_error(tmp_path, key):
+    """A non-tensor value inside ``state_dict`` (e.g. a list or a string where a prompt should be) is named as the
+    key and what it holds, not a raw AttributeError from sizing the prompts (nothing is executed either way)."""
+    tensors, trainable = teacher_tensors()
+    file = tmp_path / "model-best.pth.tar"
+    dassl_save(file, tensors, trainable)
+    saved = torch.load(file, weights_only=False)
+    saved["state_dict"][key] = [[0.0] * 4]  # plain containers load with weights_only; not a tensor
+    torch.save(saved, file)
+    with pytest.raises(ModelError, match=rf"model-best\.pth\.tar.*'{key}' is a list, not a tensor"):
+        build_teacher(teacher_cfg(tmp_path, file))
+    # a bare state dict with a string value, read by the student loader, is named the same way
+    from clipkd.models import build_student
+
+    cfg = config(tmp_path)
+    student = build_student(cfg, build_teacher(cfg))
+    state = dict(student.trainable_state_dict(), **{"image_encoder.VPT": "not a tensor"})
+    with pytest.raises(ModelError, match=r"'image_encoder\.VPT' is a str, not a tensor"):
+        student.load_trainable_state_dict(state, source="f.pth.tar")

@@ -3,7 +3,10 @@ teacher and lift Base accuracy over the zero-shot student."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 
 import pytest
 
@@ -17,8 +20,11 @@ def demo(tmp_path_factory):
         if not weights_path(role).is_file():
             pytest.fail(f"shipped toy weights missing: {weights_path(role)} (run 'clipkd toy pretrain')")
     out = tmp_path_factory.mktemp("demo")
-    payload = run_demo(out / "run", cache_dir=out / "cache", seeds=[1], transductive=False, progress=False,
-                       overrides=["OPTIM.MAX_EPOCH", "5"])
+    stderr = io.StringIO()  # not a terminal, as a log file
+    with contextlib.redirect_stderr(stderr):
+        payload = run_demo(out / "run", cache_dir=out / "cache", seeds=[1], transductive=False, progress=False,
+                           overrides=["OPTIM.MAX_EPOCH", "5"])
+    (out / "stderr.txt").write_text(stderr.getvalue())
     return out / "run", payload
 
 
@@ -59,3 +65,17 @@ def test_eval_zero_shot_student_gives_the_demo_row(demo, capsys):
                      "MODEL.STUDENT.PRETRAINED", str(weights["student"])]) == 0
         got = json.loads(result.read_text())
         assert (got["base"]["accuracy"], got["new"]["accuracy"]) == (row["base"], row["new"]), which
+
+
+def test_demo_reports_each_stage_and_its_time_on_stderr(demo):
+    """Without a terminal (no progress bars) a log of the demo still says which run it is at and how long each
+    took: a numbered line per stage, its elapsed time, and the total."""
+    out, _ = demo
+    lines = (out.parent / "stderr.txt").read_text().splitlines()
+    stages = [line for line in lines if re.match(r"\[\d+/\d+\] ", line)]
+    assert stages == ["[1/2] zero-shot teacher and student, seed 1",
+                      "[2/2] kd + abkd inductive (trained together), seed 1"], lines
+    for stage in stages:  # each stage is followed by its time
+        after = lines[lines.index(stage) + 1]
+        assert re.fullmatch(r"\s+done in \d+\.\d s \(\d+\.\d s so far\)", after), lines
+    assert re.fullmatch(r"demo: 2 stages done in \d+\.\d s", lines[-1]), lines

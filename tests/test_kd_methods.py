@@ -352,6 +352,59 @@ def test_transductive_dkd_run_logs_its_target(synth_root, tmp_path):
     assert "target: the teacher's argmax, labels unused" in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_transductive_dkd_target_label_passes_every_training_images_true_label(synth_root, tmp_path, monkeypatch):
+    """DISTILL.DKD_TARGET label: ABKD's CLIP code (a PromptKD fork) gives DKD the ground-truth label of every
+    training image in its all-images run; the targets are then exactly the labels of the base AND new images."""
+    from clipkd.data.splits import resolve_split
+    from clipkd.losses.build import DistillLoss
+
+    true = sorted(item.label for item in resolve_split(synth_root, "oxford_pets", 0, 1, "all").train)
+    assert max(true) >= 4  # new classes (7 classes: base 0-3, new 4-6) are among the training images
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_forward = KDObjective.__call__
+
+    def spy_objective(self, s, t, labels, features=None):
+        seen.append(("labels", labels.clone()))
+        return real_forward(self, s, t, labels, features)
+
+    real_call = DistillLoss.__call__
+
+    def spy_loss(self, s, t, target=None, epoch=None):
+        seen.append(("target", target.clone()))
+        return real_call(self, s, t, target=target, epoch=epoch)
+
+    monkeypatch.setattr(KDObjective, "__call__", spy_objective)
+    monkeypatch.setattr(DistillLoss, "__call__", spy_loss)
+    # one batch holding every training image (nothing dropped), one epoch
+    cfg = config(synth_root, "dkd_promptkd", "DISTILL.PROTOCOL", "transductive", "DATASET.NUM_SHOTS", "0",
+                 "DISTILL.DKD_TARGET", "label", "DATALOADER.TRAIN_X.BATCH_SIZE", str(len(true)),
+                 "OPTIM.MAX_EPOCH", "1")
+    check_results(fit(cfg, tmp_path / "run"))
+    labels = [v for k, v in seen if k == "labels"]
+    targets = [v for k, v in seen if k == "target"]
+    assert len(targets) == len(labels) == 1
+    assert torch.equal(targets[0], labels[0])  # the batch's labels themselves, in order
+    assert sorted(targets[0].tolist()) == true  # ... which are the true labels of all training images
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "target: the labels of all training images (ABKD's CLIP code)" in log
+    assert "DKD_TARGET: label" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_dkd_target_is_checked():
+    assert get_cfg_defaults().DISTILL.DKD_TARGET == "teacher"  # clipkd's label-free default
+    with pytest.raises(ConfigError, match="DISTILL.DKD_TARGET"):
+        build_config([], ["DISTILL.LOSS", "dkd", "DISTILL.DKD_TARGET", "labels"])
+    with pytest.raises(ConfigError, match=r"DISTILL.DKD_TARGET 'label' does not apply to DISTILL.LOSS lsd.*dkd"):
+        build_kd_objective(build_config([], ["DISTILL.LOSS", "lsd", "DISTILL.DKD_TARGET", "label"]))
+    trans = ["DISTILL.LOSS", "dkd", "DISTILL.PROTOCOL", "transductive"]
+    assert build_kd_objective(build_config([], trans)).target_from_teacher
+    labelled = build_kd_objective(build_config([], [*trans, "DISTILL.DKD_TARGET", "label"]))
+    assert not labelled.target_from_teacher and labelled.needs_labels
+    # the inductive protocol trains on labelled images and takes the labels whatever this key says
+    assert not build_kd_objective(build_config([], ["DISTILL.LOSS", "dkd", "DISTILL.DKD_TARGET", "label"]))\
+        .target_from_teacher
+
+
 def test_dkd_warmup_resumes_exactly(synth_root, tmp_path, monkeypatch):
     """The warm-up epoch lives in the objective's checkpoint state: a resumed run ramps as the full one."""
     cfg = config(synth_root, "dkd_promptkd", "OPTIM.MAX_EPOCH", "3", "DISTILL.DKD_WARMUP", "3")

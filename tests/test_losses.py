@@ -162,6 +162,18 @@ def test_limit_lines_match_closed_forms(a: float, b: float) -> None:
     torch.testing.assert_close(ab(s, t, a, b), ab_limits(s, t, a, b), rtol=1e-10, atol=1e-13)
 
 
+# The points of the README's table comparing clipkd with ABKD's CIFAR code on the limit lines (that code divides
+# the closed form's bracket by the parameter, where the limit divides by its square): clipkd is the limit there.
+README_LINE_POINTS = [(0.25, 0.0), (0.5, 0.0), (2.0, 0.0), (-0.5, 0.0), (-1.0, 0.0), (0.0, 0.25), (0.0, 0.5),
+                      (0.0, 2.0), (0.0, -1.0), (0.25, -0.25), (0.5, -0.5), (2.0, -2.0), (-0.5, 0.5), (-1.0, 1.0)]
+
+
+@pytest.mark.parametrize("a,b", README_LINE_POINTS)
+def test_readme_limit_line_points_are_the_closed_forms(a: float, b: float) -> None:
+    s, t = pair(11)
+    torch.testing.assert_close(ab(s, t, a, b), ab_limits(s, t, a, b), rtol=1e-10, atol=1e-13)
+
+
 NEAR = [(1e-3, 0.0), (0.0, 1e-3), (1e-5, -1e-5), (-1e-5, 2e-5), (1e-7, 1e-7), (-3e-4, 1e-4)]
 
 

@@ -80,6 +80,9 @@ _C.DISTILL.TEMPERATURE = 1.0  # all but ttm (whose teacher temperature is 1 / TT
 _C.DISTILL.DKD_ALPHA = 1.0  # DKD: weight of the target-class part (binary KL)
 _C.DISTILL.DKD_BETA = 1.0  # DKD: weight of the non-target part (DISTILL.DIVERGENCE)
 _C.DISTILL.DKD_WARMUP = 1.0  # DKD: the loss ramps as min(epoch / DKD_WARMUP, 1), epochs from 1; 0 = no ramp
+# DKD's target class in the transductive protocol: teacher (its argmax; labels unused, clipkd's default) | label
+# (every training image's label, base and new classes: ABKD's CLIP code). The inductive protocol uses the labels.
+_C.DISTILL.DKD_TARGET = "teacher"
 _C.DISTILL.TTM_EXPONENT = 0.1  # TTM: the teacher's probabilities to this power, renormalised
 _C.DISTILL.DIST_BETA = 1.0  # DIST: weight of the inter-class (per sample) correlation term
 _C.DISTILL.DIST_GAMMA = 1.0  # DIST: weight of the intra-class (per class, across the batch) term
@@ -125,6 +128,7 @@ _FIXED_CHOICES: dict[str, tuple[str, ...]] = {
     "DATASET.SUBSAMPLE_CLASSES": ("all", "base"),
     "INPUT.INTERPOLATION": ("bicubic", "bilinear", "nearest"),
     "DISTILL.PROTOCOL": ("inductive", "transductive"),
+    "DISTILL.DKD_TARGET": ("teacher", "label"),
     "OPTIM.LR_SCHEDULER": ("cosine", "constant"),
     "OPTIM.PRECISION": ("auto", "fp32", "bf16", "fp16"),
     "TEST.FINAL_MODEL": ("last", "val", "best_base_test"),

@@ -70,17 +70,20 @@ class KDObjective:
     """``WEIGHT * D(teacher || student) + CE_WEIGHT * CE(student, labels)`` (either part may be off).
 
     A divergence that splits by class (DKD) gets a target per sample: the labels, or with
-    ``target_from_teacher`` (the transductive protocol, whose labels are not used) the teacher's argmax. One
-    with a warm-up gets the epoch (1-based), counted here and kept in the checkpoint so resume is exact.
+    ``target_from_teacher`` (the transductive protocol's default, whose labels are then unused) the teacher's
+    argmax. ``all_images`` only names the labels in the log: those of every training image, base and new classes
+    (the transductive protocol with DISTILL.DKD_TARGET label, as ABKD's CLIP code). One with a warm-up gets the
+    epoch (1-based), counted here and kept in the checkpoint so resume is exact.
     """
 
     def __init__(self, divergence: Callable[..., Tensor] | None, weight: float, ce_weight: float = 0.0,
-                 target_from_teacher: bool = False) -> None:
+                 target_from_teacher: bool = False, all_images: bool = False) -> None:
         self.divergence = divergence if weight > 0 else None
         self.weight = float(weight)
         self.ce_weight = float(ce_weight)
         self.needs_target = bool(getattr(self.divergence, "needs_target", False))
         self.target_from_teacher = target_from_teacher and self.needs_target
+        self.all_images = all_images and self.needs_target and not self.target_from_teacher
         self.needs_teacher = self.divergence is not None
         self.needs_labels = self.ce_weight > 0 or (self.needs_target and not self.target_from_teacher)
         self.needs_features = False
@@ -122,7 +125,8 @@ class KDObjective:
         parts = [f"{self.divergence} x {self.weight:g}"] if self.divergence is not None else []
         if self.needs_target:
             parts[-1] += (" (target: the teacher's argmax, labels unused)" if self.target_from_teacher
-                          else " (target: the labels)")
+                          else " (target: the labels of all training images (ABKD's CLIP code))"
+                          if self.all_images else " (target: the labels)")
         if self.ce_weight > 0:
             parts.append(f"CE x {self.ce_weight:g}")
         return " + ".join(parts)
@@ -131,12 +135,15 @@ class KDObjective:
 def build_kd_objective(cfg: CfgNode, student: nn.Module | None = None,
                        classnames: Sequence[str] = ()) -> KDObjective:
     """DISTILL.OBJECTIVE kd: ``DISTILL.WEIGHT * DISTILL.LOSS + DISTILL.CE_WEIGHT * CE`` (student and class names
-    unused). In the transductive protocol a loss that needs a target class (DKD) takes the teacher's argmax."""
+    unused). In the transductive protocol a loss that needs a target class (DKD) takes the teacher's argmax, or
+    with DISTILL.DKD_TARGET label the label of every training image (ABKD's CLIP code)."""
     from clipkd.losses import build_distill_loss_from_cfg
 
     d = cfg.DISTILL
+    transductive = d.PROTOCOL == "transductive"
     return KDObjective(build_distill_loss_from_cfg(cfg) if d.WEIGHT > 0 else None, d.WEIGHT, d.CE_WEIGHT,
-                       target_from_teacher=d.PROTOCOL == "transductive")
+                       target_from_teacher=transductive and d.DKD_TARGET == "teacher",
+                       all_images=transductive)
 
 
 def build_objective(cfg: CfgNode, student: nn.Module | None = None, classnames: Sequence[str] = ()) -> Objective:

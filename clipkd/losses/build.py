@@ -157,7 +157,7 @@ def build_distill_loss_from_cfg(cfg: Any) -> DistillLoss:
     """``build_distill_loss`` from DISTILL.LOSS and the DISTILL.* keys of the parameters it takes.
 
     A key the loss does not take must stay at its default: a changed value would be ignored silently, so it is
-    an error that says which loss takes it.
+    an error that says which loss takes it (DISTILL.DKD_TARGET too: it needs a loss with a target class).
     """
     from clipkd.config.defaults import get_cfg_defaults
 
@@ -174,4 +174,8 @@ def build_distill_loss_from_cfg(cfg: Any) -> DistillLoss:
             raise ConfigError(f"{spec.key} {d[field]!r} does not apply to DISTILL.LOSS {name}{hint}; "
                               f"it is used by {', '.join(users)}: remove it or set it back to "
                               f"{defaults[field]!r}")
+    if d.DKD_TARGET != defaults.DKD_TARGET and "target" not in _arguments(LOSSES.get(name)):
+        users = [n for n in LOSS_NAMES if "target" in _arguments(LOSSES.get(n))]
+        raise ConfigError(f"DISTILL.DKD_TARGET {d.DKD_TARGET!r} does not apply to DISTILL.LOSS {name}; it is used "
+                          f"by {', '.join(users)}: remove it or set it back to {defaults.DKD_TARGET!r}")
     return build_distill_loss(name, **{p: d[PARAMS[p].key.split('.', 1)[1]] for p in takes if p in PARAMS})

@@ -426,17 +426,30 @@ def load_ivlp_state_dict(
     )
 
 
-def infer_ivlp_sizes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
+def _prompt_rows(state_dict: Mapping[str, object], key: str, source: str) -> int:
+    """The number of prompt tokens ``state_dict[key]`` holds; a file may hold anything there (a list, a string, a
+    scalar), which is named as the model error it is rather than failing on ``.shape``."""
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        what = f"a {value.dim()}-d tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        raise ModelError(f"{source}: '{key}' is {what}, not a tensor of prompts (n_ctx x width); "
+                         "the file is damaged or was not written by PromptSRC, PromptKD or clipkd")
+    return int(value.shape[0])
+
+
+def infer_ivlp_sizes(state_dict: Mapping[str, torch.Tensor], *,
+                     source: str = "the prompt state dict") -> dict[str, int]:
     """n_ctx and depth of each tower as a PromptSRC-named state dict describes them.
 
     Depth is 1 + the highest block index with a ``VPT_shallow`` (gaps are caught by the strict loader).
+    ``source`` names the state dict in the error about a prompt that is not a 2-d tensor.
     """
     sizes = {"n_ctx_text": 0, "depth_text": 0, "n_ctx_vision": 0, "depth_vision": 0}
     if KEY_TEXT_CTX in state_dict:
-        sizes["n_ctx_text"] = int(state_dict[KEY_TEXT_CTX].shape[0])
+        sizes["n_ctx_text"] = _prompt_rows(state_dict, KEY_TEXT_CTX, source)
         sizes["depth_text"] = 1
     if KEY_VISION_VPT in state_dict:
-        sizes["n_ctx_vision"] = int(state_dict[KEY_VISION_VPT].shape[0])
+        sizes["n_ctx_vision"] = _prompt_rows(state_dict, KEY_VISION_VPT, source)
         sizes["depth_vision"] = 1
     for key in state_dict:
         m = _SHALLOW_RE.match(key)

@@ -64,7 +64,7 @@ class Teacher(nn.Module):
     ) -> None:
         super().__init__()
         if prompts:
-            sizes = infer_ivlp_sizes(prompts)
+            sizes = infer_ivlp_sizes(prompts, source=prompts_source)
             for tower, blocks in (("vision", clip_model.visual.transformer.resblocks),
                                   ("text", clip_model.transformer.resblocks if hasattr(clip_model, "transformer")
                                    else clip_model.text.transformer.resblocks)):

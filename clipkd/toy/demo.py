@@ -4,13 +4,15 @@ For each seed: the zero-shot teacher and zero-shot student (each CLIP with its o
 PromptKD student distilled with KD (forward KL) and with ABKD (alpha-beta divergence), in the inductive
 protocol (K-shot base classes) and, unless ``--no-transductive``, the transductive one. KD and ABKD of one
 protocol train fused (:mod:`clipkd.engine.fused`: one loader and teacher forward for both, results as alone).
-Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON.
+Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON. While it runs, a
+line per stage and its elapsed time go to stderr (flushed, so a log file shows where a run is without a terminal).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -75,17 +77,23 @@ def run_demo(
         raise ClipkdError(f"output dir {output_dir} is not empty; pass a new --output-dir")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir() / "toy"
     started = time.time()
-    data_root, weights = prepare_assets(cache_dir, progress)
     protocols = ["inductive", "transductive"] if transductive else ["inductive"]
+    stages = _Stages(len(seeds) * (1 + len(protocols)), started)
+    stages.begin(f"demo: toy dataset and CLIP weights in {cache_dir}", numbered=False)
+    data_root, weights = prepare_assets(cache_dir, progress)
+    stages.end()
     rows = []
     for seed in seeds:
+        stages.begin(f"zero-shot teacher and student, seed {seed}")
         cfg = demo_config(data_root, weights, seed)
         zero_shot = Run(cfg)
         teacher_pred = zero_shot.predict("base", which="teacher")
         for method, which in (("teacher_zeroshot", "teacher"), ("student_zeroshot", "student")):
             agree = _agreement(zero_shot.predict("base", which=which), teacher_pred)
             rows.append(_row(method, "zero-shot", seed, zero_shot.evaluate(which=which), agree))
+        stages.end()
         for protocol in protocols:
+            stages.begin(f"{' + '.join(METHODS)} {protocol} (trained together), seed {seed}")
             # KD and ABKD read the same stream: trained together, one teacher forward per batch (exactly as alone)
             runs = {method: Run(demo_config(data_root, weights, seed, "DISTILL.PROTOCOL", protocol, *extra,
                                             *overrides),
@@ -96,12 +104,34 @@ def run_demo(
                 if isinstance(res, Exception):
                     raise res
                 rows.append(_row(method, protocol, seed, res, _agreement(run.predict("base"), teacher_pred)))
+            stages.end()
+    stages.say(f"demo: {stages.total} stages done in {time.time() - started:.1f} s")
     payload = {"rows": rows, "seconds": round(time.time() - started, 1),
                "alpha": cfg.DISTILL.ALPHA, "beta": cfg.DISTILL.BETA}
     atomic_write_text(output_dir / "demo_results.json", json.dumps(payload, indent=2) + "\n")
     table = format_table(rows)
     atomic_write_text(output_dir / "demo_results.md", table + "\n")
     return payload
+
+
+class _Stages:
+    """``[2/3] kd + abkd inductive (trained together), seed 1`` before a stage and its elapsed time after, on stderr (looked up
+    when written, so a redirected stderr gets them), flushed: tqdm's bars show only on a terminal."""
+
+    def __init__(self, total: int, started: float) -> None:
+        self.total, self.started, self.done, self.since, self.numbered = total, started, 0, started, True
+
+    def say(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    def begin(self, what: str, numbered: bool = True) -> None:
+        self.since, self.numbered = time.time(), numbered
+        self.say(f"[{self.done + 1}/{self.total}] {what}" if numbered else what)
+
+    def end(self) -> None:
+        now = time.time()
+        self.done += self.numbered
+        self.say(f"      done in {now - self.since:.1f} s ({now - self.started:.1f} s so far)")
 
 
 def _agreement(pred: torch.Tensor, reference: torch.Tensor) -> float:
