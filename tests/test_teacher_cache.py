@@ -240,3 +240,173 @@ def test_a_fused_sweep_fills_the_cache_that_a_separate_run_reads(synth_root, tmp
     assert teacher_calls == [] and alone == json.loads((cell.out / "results.json").read_text())
     assert "(4 batches read, 0 computed;" in (tmp_path / "alone" / "log.txt").read_text()
     assert "(0 batches read, 4 computed;" in (cell.out / "log.txt").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ hardening (issue 16)
+class Tower:
+    """A stand-in teacher whose features of image i are row i of a fixed table."""
+
+    def __init__(self) -> None:
+        self.table = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
+
+    def image_features(self, images):
+        return self.table[images.long()]
+
+
+def fill(entry: CacheEntry, epoch: int, rank: int = 0, indices: tuple[int, ...] = ()) -> None:
+    feats = TeacherFeatures(Tower(), entry, rank=rank)
+    feats.begin_epoch(epoch)
+    idx = torch.tensor(indices or [epoch, epoch + 1])
+    feats(idx, idx.float())
+    feats.end_epoch()
+
+
+def test_an_epoch_or_rank_file_copied_over_another_is_refused(tmp_path):
+    """Files are stamped with their (entry, epoch, rank): a copy is refused by name, never read as the other."""
+    entry = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()
+    for epoch, rank in ((0, 0), (1, 0), (0, 1)):
+        fill(entry, epoch, rank)
+    for source, target, epoch, rank in (("epoch-0001-rank0.pt", "epoch-0002-rank0.pt", 1, 0),
+                                        ("epoch-0001-rank0.pt", "epoch-0001-rank1.pt", 0, 1)):
+        (entry.path / target).write_bytes((entry.path / source).read_bytes())
+        feats = TeacherFeatures(Tower(), entry, rank=rank)
+        with pytest.raises(ConfigError) as err:
+            feats.begin_epoch(epoch)
+        msg = str(err.value)
+        assert "\n" not in msg and str(entry.path / target) in msg and source in msg
+        assert f"delete it (or its folder {entry.path}" in msg and "DISTILL.TEACHER_CACHE" in msg
+    assert entry.load("epoch-0001-rank0.pt") is not None  # the original still reads
+
+
+def test_the_fingerprint_covers_every_value_of_every_parameter_and_buffer():
+    from clipkd.engine.teacher_cache import weights_fingerprint
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(10_000))
+            self.register_buffer("mask", torch.zeros(50), persistent=False)  # not in state_dict
+
+    tower = Tower()
+    before = weights_fingerprint(tower)
+    with torch.no_grad():
+        tower.w[1] = 1e-30  # between the old strided sample's elements (0, 2, 4, ...)
+    assert weights_fingerprint(tower) != before
+    with torch.no_grad():
+        tower.w[1] = 0
+    assert weights_fingerprint(tower) == before
+    tower.mask[7] = 1
+    assert weights_fingerprint(tower) != before
+
+
+class NotTensors:
+    """What a malicious or foreign pickle may hold: an object of a class clipkd never unpickles."""
+
+
+@pytest.mark.parametrize("content", ["torn", "pickle"])
+def test_a_damaged_or_malicious_cache_file_never_suggests_the_unsafe_load(tmp_path, content):
+    entry = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()
+    path = entry.path / "epoch-0001-rank0.pt"
+    if content == "torn":
+        fill(entry, 0)
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        torch.save({"key": entry.key, "features": NotTensors()}, path)
+    with pytest.raises(ConfigError) as err:
+        entry.load(path.name)
+    msg = str(err.value)
+    assert "\n" not in msg and "weights_only" not in msg and "succeed" not in msg
+    assert str(path) in msg and "it is damaged or not a clipkd cache file; delete it" in msg
+
+
+def test_stale_temp_files_are_removed_when_no_run_has_the_entry_open(tmp_path):
+    """A run holds its entry (a shared lock on the folder) while it may write: temp files are removed only when
+    no other run holds it, so a live writer's temp file is never touched."""
+    entry = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()
+    stale = [entry.path / ".key.json.abc123.tmp", entry.path / ".epoch-0001-rank0.pt.x7y8.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    live = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()  # another run, entry still open
+    assert all(p.exists() for p in stale)
+    entry.close()
+    live.close()
+    again = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()
+    assert stale_temp_files(again.path) == [] and (again.path / "key.json").is_file()
+    fill(again, 0)
+    assert again.load("epoch-0001-rank0.pt") is not None
+
+
+def full_disk(monkeypatch) -> None:
+    """torch.save failing as it does on a full disk: a RuntimeError (not an OSError) after a partial write."""
+
+    def save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4480 vs 4374")
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_names_the_cache_file_and_loses_nothing(tmp_path, monkeypatch):
+    from clipkd.errors import ClipkdError
+
+    entry = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()
+    fill(entry, 0)
+    before = (entry.path / "epoch-0001-rank0.pt").read_bytes()
+    full_disk(monkeypatch)
+    for epoch in (0, 1):  # over an existing file (adding rows 5, 6), and a new one
+        with pytest.raises(ClipkdError) as err:
+            fill(entry, epoch, indices=(5, 6))
+        msg = str(err.value)
+        assert "\n" not in msg and str(entry.path / f"epoch-000{epoch + 1}-rank0.pt") in msg
+        assert "DISTILL.TEACHER_CACHE" in msg and "--output-dir" not in msg and "space" in msg
+    assert (entry.path / "epoch-0001-rank0.pt").read_bytes() == before
+    assert not (entry.path / "epoch-0002-rank0.pt").exists() and stale_temp_files(entry.path) == []
+    monkeypatch.undo()
+    assert torch.equal(entry.load("epoch-0001-rank0.pt")["features"], Tower().table[[0, 1]])
+
+
+def test_an_unwritable_cache_names_distill_teacher_cache_not_the_output_dir(tmp_path, monkeypatch):
+    from clipkd.errors import ClipkdError
+    import clipkd.fileio as fileio
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ClipkdError) as err:  # DISTILL.TEACHER_CACHE names a file
+        CacheEntry(blocker, "train", {"a": 1}, {"b": 2}).open()
+    msg = str(err.value)
+    assert "\n" not in msg and str(blocker) in msg and "DISTILL.TEACHER_CACHE" in msg and "--output-dir" not in msg
+
+    entry = CacheEntry(tmp_path / "cache", "train", {"a": 1}, {"b": 2}).open()
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", read_only)
+    with pytest.raises(ClipkdError) as err:
+        fill(entry, 0)
+    msg = str(err.value)
+    assert "\n" not in msg and str(entry.path / "epoch-0001-rank0.pt") in msg and "Read-only" in msg
+    assert "DISTILL.TEACHER_CACHE" in msg and "--output-dir" not in msg
+
+
+def test_a_run_stopped_by_a_full_cache_disk_keeps_its_checkpoint_and_cache(synth_root, tmp_path, monkeypatch):
+    from clipkd.errors import ClipkdError
+
+    cache = tmp_path / "cache"
+    cfg = config(synth_root, "abkd_promptkd", "DISTILL.TEACHER_CACHE", str(cache))
+    real = TeacherFeatures.end_epoch
+
+    def second_epoch_full(self):
+        with monkeypatch.context() as patch:
+            if self._name.startswith("epoch-0002"):  # only the cache's write fails, not the checkpoints'
+                full_disk(patch)
+            real(self)
+
+    monkeypatch.setattr(TeacherFeatures, "end_epoch", second_epoch_full)
+    with pytest.raises(ClipkdError, match=r"DISTILL\.TEACHER_CACHE: cannot write .*epoch-0002-rank0\.pt"):
+        fit(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    (entry,) = cache.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["epoch-0001-rank0.pt", "key.json"]
+    assert fit(cfg, tmp_path / "run", resume=True) == fit(config(synth_root, "abkd_promptkd"), tmp_path / "plain")

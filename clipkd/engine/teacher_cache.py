@@ -27,23 +27,38 @@ the number of processes (batch composition can change float results); for evalua
 and DATALOADER.TEST.BATCH_SIZE. So runs of different seeds or datasets share one DIR without meeting.
 OPTIM.MAX_EPOCH is not part of it: epoch e's stream does not depend on how many epochs follow.
 
-``key.json`` also records the *content*: a fingerprint of the teacher's image-tower weights (a strided sample
-of every tensor), of the image list (path, label, file size and modification time of every image) and the
-torch version. A run whose config maps to an existing folder but whose content differs (other weights behind
-the same file name, re-copied images, another torch) refuses the cache with an error that says what differs and
-which folder to delete: a silent mismatch is never possible.
+``key.json`` also records the *content*: a fingerprint of the teacher's image-tower weights (sha256 of every
+byte of every parameter and buffer: about 1 s for ViT-L/14's 1.1 GiB image tower on one CPU core), of the image
+list (path, label, file size and modification time of every image) and the torch version. A run whose config
+maps to an existing folder but whose content differs (other weights behind the same file name, re-copied images,
+another torch) refuses the cache with an error that says what differs and which folder to delete. One change
+goes unseen: an image replaced by another of the same size and modification time (e.g. ``cp -p``); hashing the
+image bytes instead would cost a read of every image at every run start (measured: seconds for a 16-shot
+ImageNet list, minutes for a full training set), so delete the folder after such a replacement.
+
+Every feature file is stamped with its entry's key and its own name (for an epoch file: its epoch and rank),
+and a file whose stamp is not the one its place expects (copied or renamed over another) is refused by name.
 
 Writes are atomic (:func:`clipkd.fileio.atomic_write`): an epoch file is written once its epoch is complete,
 under a unique temp name, then renamed; two runs filling the same entry at once write identical files and the
-last rename wins. A run interrupted mid-epoch leaves nothing of that epoch.
+last rename wins. A run interrupted mid-epoch leaves nothing of that epoch but, if killed inside a write, a
+temp file; those are removed by the next run that opens the entry while no other run holds it: each run holds
+a shared ``flock`` on the entry's folder from opening it to its end (the kernel drops it when a process dies),
+and only a run that gets the lock exclusively, i.e. while no live process can be writing there, removes temp
+files (the rule of run folders, :mod:`clipkd.engine.rundir`; where the file system cannot lock, none are).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+import pickle
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +66,7 @@ import torch
 from torch import Tensor
 
 from clipkd.errors import ConfigError
-from clipkd.fileio import atomic_write, atomic_write_text
+from clipkd.fileio import OutputError, atomic_write, atomic_write_text, stale_temp_files
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
@@ -59,7 +74,7 @@ if TYPE_CHECKING:
     from clipkd.data.loaders import ImageListDataset
     from clipkd.data.records import Datum
 
-FORMAT = 1  # bump when the files change shape: old entries then live in other folders
+FORMAT = 2  # bump when the files change shape: old entries then live in other folders
 KEY_FILE = "key.json"
 _WHAT = {  # key.json content fields, as a user would name them
     "teacher_weights": "teacher weights (MODEL.TEACHER.PRETRAINED / CHECKPOINT file contents)",
@@ -100,16 +115,16 @@ def images_fingerprint(items: Sequence[Datum], paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(module: torch.nn.Module, samples: int = 4096) -> str:
-    """A frozen module's identity from every tensor's name, shape, dtype and a strided sample of its values
-    (all values of small tensors such as prompts): milliseconds for ViT-L/14, and other weights change it."""
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A frozen module's identity: name, shape, dtype and every byte of every parameter and buffer (non-persistent
+    ones too). A sample would miss a weight changed between its elements; the full hash costs about 1 s for
+    ViT-L/14's image tower (sha256 runs at ~1.2 GiB/s on one core with SHA extensions)."""
     h = hashlib.sha256()
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     with torch.no_grad():
-        for name, t in sorted(module.state_dict().items()):
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // samples)][:samples].to("cpu").contiguous()
+        for name, t in sorted(tensors.items()):
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
-            h.update(sample.view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().reshape(-1).to("cpu").contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -140,20 +155,26 @@ class CacheEntry:
         self.content = _json({"format": FORMAT, "torch": torch.__version__.split("+")[0], **content})
         self.path = self.root / f"{kind}-{_digest(self.config)[:16]}"
         self.key = _digest({"config": self.config, "content": self.content})  # stamped into every file
+        self._lock_fd: int | None = None
 
     def open(self) -> CacheEntry:
-        """Create the folder, or check that it holds what this run would compute; refuse otherwise."""
+        """Create the folder, or check that it holds what this run would compute; refuse otherwise. The run then
+        holds the folder (see the module's doc) until :meth:`close`, or its end."""
         key_file = self.path / KEY_FILE
         record = {"config": self.config, "content": self.content}
         if not key_file.is_file():
-            atomic_write_text(key_file, json.dumps(record, indent=2, sort_keys=True) + "\n")
+            with _writing(key_file):
+                atomic_write_text(key_file, json.dumps(record, indent=2, sort_keys=True) + "\n")
         try:
             saved = json.loads(key_file.read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"DISTILL.TEACHER_CACHE: {key_file} cannot be read ({exc}); delete {self.path} "
                               "(a later run recomputes it)") from None
         if saved == record:
+            self._hold()
             return self
+        if not isinstance(saved, dict):
+            saved = {}
         if saved.get("config") != self.config:  # a hash-prefix collision, or a hand-edited key.json
             differs = ["config"]
         else:
@@ -165,6 +186,47 @@ class CacheEntry:
             f"run computes in: {', '.join(differs)}; so the run refuses them. Delete "
             f"{self.path} (rm -r; a later run refills it) or set DISTILL.TEACHER_CACHE to another folder")
 
+    def _hold(self) -> None:
+        """Take the folder's shared lock for this run; first, if no other run holds the folder (an exclusive lock
+        is granted), remove the temp files of killed writes: no live writer can own one then."""
+        if self._lock_fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # another run holds it (or the file system cannot lock): every temp file may be a live write
+        else:
+            for tmp in stale_temp_files(self.path):
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:  # a read-only cache: nothing is written there either
+                    pass
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            pass
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the folder (a run's end does it too): another run may then clean it."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit; the kernel releases the lock anyway
+            pass
+
+    def _stamp(self, name: str) -> dict[str, str]:
+        """What a file of this entry holds: the entry's key and the file's own name (epoch and rank)."""
+        return {"entry": self.key, "file": name}
+
     def load(self, name: str) -> dict[str, Any] | None:
         """A file of this entry, or None when it is not there yet."""
         path = self.path / name
@@ -173,15 +235,25 @@ class CacheEntry:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a damaged file: say which and what to do
-            raise ConfigError(f"DISTILL.TEACHER_CACHE: {path} cannot be read ({type(exc).__name__}: {exc}); "
-                              "delete it (a later run recomputes it)") from None
-        if not isinstance(obj, dict) or obj.get("key") != self.key:
-            raise ConfigError(f"DISTILL.TEACHER_CACHE: {path} was not written for {self.path / KEY_FILE} (copied "
-                              "from another entry?); delete it (a later run recomputes it)")
+            raise ConfigError(f"DISTILL.TEACHER_CACHE: {path} cannot be read ({_load_failure(exc)}): it is damaged "
+                              "or not a clipkd cache file; delete it (a later run recomputes it)") from None
+        stamp = obj.get("stamp") if isinstance(obj, dict) else None
+        if not isinstance(stamp, dict):
+            raise ConfigError(f"DISTILL.TEACHER_CACHE: {path} cannot be read (it has no stamp): it is damaged or "
+                              "not a clipkd cache file; delete it (a later run recomputes it)")
+        if stamp != self._stamp(name):
+            what = (f"was not written for {self.path / KEY_FILE} (it belongs to another entry: copied?)"
+                    if stamp.get("entry") != self.key else
+                    f"was written as {stamp.get('file')}, not {name} (copied or renamed over it?)")
+            raise ConfigError(f"DISTILL.TEACHER_CACHE: {path} {what}; delete it (or its folder {self.path}; a "
+                              "later run recomputes what is missing) or set DISTILL.TEACHER_CACHE to another folder")
         return obj
 
     def save(self, name: str, obj: dict[str, Any]) -> None:
-        atomic_write(self.path / name, lambda f: torch.save({**obj, "key": self.key}, f))
+        """Write a file of this entry, stamped; a failed write leaves the file as it was."""
+        path = self.path / name
+        with _writing(path):
+            atomic_write(path, lambda f: torch.save({**obj, "stamp": self._stamp(name)}, f))
 
     def size(self) -> tuple[int, int]:
         """(files, bytes) of this entry's feature files."""
@@ -191,6 +263,48 @@ class CacheEntry:
     def describe(self) -> str:
         files, size = self.size()
         return f"{self.path}: {files} file(s), {human_size(size)}"
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why torch.load refused a file, without torch's advice to retry with weights_only=False: never for a
+    cache file, which only ever holds tensors and plain data."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return "it stores Python objects" + (f" ({found.group(1)})" if found else "") + ", not only tensors"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first if first and "weights_only" not in first else type(exc).__name__
+
+
+_TORCH_WRITE_FAILURE = re.compile(r"unexpected pos|PytorchStreamWriter|file write failed")
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write into one line that names ``path`` and DISTILL.TEACHER_CACHE (not --output-dir).
+    torch.save reports a full disk as a RuntimeError ("unexpected pos"), not an OSError."""
+    try:
+        yield
+    except (OutputError, OSError, RuntimeError) as exc:
+        cause = exc.__cause__ if isinstance(exc, OutputError) and exc.__cause__ is not None else exc
+        elsewhere = "set DISTILL.TEACHER_CACHE to another folder (or to '' to run without the cache)"
+        if isinstance(cause, OSError):
+            reason = cause.strerror or type(cause).__name__
+            hint = {errno.ENOSPC: f"free some space or {elsewhere}",
+                    errno.EACCES: f"check the folder's permissions or {elsewhere}",
+                    errno.EPERM: f"check the folder's permissions or {elsewhere}",
+                    errno.EROFS: f"the file system is read-only; {elsewhere}",
+                    errno.ENOTDIR: "a parent of this path is a file; DISTILL.TEACHER_CACHE must name a folder",
+                    }.get(cause.errno or 0, elsewhere)
+        elif _TORCH_WRITE_FAILURE.search(str(cause)):
+            torch_says = str(cause).split("] . ")[-1].strip().splitlines()[0]
+            reason = f"the write failed, the disk is probably full (torch: {torch_says})"
+            hint = f"free some space or {elsewhere}"
+        elif isinstance(exc, RuntimeError):
+            raise  # not a write failure: a bug, shown as one
+        else:
+            reason, hint = str(exc), elsewhere
+        raise OutputError(f"DISTILL.TEACHER_CACHE: cannot write {path}: {reason}; {hint}") from exc
 
 
 # ------------------------------------------------------------------------------------------------ training
