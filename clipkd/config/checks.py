@@ -56,6 +56,12 @@ def check_loss_keys(cfg: CfgNode) -> tuple[str, ...]:
             raise ConfigError(f"DISTILL.{field} {d[field]!r} does not apply to DISTILL.LOSS {name}{hint}; "
                               f"it is used by {', '.join(users)}: remove it or set it back to "
                               f"{defaults[field]!r}")
+    # DISTILL.DKD_TARGET (main's fidelity change; absent from older configs) picks DKD's target class: it needs a
+    # loss that takes one.
+    if "DKD_TARGET" in defaults and d.DKD_TARGET != defaults.DKD_TARGET and "target" not in LOSSES.arguments(name):
+        users = [n for n in LOSSES if "target" in LOSSES.arguments(n)]
+        raise ConfigError(f"DISTILL.DKD_TARGET {d.DKD_TARGET!r} does not apply to DISTILL.LOSS {name}; it is used "
+                          f"by {', '.join(users)}: remove it or set it back to {defaults.DKD_TARGET!r}")
     return takes
 
 
