@@ -16,8 +16,14 @@ This module imports nothing but :mod:`clipkd.errors`.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.machinery
+import importlib.util
+import inspect
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from clipkd.errors import ConfigError
@@ -35,6 +41,34 @@ def _resolve(path: str) -> Any:
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _source_arguments(path: str) -> tuple[str, ...] | None:
+    """The argument names of the plain top-level ``def`` an import path names, read from its source file
+    without importing anything (not even the parent packages, whose ``__init__`` may import torch); None
+    when that cannot be done (no source file, a decorated or nested target)."""
+    module, _, attr = path.partition(":")
+    parts = module.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])
+        for part in parts[1:]:
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(part, list(spec.submodule_search_locations))
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return None
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (ImportError, OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == attr:
+            if node.decorator_list:  # a decorator may change the signature: ask the object itself
+                return None
+            a = node.args
+            names = [*a.posonlyargs, *a.args, *([a.vararg] if a.vararg else []), *a.kwonlyargs,
+                     *([a.kwarg] if a.kwarg else [])]
+            return tuple(x.arg for x in names)
+    return None
 
 
 class Registry:
@@ -95,6 +129,21 @@ class Registry:
             raise ConfigError(f"{self.key} must be one of {', '.join(self._targets)}; got {name!r}")
         assert isinstance(name, str)
         return name
+
+    def arguments(self, name: object) -> tuple[str, ...]:
+        """The argument names of ``name``'s target (a function), in order.
+
+        Read from the source without importing it while its module is not imported yet, so the config can
+        ask which settings a loss takes without importing torch (``clipkd config show``); otherwise, and
+        for targets that are not a plain function in a source file, from the imported object itself.
+        """
+        key = self.check(name)
+        target = self._targets[key]
+        if isinstance(target, str) and key not in self._resolved and target.partition(":")[0] not in sys.modules:
+            found = _source_arguments(target)
+            if found is not None:
+                return found
+        return tuple(inspect.signature(self.get(key)).parameters)
 
     def get(self, name: object) -> Any:
         """The target of ``name``, importing it on first use (ConfigError for an unknown name)."""

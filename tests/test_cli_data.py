@@ -198,3 +198,30 @@ def test_imagenet_classnames_command(synth_root, tmp_path, capsys):
     assert (folder / "classnames.txt").read_text() == "n01440764 hand edited\n"
     rc, _, _ = run(["data", "imagenet-classnames", "--root", str(tmp_path), "--force"], capsys)
     assert rc == 0 and (folder / "classnames.txt").read_text() == original
+
+
+# ------------------------------------------------------------------------------------------------ issue 16
+@pytest.mark.parametrize("flag, value, key", [("--shots", "-1", "DATASET.NUM_SHOTS"), ("--seed", "-1", "SEED"),
+                                              ("--seed", "4294967296", "SEED")])
+def test_split_takes_the_shots_and_seed_train_takes(synth_root, capsys, flag, value, key):
+    """data split refuses the shot counts and seeds clipkd train refuses, in the same words."""
+    from clipkd.config import build_config
+    from clipkd.errors import ConfigError
+
+    argv = {"--shots": "4", "--seed": "1", flag: value}
+    rc, out, err = run(["data", "split", "--root", str(synth_root), "--dataset", "oxford_pets", "--no-cache",
+                        "--shots", argv["--shots"], "--seed", argv["--seed"]], capsys)
+    with pytest.raises(ConfigError) as train_error:
+        build_config([], [key, value])
+    assert rc == 2 and out == ""
+    train_words = str(train_error.value)
+    assert train_words.startswith(f"{key} must be ")
+    assert err == f"clipkd: error: {flag} ({key}){train_words[len(key):]}\n"
+
+
+def test_check_root_that_is_a_file(tmp_path, capsys):
+    file = tmp_path / "data.txt"
+    file.write_text("not a folder")
+    for argv in (["data", "check", "--root", str(file)], _split_cmd(file, "dtd")):
+        rc, _, err = run(argv, capsys)
+        assert rc == 2 and f"DATA root {file} is a file, not a folder" in err and "does not exist" not in err

@@ -264,3 +264,99 @@ def test_all_choices_accept_their_names():
     for key, allowed in CHOICES.items():
         for value in allowed:
             assert build_config([], [key, value])  # each name passes
+
+
+# ------------------------------------------------------------------------------------------------ issue 16
+def test_seed_range_is_what_every_generator_takes():
+    """SEED is range-checked in the config (before any write): the largest allowed seed works for Python's
+    random, numpy (as seed_everything passes it) and torch, and so do the per-epoch and per-image torch seeds
+    made from it (train.epoch_seed, then the loader's * 1000003 + index); one more is refused."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from clipkd.config.merge import SEED_MAX
+    from clipkd.engine.train import epoch_seed, seed_everything
+
+    assert build_config([], ["SEED", str(SEED_MAX)]).SEED == SEED_MAX
+    seed_everything(SEED_MAX)
+    random.seed(SEED_MAX)
+    np.random.seed(SEED_MAX)
+    torch.manual_seed(epoch_seed(SEED_MAX, 10**6) * 1_000_003 + 10**9)  # a million epochs, a billion images
+    for bad in (SEED_MAX + 1, 2**32 - 1, 2**63 - 1, 2**64):
+        with pytest.raises(ConfigError) as err:
+            build_config([], ["SEED", str(bad)])
+        msg = str(err.value)
+        assert msg.startswith(f"SEED must be <= {SEED_MAX} (got {bad})") and "2**64" in msg and "\n" not in msg
+
+
+def test_negative_prompt_sizes_are_config_errors():
+    for key in ("N_CTX_VISION", "N_CTX_TEXT", "DEPTH_VISION", "DEPTH_TEXT"):
+        build_config([], [f"MODEL.PROMPT.{key}", "0"])  # 0 = no prompts there
+        with pytest.raises(ConfigError, match=rf"^MODEL.PROMPT.{key} must be >= 0 \(got -1\)"):
+            build_config([], [f"MODEL.PROMPT.{key}", "-1"])
+
+
+@pytest.mark.parametrize("text", ["(nan, 0.4, 0.4)", "[0.4, inf, 0.4]", "(0.4, 0.4, -Infinity)"])
+def test_non_finite_numbers_in_a_tuple_say_so(tmp_path, text):
+    with pytest.raises(ConfigError) as err:
+        build_config([], ["INPUT.PIXEL_MEAN", text])
+    assert "INPUT.PIXEL_MEAN must hold finite numbers" in str(err.value) and "must be tuple" not in str(err.value)
+    f = tmp_path / "m.yaml"
+    f.write_text(f"INPUT:\n  PIXEL_MEAN: \"{text}\"\n")  # a string in YAML: parsed as on the command line
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(f))}: INPUT.PIXEL_MEAN must hold finite numbers"):
+        build_config([f])
+    with pytest.raises(ConfigError, match="must be tuple"):  # not a number at all: the type message stays
+        build_config([], ["INPUT.PIXEL_MEAN", "(a, 0.4, 0.4)"])
+
+
+def test_config_file_that_is_a_folder(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_config([tmp_path])
+    assert str(err.value).startswith(f"config file {tmp_path} is a folder; expected a YAML file")
+    assert "not found" not in str(err.value)
+
+
+def test_config_file_not_utf8(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("OPTIM:\n  LR: 0.01  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        build_config([f])
+    assert str(err.value) == (f"{f}: not UTF-8 text (byte 0xe9 on line 2); save the file as UTF-8 "
+                              "(config files are YAML text)")
+
+
+def test_loss_arguments_are_read_without_importing_torch():
+    """check_config asks which settings a loss takes from the registry, which reads the signature from the
+    source: the same names inspect gives once imported, and torch stays unimported."""
+    code = ("import sys; from clipkd.registry import LOSSES; "
+            "args = {n: LOSSES.arguments(n) for n in LOSSES}; "
+            "assert 'torch' not in sys.modules and 'clipkd.losses' not in sys.modules; "
+            "import inspect; "
+            "assert args == {n: tuple(inspect.signature(LOSSES.get(n)).parameters) for n in LOSSES}, args")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_loss_parameter_key_is_distill_param():
+    """check_config finds a loss parameter's key as DISTILL.<PARAM>; the loss builder's table agrees."""
+    from clipkd.losses import PARAMS
+
+    defaults = get_cfg_defaults()
+    for param, spec in PARAMS.items():
+        assert spec.key == f"DISTILL.{param.upper()}" and spec.default == defaults.DISTILL[param.upper()]
+
+
+def test_check_config_refuses_what_training_refuses_without_torch():
+    code = ("import sys\n"
+            "from clipkd.config import build_config, check_config\n"
+            "from clipkd.errors import ConfigError\n"
+            "check_config(build_config([], ['DISTILL.LOSS', 'dkd', 'DISTILL.DIVERGENCE', 'ab', 'DISTILL.ALPHA', "
+            "'0.5']))\n"
+            "try:\n"
+            "    check_config(build_config([], ['DISTILL.LOSS', 'ab', 'DISTILL.DIVERGENCE', 'ab']))\n"
+            "    raise SystemExit('accepted')\n"
+            "except ConfigError as exc:\n"
+            "    assert 'DISTILL.DIVERGENCE' in str(exc) and 'does not apply to DISTILL.LOSS ab' in str(exc), exc\n"
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -114,3 +114,58 @@ def test_config_show_does_not_import_torch():
             f"rc = main(['config', 'show', '--dataset-config', {PETS!r}, '--config', {ABKD!r}, '--diff']); "
             "assert rc == 0 and 'torch' not in sys.modules and 'open_clip' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------------ issue 16
+TINY = ["MODEL.TEACHER.NAME", "clipkd-tiny-teacher", "MODEL.TEACHER.PRETRAINED", "",
+        "MODEL.TEACHER.CHECKPOINT", "zero-shot", "MODEL.STUDENT.NAME", "clipkd-tiny-student",
+        "MODEL.STUDENT.PRETRAINED", "", "MODEL.PROMPT.DEPTH_VISION", "2", "MODEL.PROMPT.DEPTH_TEXT", "2",
+        "INPUT.SIZE", "(32, 32)", "DATASET.NUM_SHOTS", "4", "DATALOADER.NUM_WORKERS", "0",
+        "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "OPTIM.MAX_EPOCH", "1"]
+PROMPTSRC = str(REPO / "configs/methods/promptsrc_teacher.yaml")
+
+
+@pytest.mark.parametrize("method, extra, words", [
+    (ABKD, ["MODEL.PROMPT.N_CTX_VISION", "-1"], "MODEL.PROMPT.N_CTX_VISION must be >= 0"),
+    (ABKD, ["MODEL.PROMPT.DEPTH_TEXT", "-2"], "MODEL.PROMPT.DEPTH_TEXT must be >= 0"),
+    (ABKD, ["DISTILL.DIVERGENCE", "ab"], "DISTILL.DIVERGENCE 'ab' does not apply to DISTILL.LOSS ab"),
+    (ABKD, ["DISTILL.TTM_EXPONENT", "0.5"], "DISTILL.TTM_EXPONENT 0.5 does not apply to DISTILL.LOSS ab"),
+    (ABKD, ["SEED", "9223372036854775807"], "SEED must be <= 99999999"),
+    (ABKD, ["SEED", "4294967295"], "SEED must be <= 99999999"),
+    (ABKD, ["DISTILL.PROTOCOL", "transductive", "DISTILL.CE_WEIGHT", "1"], "DISTILL.CE_WEIGHT needs labels"),
+    (ABKD, ["DISTILL.WEIGHT", "0"], "nothing to learn from"),
+    (ABKD, ["INPUT.PIXEL_MEAN", "(nan, 0.4, 0.4)"], "INPUT.PIXEL_MEAN must hold finite numbers"),
+    (PROMPTSRC, ["PROMPTSRC.GPA_STD", "0"], "PROMPTSRC.GPA_STD > 0"),
+    (PROMPTSRC, ["PROMPTSRC.GPA_MEAN", "1e6"], "PROMPTSRC.GPA_MEAN 1000000.0 is too far"),
+    (PROMPTSRC, ["MODEL.STUDENT.TYPE", "promptkd"], "DISTILL.OBJECTIVE promptsrc: it trains prompts in both towers"),
+])
+def test_show_refuses_what_train_refuses(synth_root, tmp_path, capsys, method, extra, words):
+    """One validation: for a config train refuses on the config alone, config show gives the same one line,
+    and train gives it before writing anything."""
+    args = ["--dataset-config", PETS, "--config", method]
+    rc, out, show_err = run(["config", "show", *args, *TINY, *extra], capsys)
+    assert rc == 2 and out == "" and words in show_err and show_err.count("\n") == 1, show_err
+    folder = tmp_path / "run"
+    rc, _, train_err = run(["train", "--root", str(synth_root), *args, "--output-dir", str(folder), *TINY, *extra],
+                           capsys)
+    assert rc == 2 and train_err == show_err
+    assert not folder.exists()
+
+
+def test_show_accepts_every_recipe(capsys):
+    """The shipped recipes (and their per-dataset files) pass the checks config show now runs."""
+    for method in sorted((REPO / "configs/methods").glob("*.yaml")):
+        per_dataset = sorted((REPO / "configs/per_dataset" / method.stem).glob("*.yaml"))
+        for extra in [[], *[["--config", str(f)] for f in per_dataset]]:
+            rc, _, err = run(["config", "show", "--dataset-config", DTD, "--config", str(method), *extra], capsys)
+            assert rc == 0, (method.name, extra, err)
+
+
+def test_config_folder_and_non_utf8_file(tmp_path, capsys):
+    rc, _, err = run(["config", "show", "--config", str(tmp_path)], capsys)
+    assert rc == 2 and f"config file {tmp_path} is a folder; expected a YAML file" in err and err.count("\n") == 1
+    bad = tmp_path / "m.yaml"
+    bad.write_bytes(b"OPTIM:\n  LR: 0.01\n# \xff\xfe\n")
+    rc, _, err = run(["config", "show", "--dataset-config", str(bad)], capsys)
+    assert rc == 2 and f"{bad}: not UTF-8 text (byte 0xff on line 3); save the file as UTF-8" in err
+    assert "Traceback" not in err and err.count("\n") == 1

@@ -9,8 +9,10 @@ _DESCRIPTION = """\
 Print the config a run would use, merged as clipkd train merges it: the defaults (clipkd/config/defaults.py)
 <- --dataset-config <- each --config in order <- --root / --seed <- trailing KEY VALUE pairs. The YAML has
 sorted keys (as a run's config.yaml, OUTPUT_DIR aside), so two recipes can be compared with diff. --diff
-prints only the keys whose value differs from the defaults. An unknown key or a bad value is the same
-one-line error clipkd train gives.
+prints only the keys whose value differs from the defaults. An unknown key, a bad value or a combination of
+settings clipkd train refuses (e.g. a DISTILL.* setting the loss does not take) is the same one-line error
+clipkd train gives. Not checked here: what needs the data, the model files or the device (DATASET.ROOT,
+MODEL.TEACHER.CHECKPOINT, INPUT.SIZE against the models, the batch against the images, fp16 without CUDA).
 """
 
 
@@ -67,9 +69,10 @@ def show_text(files: list[str], overrides: list[str], diff: bool = False) -> str
     """The merged config as YAML (``diff``: only the keys whose value differs from the defaults)."""
     import yaml
 
-    from clipkd.config import build_config, flatten, get_cfg_defaults
+    from clipkd.config import build_config, check_config, flatten, get_cfg_defaults
 
     cfg = build_config(files, overrides)
+    check_config(cfg)  # what clipkd train refuses on the config alone
     if not diff:
         return cfg.dump()
     defaults = flatten(get_cfg_defaults())

@@ -30,8 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("split", help="print the resolved split (few-shot draw, base/new half, class names)")
     p.add_argument("--root", required=True, help="DATA root")
     p.add_argument("--dataset", required=True, metavar="STEM", help="dataset stem or Dassl NAME")
-    p.add_argument("--shots", type=int, required=True, help="K images per class; 0 = the full train set")
-    p.add_argument("--seed", type=int, required=True, help="run seed of the few-shot draw")
+    p.add_argument("--shots", type=int, required=True, help="K images per class; 0 = the full train set "
+                                                            "(as DATASET.NUM_SHOTS)")
+    p.add_argument("--seed", type=int, required=True, help="run seed of the few-shot draw (as SEED: 0..99999999)")
     p.add_argument("--subsample", choices=("all", "base", "new"), default="all")
     p.add_argument("--json", action="store_true", help="print one JSON object (paths relative to the dataset folder)")
     _add_cache_args(p)
@@ -69,8 +70,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    from clipkd.config import check_value
     from clipkd.data.splits import resolve_split
 
+    check_value("DATASET.NUM_SHOTS", args.shots, "--shots")  # the rules clipkd train applies to its config
+    check_value("SEED", args.seed, "--seed")
     cache = False if args.no_cache else args.cache_dir
     split = resolve_split(args.root, args.dataset, args.shots, args.seed, args.subsample, cache_dir=cache)
     if args.json:
@@ -96,12 +100,11 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from clipkd.data.readers import read_dataset
+    from clipkd.data.readers import data_root, read_dataset
     from clipkd.data.specs import DATASETS, get_spec
     from clipkd.errors import ClipkdError, DataError
 
-    if not os.path.isdir(os.path.expanduser(args.root)):
-        raise DataError(f"DATA root {args.root} does not exist; pass the folder that holds the dataset folders")
+    data_root(args.root)  # a DataError when it is missing or a file
     if args.dataset:
         specs = [get_spec(name) for name in args.dataset]
     else:

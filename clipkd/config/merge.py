@@ -51,6 +51,8 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
             return type(default)(items)
     elif default is None:
         return value
+    if isinstance(default, (tuple, list)) and isinstance(value, str) and _non_finite_items(value):
+        raise ConfigError(f"{source}: {key} must hold finite numbers like {list(default)}, got {value!r}")
     raise ConfigError(
         f"{source}: {key} must be {type(default).__name__} (default {default!r}), got {value!r}"
     )
@@ -72,10 +74,17 @@ def _merge_mapping(cfg: CN, mapping: dict, source: str, prefix: str = "") -> Non
 def merge_file(cfg: CN, path: str | Path) -> None:
     """Merge one YAML config file into ``cfg`` (in place)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; expected a YAML file such as "
+                          "configs/methods/abkd_promptkd.yaml (or a run folder's config.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); save the "
+                          "file as UTF-8 (config files are YAML text)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     was_frozen = cfg.is_frozen()
@@ -91,6 +100,15 @@ def _non_finite(text: str) -> bool:
         return not math.isfinite(float(text))
     except ValueError:
         return False
+
+
+def _non_finite_items(text: str) -> bool:
+    """True for a tuple or list written as text with nan or inf among its items, e.g. "(nan, 0.4, 0.4)"
+    (literal_eval cannot read those words, so the whole text stays a string)."""
+    text = text.strip()
+    if len(text) < 2 or (text[0], text[-1]) not in (("(", ")"), ("[", "]")):
+        return False
+    return any(_non_finite(item.strip()) for item in text[1:-1].split(","))
 
 
 def _parse_value(text: str) -> Any:
@@ -166,9 +184,18 @@ _CHOICE_HINTS = {
     "DATASET.SUBSAMPLE_CLASSES": "base trains on the base classes and evaluates on base and new",
 }
 
+# The largest SEED. The seed itself would do up to 2**32 - 1 (numpy's limit; Python's random takes any int,
+# torch.manual_seed up to 2**64 - 1), but each epoch seeds torch with SEED * 100003 + epoch and each image's
+# augmentation with that * 1000003 + image index (clipkd.engine.train.epoch_seed, clipkd.data.loaders), which
+# must stay below 2**64: with SEED < 10**8 they do for any run up to a million epochs and a billion images.
+SEED_MAX = 10**8 - 1
+
 # (key, test, what the value must be, how to fix it): checked in order by validate(); "" means no hint.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("SEED", lambda v: v >= 0, ">= 0", "e.g. 1, 2, 3 (the seed picks the few-shot split and every draw)"),
+    ("SEED", lambda v: v <= SEED_MAX, f"<= {SEED_MAX}",
+     "the torch seeds of each epoch and image are made from it and must stay below 2**64 (the range also "
+     "suits numpy's 0..2**32 - 1 and Python's random); use e.g. 1, 2, 3"),
     ("DATASET.NUM_SHOTS", lambda v: v >= 0, ">= 0", "K images per class, or 0 for the full train set"),
     ("INPUT.SIZE", lambda v: all(x >= 1 for x in v), "2 positive ints", "(height, width), e.g. (224, 224)"),
     ("INPUT.RRCROP_SCALE", lambda v: 0 < v[0] <= v[1] <= 1, "(lo, hi) with 0 < lo <= hi <= 1",
@@ -187,6 +214,10 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("DISTILL.TTM_EXPONENT", lambda v: v > 0, "> 0", "e.g. 0.1-0.5 (1 is plain KD)"),
     ("DISTILL.DIST_BETA", lambda v: v >= 0, ">= 0", "the weight of DIST's inter-class term"),
     ("DISTILL.DIST_GAMMA", lambda v: v >= 0, ">= 0", "the weight of DIST's intra-class term"),
+    ("MODEL.PROMPT.N_CTX_VISION", lambda v: v >= 0, ">= 0", "prompt tokens per layer; 0 means no vision prompts"),
+    ("MODEL.PROMPT.N_CTX_TEXT", lambda v: v >= 0, ">= 0", "prompt tokens per layer; 0 means no text prompts"),
+    ("MODEL.PROMPT.DEPTH_VISION", lambda v: v >= 0, ">= 0", "prompted layers; 0 means no vision prompts"),
+    ("MODEL.PROMPT.DEPTH_TEXT", lambda v: v >= 0, ">= 0", "prompted layers; 0 means no text prompts"),
     ("OPTIM.LR", lambda v: v > 0, "> 0", "e.g. 0.005"),
     ("OPTIM.WEIGHT_DECAY", lambda v: v >= 0, ">= 0", "0 turns it off"),
     ("OPTIM.MOMENTUM", lambda v: 0 <= v < 1, "in [0, 1)", "e.g. 0.9"),
@@ -213,10 +244,24 @@ def validate(cfg: CN) -> None:
             hint = f" ({_CHOICE_HINTS[key]})" if key in _CHOICE_HINTS else ""
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}{hint}")
     for key, ok, must, fix in _RULES:
-        value = _get(cfg, key)
-        try:
-            good = ok(value)
-        except (TypeError, IndexError):  # a value of the wrong type or length set by hand, not merged
-            good = False
-        if not good:
-            raise ConfigError(f"{key} must be {must} (got {_show(value)})" + (f"; {fix}" if fix else ""))
+        _check_rule(_get(cfg, key), ok, must, fix, key)
+
+
+def _check_rule(value: Any, ok: Callable[[Any], bool], must: str, fix: str, name: str) -> None:
+    try:
+        good = ok(value)
+    except (TypeError, IndexError):  # a value of the wrong type or length set by hand, not merged
+        good = False
+    if not good:
+        raise ConfigError(f"{name} must be {must} (got {_show(value)})" + (f"; {fix}" if fix else ""))
+
+
+def check_value(key: str, value: Any, name: str) -> None:
+    """validate()'s rule for config ``key``, applied to a value given another way (``name``, e.g. the
+    ``--shots`` of ``clipkd data split`` for DATASET.NUM_SHOTS): every entry point refuses the same values with
+    the same words."""
+    rules = [rule for rule in _RULES if rule[0] == key]
+    if not rules:
+        raise KeyError(f"no rule for config key {key}")
+    for _, ok, must, fix in rules:
+        _check_rule(value, ok, must, fix, f"{name} ({key})")

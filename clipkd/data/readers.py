@@ -29,12 +29,19 @@ from clipkd.errors import DataError
 README_HINT = "see datasets/README.md for the expected layout"
 
 
+def data_root(root: str | os.PathLike) -> Path:
+    """DATA (the folder that holds one folder per dataset), or a DataError that says what it is instead."""
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"DATA root {path} is a file, not a folder; pass the folder that holds the dataset folders")
+    if not path.is_dir():
+        raise DataError(f"DATA root {path} does not exist; pass the folder that holds the dataset folders")
+    return path
+
+
 def dataset_dir(root: str | os.PathLike, spec: DatasetSpec) -> Path:
     """The dataset's folder under DATA, or a DataError that says what is missing."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"DATA root {root} does not exist; pass the folder that holds the dataset folders")
-    path = root / spec.folder
+    path = data_root(root) / spec.folder
     if not path.is_dir():
         raise DataError(
             f"{spec.name}: folder {path} not found; put the dataset at DATA/{spec.folder}/ ({README_HINT})"

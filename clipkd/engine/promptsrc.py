@@ -27,7 +27,6 @@ no prompts are open_clip's forward, bit for bit).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from yacs.config import CfgNode
 
+from clipkd.config.checks import check_promptsrc_config, gpa_weights  # noqa: F401 - checked without torch
 from clipkd.engine.distiller import StudentFeatures
 from clipkd.errors import ConfigError, TrainingError
 
@@ -75,19 +75,6 @@ def scl_logits_loss(logits: Tensor, zero_shot_logits: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ GPA
-def gpa_weights(n_epochs: int, mean: float, std: float) -> tuple[float, ...]:
-    """g(1..N): the normal density at each epoch, normalised to sum to 1 (its constant factor cancels)."""
-    if n_epochs < 1 or not std > 0:
-        raise ConfigError(f"Gaussian prompt aggregation needs >= 1 epoch and PROMPTSRC.GPA_STD > 0 "
-                          f"(got {n_epochs} epochs, std {std})")
-    dens = [math.exp(-0.5 * ((k - mean) / std) ** 2) for k in range(1, n_epochs + 1)]
-    total = sum(dens)
-    if total == 0:  # every epoch is tens of stds from the mean: exp underflows
-        raise ConfigError(f"PROMPTSRC.GPA_MEAN {mean} is too far from epochs 1..{n_epochs} for GPA_STD {std}; "
-                          "put the mean within the run's epochs")
-    return tuple(d / total for d in dens)
-
-
 class GaussianPromptAggregation:
     """The running sum ``sum_k g(k) * state_k`` over the epochs added so far (float32)."""
 
@@ -214,26 +201,6 @@ class PromptSRCObjective:
     def __repr__(self) -> str:
         return (f"PromptSRC: CE x {self.ce_weight:g} + L1 text x {self.text_weight:g} + L1 image x "
                 f"{self.image_weight:g} + KL logits, GPA over {len(self.aggregation.weights)} epochs")
-
-
-def check_promptsrc_config(cfg: CfgNode) -> None:
-    """The settings PromptSRC cannot train with (cheap: no model needed)."""
-    d, p = cfg.DISTILL, cfg.PROMPTSRC
-    problems = []
-    if cfg.MODEL.STUDENT.TYPE != "ivlp":
-        problems.append("it trains prompts in both towers: set MODEL.STUDENT.TYPE ivlp")
-    if d.WEIGHT != 0:
-        problems.append("it has no teacher: set DISTILL.WEIGHT 0 (else a teacher is built for nothing)")
-    if d.PROTOCOL != "inductive":
-        problems.append("it learns from labels: set DISTILL.PROTOCOL inductive")
-    if cfg.TEST.FINAL_MODEL != "last":
-        problems.append("its final model is the Gaussian-weighted average of all epochs: set TEST.FINAL_MODEL last")
-    for key in ("TEXT_LOSS_WEIGHT", "IMAGE_LOSS_WEIGHT"):
-        if p[key] < 0:
-            problems.append(f"PROMPTSRC.{key} must be >= 0 (got {p[key]})")
-    if problems:
-        raise ConfigError("DISTILL.OBJECTIVE promptsrc: " + "; ".join(problems))
-    gpa_weights(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD)  # ConfigError for a bad std or mean
 
 
 def build_promptsrc_objective(cfg: CfgNode, student: nn.Module | None = None,

@@ -22,6 +22,7 @@ import torch
 from yacs.config import CfgNode
 
 from clipkd.config import build_config, flatten
+from clipkd.config.checks import check_config
 from clipkd.data.specs import DatasetSpec, get_spec
 from clipkd.data.splits import ResolvedSplit, resolve_split
 from clipkd.engine import distributed as dist
@@ -138,17 +139,8 @@ def check_trainable(cfg: CfgNode) -> None:
 
 
 def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
-    """The combinations that would otherwise fail deep inside a step, or train something meaningless."""
-    d = cfg.DISTILL
-    if d.CE_WEIGHT > 0 and d.PROTOCOL != "inductive":
-        raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
-                          "set it to 0 or use DISTILL.PROTOCOL inductive")
-    if d.OBJECTIVE == "promptsrc":
-        from clipkd.engine.promptsrc import check_promptsrc_config
-
-        check_promptsrc_config(cfg)
-    if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
-        raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
+    """The combinations that would otherwise fail deep inside a step, or train something meaningless, and need
+    more than the config (the data, model configs, the device; what the config alone decides is check_config)."""
     check_teacher(cfg)
     if cfg.TEST.FINAL_MODEL == "val" and not data.select.val:
         raise ConfigError(f"{data.spec.name} has no held-out val split (its val would be the test set); "
@@ -364,6 +356,7 @@ class Run:
         self._check_folder(resume)
         if self.tensorboard:
             require_tensorboard()
+        check_config(cfg)  # what the config alone decides (clipkd config show runs the same)
         check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
         check_setup(cfg, self.data, dist.world_size())
         self.build(shared, keep)

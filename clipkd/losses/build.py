@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
+from clipkd.config.checks import check_loss_keys, loss_params
 from clipkd.errors import ConfigError
 from clipkd.losses.methods import DIVERGENCE_NAMES
 from clipkd.registry import LOSSES
@@ -58,25 +59,12 @@ PARAMS: dict[str, Param] = {
     "dist_beta": Param("DISTILL.DIST_BETA", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
     "dist_gamma": Param("DISTILL.DIST_GAMMA", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
 }
-_DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
 
 
 @functools.lru_cache(maxsize=None)
 def _arguments(fn: Callable[..., Any]) -> tuple[str, ...]:
     """A loss function's argument names, read once (a loss is called every training step)."""
     return tuple(inspect.signature(fn).parameters)
-
-
-def _signature_params(fn: Callable[..., Any]) -> tuple[str, ...]:
-    return tuple(p for p in _arguments(fn) if p not in _DATA_ARGS)
-
-
-def loss_params(name: str, divergence: str | None = None) -> tuple[str, ...]:
-    """The parameters DISTILL.LOSS ``name`` takes (with ``divergence``, for a method that has one)."""
-    names = _signature_params(LOSSES.get(name))
-    if "divergence" in names and (divergence or PARAMS["divergence"].default) != "ab":
-        names = tuple(p for p in names if p not in ("alpha", "beta"))
-    return names
 
 
 def _check_value(param: str, value: Any) -> Any:
@@ -157,25 +145,9 @@ def build_distill_loss_from_cfg(cfg: Any) -> DistillLoss:
     """``build_distill_loss`` from DISTILL.LOSS and the DISTILL.* keys of the parameters it takes.
 
     A key the loss does not take must stay at its default: a changed value would be ignored silently, so it is
-    an error that says which loss takes it (DISTILL.DKD_TARGET too: it needs a loss with a target class).
+    an error that says which loss takes it (:func:`clipkd.config.checks.check_loss_keys`, which
+    ``clipkd config show`` runs too).
     """
-    from clipkd.config.defaults import get_cfg_defaults
-
-    d, defaults = cfg.DISTILL, get_cfg_defaults().DISTILL
-    name = LOSSES.check(d.LOSS)
-    divergence = d.DIVERGENCE if "divergence" in _signature_params(LOSSES.get(name)) else None
-    takes = loss_params(name, divergence)
-    for param, spec in PARAMS.items():
-        field = spec.key.split(".", 1)[1]
-        if param not in takes and d[field] != defaults[field]:
-            users = [n for n in LOSS_NAMES if param in _signature_params(LOSSES.get(n))]
-            hint = (" (alpha and beta apply when DISTILL.DIVERGENCE is ab)"
-                    if param in ("alpha", "beta") and divergence is not None else "")
-            raise ConfigError(f"{spec.key} {d[field]!r} does not apply to DISTILL.LOSS {name}{hint}; "
-                              f"it is used by {', '.join(users)}: remove it or set it back to "
-                              f"{defaults[field]!r}")
-    if d.DKD_TARGET != defaults.DKD_TARGET and "target" not in _arguments(LOSSES.get(name)):
-        users = [n for n in LOSS_NAMES if "target" in _arguments(LOSSES.get(n))]
-        raise ConfigError(f"DISTILL.DKD_TARGET {d.DKD_TARGET!r} does not apply to DISTILL.LOSS {name}; it is used "
-                          f"by {', '.join(users)}: remove it or set it back to {defaults.DKD_TARGET!r}")
-    return build_distill_loss(name, **{p: d[PARAMS[p].key.split('.', 1)[1]] for p in takes if p in PARAMS})
+    takes = check_loss_keys(cfg)
+    d = cfg.DISTILL
+    return build_distill_loss(d.LOSS, **{p: d[PARAMS[p].key.split('.', 1)[1]] for p in takes if p in PARAMS})

@@ -1,0 +1,113 @@
+"""The checks a run makes on its config alone, across keys: one function, :func:`check_config`, that
+``clipkd train`` (and every run, through :meth:`clipkd.engine.run.Run.start_training`) and ``clipkd config show``
+both call, so that a config one refuses the other refuses too, with the same words.
+
+:func:`clipkd.config.validate` checks each value by itself (types, ranges, choices) and runs on every merge;
+these check combinations that only a training run cares about (``clipkd eval`` of such a config stays possible).
+What needs the data, model files or a device (DATASET.ROOT, MODEL.TEACHER.CHECKPOINT, image sizes, batch
+sizes against the data, fp16 without CUDA) is checked by the run itself, not here.
+
+Imports neither torch nor open_clip: ``config show`` answers at once. Which settings a loss takes is read from
+its registered function's signature (:meth:`clipkd.registry.Registry.arguments`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from yacs.config import CfgNode
+
+from clipkd.errors import ConfigError
+from clipkd.registry import LOSSES
+
+# A loss function's arguments that are data, not settings.
+DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
+
+
+def loss_params(name: str, divergence: str | None = None) -> tuple[str, ...]:
+    """The parameters DISTILL.LOSS ``name`` takes (with ``divergence``, for a method that has one); alpha and
+    beta belong to the ab divergence, so a method takes them only when its divergence is ab."""
+    from clipkd.config.defaults import get_cfg_defaults
+
+    names = tuple(p for p in LOSSES.arguments(name) if p not in DATA_ARGS)
+    if "divergence" in names and (divergence or get_cfg_defaults().DISTILL.DIVERGENCE) != "ab":
+        names = tuple(p for p in names if p not in ("alpha", "beta"))
+    return names
+
+
+def check_loss_keys(cfg: CfgNode) -> tuple[str, ...]:
+    """A DISTILL.* key of a loss parameter (DISTILL.<PARAM>, e.g. DISTILL.TTM_EXPONENT for ``ttm_exponent``)
+    that DISTILL.LOSS does not take must stay at its default: a changed value would be ignored silently.
+    Returns the parameters the loss takes."""
+    from clipkd.config.defaults import get_cfg_defaults
+
+    d, defaults = cfg.DISTILL, get_cfg_defaults().DISTILL
+    name = LOSSES.check(d.LOSS)
+    divergence = d.DIVERGENCE if "divergence" in LOSSES.arguments(name) else None
+    takes = loss_params(name, divergence)
+    params = {p for n in LOSSES for p in loss_params(n, "ab")}
+    for field in defaults:  # in the order of the defaults
+        param = field.lower()
+        if param in params and param not in takes and d[field] != defaults[field]:
+            users = [n for n in LOSSES if param in LOSSES.arguments(n)]
+            hint = (" (alpha and beta apply when DISTILL.DIVERGENCE is ab)"
+                    if param in ("alpha", "beta") and divergence is not None else "")
+            raise ConfigError(f"DISTILL.{field} {d[field]!r} does not apply to DISTILL.LOSS {name}{hint}; "
+                              f"it is used by {', '.join(users)}: remove it or set it back to "
+                              f"{defaults[field]!r}")
+    # DISTILL.DKD_TARGET picks DKD's target class: it needs a loss that takes one.
+    if d.DKD_TARGET != defaults.DKD_TARGET and "target" not in LOSSES.arguments(name):
+        users = [n for n in LOSSES if "target" in LOSSES.arguments(n)]
+        raise ConfigError(f"DISTILL.DKD_TARGET {d.DKD_TARGET!r} does not apply to DISTILL.LOSS {name}; it is used "
+                          f"by {', '.join(users)}: remove it or set it back to {defaults.DKD_TARGET!r}")
+    return takes
+
+
+def gpa_weights(n_epochs: int, mean: float, std: float) -> tuple[float, ...]:
+    """PromptSRC's Gaussian prompt aggregation weights g(1..N): the normal density at each epoch, normalised
+    to sum to 1 (its constant factor cancels). Here, beside the check that uses it, because whether they exist
+    decides whether a promptsrc config can train (:mod:`clipkd.engine.promptsrc` uses them)."""
+    if n_epochs < 1 or not std > 0:
+        raise ConfigError(f"Gaussian prompt aggregation needs >= 1 epoch and PROMPTSRC.GPA_STD > 0 "
+                          f"(got {n_epochs} epochs, std {std})")
+    dens = [math.exp(-0.5 * ((k - mean) / std) ** 2) for k in range(1, n_epochs + 1)]
+    total = sum(dens)
+    if total == 0:  # every epoch is tens of stds from the mean: exp underflows
+        raise ConfigError(f"PROMPTSRC.GPA_MEAN {mean} is too far from epochs 1..{n_epochs} for GPA_STD {std}; "
+                          "put the mean within the run's epochs")
+    return tuple(d / total for d in dens)
+
+
+def check_promptsrc_config(cfg: CfgNode) -> None:
+    """The settings PromptSRC (DISTILL.OBJECTIVE promptsrc) cannot train with."""
+    d, p = cfg.DISTILL, cfg.PROMPTSRC
+    problems = []
+    if cfg.MODEL.STUDENT.TYPE != "ivlp":
+        problems.append("it trains prompts in both towers: set MODEL.STUDENT.TYPE ivlp")
+    if d.WEIGHT != 0:
+        problems.append("it has no teacher: set DISTILL.WEIGHT 0 (else a teacher is built for nothing)")
+    if d.PROTOCOL != "inductive":
+        problems.append("it learns from labels: set DISTILL.PROTOCOL inductive")
+    if cfg.TEST.FINAL_MODEL != "last":
+        problems.append("its final model is the Gaussian-weighted average of all epochs: set TEST.FINAL_MODEL last")
+    for key in ("TEXT_LOSS_WEIGHT", "IMAGE_LOSS_WEIGHT"):
+        if p[key] < 0:
+            problems.append(f"PROMPTSRC.{key} must be >= 0 (got {p[key]})")
+    if problems:
+        raise ConfigError("DISTILL.OBJECTIVE promptsrc: " + "; ".join(problems))
+    gpa_weights(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD)  # ConfigError for a bad std or mean
+
+
+def check_config(cfg: Any) -> None:
+    """Every combination of settings a training run refuses on the config alone (ConfigError, one line)."""
+    d = cfg.DISTILL
+    if d.CE_WEIGHT > 0 and d.PROTOCOL != "inductive":
+        raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
+                          "set it to 0 or use DISTILL.PROTOCOL inductive")
+    if d.OBJECTIVE == "promptsrc":
+        check_promptsrc_config(cfg)
+    if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
+        raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
+    if d.OBJECTIVE == "kd" and d.WEIGHT > 0:  # the KD objective builds DISTILL.LOSS only then
+        check_loss_keys(cfg)
