@@ -15,8 +15,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "alpha + beta = 0 too (the loss is defined there), times every --vary value. With an AB recipe the cells "
         "set the loss's alpha and beta; with a method that has a divergence inside (abdkd, ablsd, abttm) they "
         "set DISTILL.DIVERGENCE ab and its alpha and beta. Cells write OUTPUT/METHOD/STEM/a<A>_b<B>/seed<S>/; "
-        "finished cells are skipped and interrupted ones resumed, so a sweep can simply be run again. Exits "
-        "non-zero when a cell failed. Then: clipkd report OUTPUT --sweep --plot hm.png")
+        "finished cells are skipped and interrupted ones resumed, so a sweep can simply be run again (a cell "
+        "whose folder holds another config fails, naming the keys). Cells are counted first: more than --max-cells "
+        "is refused. Exits non-zero when a cell failed. Then: clipkd report OUTPUT --sweep --plot hm.png")
     p.add_argument("--alpha", help="START:STOP:STEP (with --beta or --alpha-plus-beta)")
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--beta", help="START:STOP:STEP (a negative START needs --beta=-0.5:...): the alpha x beta grid")

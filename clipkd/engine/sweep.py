@@ -74,8 +74,8 @@ def decimal_range(text: str, name: str) -> list[Decimal]:
     Call :func:`range_count` first where the range comes from a user: this lists every value."""
     start, stop, step = _range_parts(text, name)
     with localcontext() as ctx:  # exact: START + i * STEP may need more digits than the default 28
-        ctx.prec = max(ctx.prec, max(start.adjusted(), stop.adjusted()) - min(start.as_tuple().exponent,
-                                                                               step.as_tuple().exponent) + 2)
+        lowest = min(int(start.as_tuple().exponent), int(step.as_tuple().exponent))
+        ctx.prec = max(ctx.prec, max(start.adjusted(), stop.adjusted()) - lowest + 3)
         values = [start + i * step for i in range(_count(start, stop, step))]
     floats = [float(v) for v in values]
     if any(math.isinf(f) for f in floats):
