@@ -11,24 +11,18 @@ if [ -z "${DATA:-}" ]; then
   exit 2
 fi
 
-# method_configs METHOD DATASET: sets CONFIGS to the --config arguments (method, then per-dataset settings)
-method_configs() {
-  local method_cfg="$REPO/configs/methods/$1.yaml" extra="$REPO/configs/per_dataset/$1/$2.yaml"
-  if [ ! -f "$method_cfg" ]; then
-    echo "unknown method '$1': no $method_cfg" >&2
-    exit 2
-  fi
-  CONFIGS=(--config "$method_cfg")
-  if [ -f "$extra" ]; then CONFIGS+=(--config "$extra"); fi
+# recipe METHOD DATASET: sets RECIPE to the arguments that name METHOD's run on DATASET (this checkout's
+# configs/datasets/DATASET.yaml and configs/methods/METHOD.yaml); clipkd adds configs/per_dataset/METHOD/DATASET.yaml
+# when it exists (clipkd/config/recipes.py, the rule clipkd sweep and clipkd train --method use too) and names an
+# unknown method
+recipe() {
+  RECIPE=(--dataset-config "$REPO/configs/datasets/$2.yaml" --method "$REPO/configs/methods/$1.yaml")
 }
 
-# run_once OUTDIR ARGS...: train into OUTDIR unless it already has results.json; resume an interrupted run
+# run_once OUTDIR ARGS...: train into OUTDIR; once a run has started there, with --resume, so that clipkd resumes
+# it, skips it when it finished with the same config, and stops with the keys that differ otherwise
 run_once() {
   local out="$1"; shift
-  if [ -f "$out/results.json" ]; then
-    echo "skip $out (finished)"
-    return 0
-  fi
   local resume=()
   if [ -f "$out/config.yaml" ]; then resume=(--resume); fi
   "$CLIPKD" train --output-dir "$out" "${resume[@]}" "$@"
@@ -67,8 +61,8 @@ transfer_teacher_args() {
 # evaluated on the targets) or xd_transductive.yaml (transductive: one run per dataset, on its unlabelled images)
 transfer_setting() {
   local method="$1"; shift
-  method_configs "$method" "$TRANSFER_SOURCE"
-  PROTOCOL=$("$CLIPKD" config show "${CONFIGS[@]}" "$@" | sed -n 's/^  PROTOCOL: *//p')
+  recipe "$method" "$TRANSFER_SOURCE"
+  PROTOCOL=$("$CLIPKD" config show "${RECIPE[@]}" "$@" | sed -n 's/^  PROTOCOL: *//p')
   case "$PROTOCOL" in
     inductive) SETTING="$REPO/configs/protocols/xd.yaml" ;;
     transductive) SETTING="$REPO/configs/protocols/xd_transductive.yaml" ;;
@@ -77,12 +71,12 @@ transfer_setting() {
 }
 
 # transfer_train DATASET SEED METHOD [KEY VALUE ...]: the transfer settings' run of METHOD on DATASET (needs
-# SETTING and TEACHER_ARGS) into $OUTPUT/transfer/METHOD/DATASET/seedSEED, unless finished; resumes a cut one
+# SETTING and TEACHER_ARGS) into $OUTPUT/transfer/METHOD/DATASET/seedSEED (run_once: skipped when finished)
 transfer_train() {
   local dataset="$1" seed="$2" method="$3"; shift 3
-  method_configs "$method" "$dataset"
+  recipe "$method" "$dataset"
   run_once "$OUTPUT/transfer/$method/$dataset/seed$seed" \
-    --root "$DATA" --dataset-config "$REPO/configs/datasets/$dataset.yaml" "${CONFIGS[@]}" --config "$SETTING" \
+    --root "$DATA" "${RECIPE[@]}" --config "$SETTING" \
     --seed "$seed" "${TEACHER_ARGS[@]}" "$@"
 }
 

@@ -13,7 +13,7 @@ if [ $# -lt 2 ]; then
 fi
 DATASET=$1 SEED=$2
 shift 2
-method_configs promptsrc_teacher "$DATASET"
+recipe promptsrc_teacher "$DATASET"
 run_once "$OUTPUT/teachers/$DATASET/seed$SEED" \
-  --root "$DATA" --dataset-config "$REPO/configs/datasets/$DATASET.yaml" "${CONFIGS[@]}" --seed "$SEED" \
+  --root "$DATA" "${RECIPE[@]}" --seed "$SEED" \
   DATASET.SUBSAMPLE_CLASSES base "$@"

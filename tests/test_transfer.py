@@ -309,11 +309,13 @@ def test_dg_and_xd_scripts_end_to_end(xd_root, tmp_path):
 
 FAKE_CLIPKD = """#!/usr/bin/env bash
 # records each call; answers `config show` with the real clipkd; `train` / `eval` write results as clipkd would
+# (train --resume of a finished run: skipped)
 echo "$*" >> "$CALLS"
 case "$1" in
   config) exec "$REAL_CLIPKD" "$@" ;;
   train) out=""; prev=""; for a in "$@"; do [ "$prev" = --output-dir ] && out="$a"; prev="$a"; done
-         mkdir -p "$out"; echo '{"all": {"accuracy": 50.0, "n": 1}}' > "$out/results.json" ;;
+         if [[ " $* " == *" --resume "* && -f "$out/results.json" ]]; then echo "skip $out (finished)"; exit 0; fi
+         mkdir -p "$out"; touch "$out/config.yaml"; echo '{"all": {"accuracy": 50.0, "n": 1}}' > "$out/results.json" ;;
   eval) run="$3"; ds="$5"; mkdir -p "$run/eval/$ds"
         echo '{"all": {"accuracy": 40.0, "n": 1}}' > "$run/eval/$ds/results.json" ;;
   report) exec "$REAL_CLIPKD" "$@" ;;
@@ -343,7 +345,8 @@ def test_scripts_choose_per_dataset_runs_for_a_transductive_method(tmp_path):
     proc = _script("dg.sh", "3", "promptkd_xd", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = calls.read_text().splitlines()
-    assert not any(line.startswith("train") for line in lines) and "skip" in proc.stdout
+    trains = [line for line in lines if line.startswith("train")]  # clipkd train --resume decides: finished, skipped
+    assert len(trains) == 1 and "--resume" in trains[0] and "skip" in proc.stdout
     evals = [line for line in lines if line.startswith("eval")]
     assert [line.split()[4] for line in evals] == list(DG_TARGETS)
     assert "| promptkd_xd | 50.00 ± 0.00 | 40.00 ± 0.00 |" in proc.stdout

@@ -25,6 +25,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                      "overrides) as YAML", description=_DESCRIPTION,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--dataset-config", help="configs/datasets/STEM.yaml")
+    s.add_argument("--dataset", metavar="STEM", help="configs/datasets/STEM.yaml (instead of --dataset-config)")
+    s.add_argument("--method", help="METHOD or a method file, with its per-dataset settings, as clipkd train "
+                                     "--method merges them")
     s.add_argument("--config", action="append", default=[],
                    help="configs/methods/METHOD.yaml; repeat to merge more files after it, in order")
     s.add_argument("--root", help="DATA root (sets DATASET.ROOT)")
@@ -81,7 +84,10 @@ def show_text(files: list[str], overrides: list[str], diff: bool = False) -> str
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from clipkd.config.recipes import command_files
+
     overrides = _overrides(args)  # reads a trailing --diff too
-    text = show_text([f for f in [args.dataset_config, *args.config] if f], overrides, args.diff)
+    files = command_files(args.method, args.dataset, args.dataset_config, args.config)
+    text = show_text([str(f) for f in files if f], overrides, args.diff)
     print(text.rstrip("\n"))
     return 0

@@ -15,8 +15,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "alpha + beta = 0 too (the loss is defined there), times every --vary value. With an AB recipe the cells "
         "set the loss's alpha and beta; with a method that has a divergence inside (abdkd, ablsd, abttm) they "
         "set DISTILL.DIVERGENCE ab and its alpha and beta. Cells write OUTPUT/METHOD/STEM/a<A>_b<B>/seed<S>/; "
-        "finished cells are skipped and interrupted ones resumed, so a sweep can simply be run again. Exits "
-        "non-zero when a cell failed. Then: clipkd report OUTPUT --sweep --plot hm.png")
+        "finished cells are skipped and interrupted ones resumed, so a sweep can simply be run again (a cell "
+        "whose folder holds another config fails, naming the keys). Cells are counted first: more than --max-cells "
+        "is refused. Exits non-zero when a cell failed. Then: clipkd report OUTPUT --sweep --plot hm.png")
     p.add_argument("--alpha", help="START:STOP:STEP (with --beta or --alpha-plus-beta)")
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--beta", help="START:STOP:STEP (a negative START needs --beta=-0.5:...): the alpha x beta grid")
@@ -30,9 +31,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, metavar="STEM")
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--root", help="DATA root (required unless --dry-run)")
-    p.add_argument("--config", default="configs/methods/abkd_promptkd.yaml", help="method config")
+    method = p.add_mutually_exclusive_group()
+    method.add_argument("--method", default="abkd_promptkd",
+                        help="METHOD (configs/methods/METHOD.yaml, default abkd_promptkd) or a method file; its "
+                             "configs/per_dataset/METHOD/STEM.yaml is merged after it when present, as clipkd train "
+                             "--method and the scripts do")
+    method.add_argument("--config", help="a method file, configs/methods/METHOD.yaml (as --method FILE)")
     p.add_argument("--output", default="output/sweep", help="sweep root (default output/sweep)")
     p.add_argument("--dry-run", action="store_true", help="print one self-contained command per cell and stop")
+    p.add_argument("--max-cells", type=int, default=None, metavar="N",
+                   help="refuse a sweep of more than N cells, counted before anything is built (default 10000)")
     p.add_argument("--fused", action="store_true",
                    help="train the cells that share a data stream (dataset, seed, shots, protocol, batch, input, "
                         "teacher) together in this process: one loader and one teacher forward per batch for all "
@@ -43,12 +51,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from clipkd.engine.sweep import build_grid, run_grid
+    from clipkd.engine.sweep import MAX_CELLS, build_grid, run_grid
     from clipkd.errors import ClipkdError
 
     opts = [o for o in (args.opts or []) if o != "--"]
-    grid = build_grid(args.config, args.dataset, args.alpha, args.beta, args.seeds, args.output, opts,
-                      alpha_plus_beta=args.alpha_plus_beta, vary=[tuple(v) for v in args.vary])
+    max_cells = MAX_CELLS if args.max_cells is None else args.max_cells
+    grid = build_grid(args.config or args.method, args.dataset, args.alpha, args.beta, args.seeds, args.output,
+                      opts, alpha_plus_beta=args.alpha_plus_beta, vary=[tuple(v) for v in args.vary],
+                      max_cells=max_cells)
     if args.dry_run:
         root = args.root or "$DATA"
         for cell in grid.cells:

@@ -14,11 +14,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "test images and write DIR/results.json. Trailing KEY VALUE pairs override config keys.")
     p.add_argument("--root", help="DATA root (sets DATASET.ROOT)")
     p.add_argument("--dataset-config", help="configs/datasets/STEM.yaml")
+    p.add_argument("--dataset", metavar="STEM", help="configs/datasets/STEM.yaml (instead of --dataset-config)")
+    p.add_argument("--method", help="METHOD (configs/methods/METHOD.yaml) or a method file, then its "
+                                     "configs/per_dataset/METHOD/STEM.yaml when present: the recipe clipkd sweep "
+                                     "and the scripts use")
     p.add_argument("--config", action="append", default=[],
-                   help="configs/methods/METHOD.yaml; repeat to add per-dataset settings merged after it")
+                   help="configs/methods/METHOD.yaml; repeat to add per-dataset settings merged after it (after "
+                        "--method's files when both are given)")
     p.add_argument("--seed", type=int, help="run seed (sets SEED; also seeds the few-shot draw)")
     p.add_argument("--output-dir", required=True, help="run folder; must be new or empty unless --resume")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last epoch")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its last epoch; a run finished with the same config "
+                        "is left as it is (exit 0), one finished with another config is an error")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log to DIR/tensorboard (needs: pip install 'clipkd[tensorboard]')")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
@@ -91,13 +98,26 @@ def _user_opts(args: argparse.Namespace) -> list[str]:
     return opts
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from clipkd.engine.run import Run
+def train_config(args: argparse.Namespace) -> "object":
+    """The config ``clipkd train`` runs with these arguments (sweep cells and scripts build the same one)."""
+    from clipkd.config.recipes import command_files
 
-    cfg = _config(args, [args.dataset_config, *args.config])  # reads --resume given after the overrides too
-    cfg.defrost()
+    cfg = _config(args, command_files(args.method, args.dataset, args.dataset_config, args.config))
+    cfg.defrost()  # _config reads --resume given after the overrides too
     cfg.OUTPUT_DIR = str(args.output_dir)
     cfg.freeze()
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from clipkd.engine.rundir import RunDir
+
+    cfg = train_config(args)
+    if args.resume and RunDir(args.output_dir).plan(cfg) == "finished":
+        print(f"skip {args.output_dir} (finished)")
+        return 0
+    from clipkd.engine.run import Run
+
     results = Run(cfg, args.output_dir, tensorboard=args.tensorboard).fit(resume=args.resume)
     print(json.dumps(results))
     return 0

@@ -310,13 +310,7 @@ class Run:
             self.dir.check_new()
             return
         self.dir.check_resumable()
-        saved = self.dir / CONFIG_FILE
-        before, now = flatten(build_config([saved], freeze=False)), flatten(self.cfg)
-        same = ("OUTPUT_DIR", "DISTILL.TEACHER_CACHE")  # neither changes what the run computes
-        changed = [k for k in now if k not in same and before.get(k) != now[k]]
-        if changed:
-            raise TrainingError(f"--resume: the config differs from {saved} at {', '.join(changed[:5])}; resume "
-                                "with the same arguments, or train into a new --output-dir")
+        self.dir.check_config(self.cfg)
 
     def _take_folder(self, resume: bool) -> None:
         """Rank 0 locks the folder and re-checks it under the lock; every rank learns the outcome."""

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipkd.errors import TrainingError
 from clipkd.fileio import OutputError, atomic_write_text, os_error_message, stale_temp_files
@@ -27,6 +27,12 @@ METRICS_FILE = "metrics.jsonl"
 LAST_CKPT = "checkpoints/last.pt"
 BEST_CKPT = "checkpoints/best-val.pt"
 LOCK_FILE = ".lock"
+# Keys a run may change between its starts: neither changes what the run computes.
+SAME_RUN_KEYS = ("OUTPUT_DIR", "DISTILL.TEACHER_CACHE")
+_KEYS_SHOWN = 5
+
+if TYPE_CHECKING:
+    from yacs.config import CfgNode
 
 
 class RunDir:
@@ -61,6 +67,34 @@ class RunDir:
         if not self.started:
             raise TrainingError(f"{what}: {self.path / CONFIG_FILE} not found; is {self.path} a folder written "
                                 "by clipkd train?")
+
+    def plan(self, cfg: CfgNode) -> str:
+        """What a run of ``cfg`` does with this folder, the one decision ``clipkd train --resume``, the sweep
+        (fused or not) and the scripts share: ``new`` (nothing started here; :meth:`check_new` still guards it),
+        ``resume`` (started with this config), ``finished`` (finished with this config: nothing to do). A folder
+        started or finished with another config is an error naming the keys, never a silent skip."""
+        if not self.started:
+            return "new"
+        self.check_config(cfg, finished=self.finished)
+        return "finished" if self.finished else "resume"
+
+    def check_config(self, cfg: CfgNode, finished: bool = False) -> None:
+        """``cfg`` computes what the run saved in ``config.yaml`` computes (:data:`SAME_RUN_KEYS` aside)."""
+        from clipkd.config import build_config, flatten
+
+        saved = self.path / CONFIG_FILE
+        before, now = flatten(build_config([saved], freeze=False)), flatten(cfg)
+        changed = [k for k in now if k not in SAME_RUN_KEYS and before.get(k) != now[k]]
+        if not changed:
+            return
+        at = ", ".join(f"{k} ({before.get(k)!r} there, {now[k]!r} now)" for k in changed[:_KEYS_SHOWN])
+        more = f" and {len(changed) - _KEYS_SHOWN} more keys" if len(changed) > _KEYS_SHOWN else ""
+        if finished:
+            raise TrainingError(f"{self.path} holds a finished run, and the config differs from {saved} at {at}{more}; "
+                                "rerun with the settings it was run with (it is then skipped), or write the new run "
+                                "into another folder (clipkd train --output-dir, clipkd sweep --output)")
+        raise TrainingError(f"--resume: the config differs from {saved} at {at}{more}; resume with the same "
+                            "arguments, or train into a new --output-dir")
 
     # ------------------------------------------------------------------------------------ the lock
     def acquire(self) -> None:

@@ -7,16 +7,19 @@ a method of its own to ``clipkd report`` (a row, or a sweep of its own when alph
 
 A cell is described once (its folder and its config overrides) and turned either into a config for an
 in-process Run or, for ``--dry-run``, into the equivalent ``clipkd train`` command line, so the two never
-drift apart. Finished cells are skipped, interrupted ones resumed, failed ones reported at the end.
+drift apart. Finished cells are skipped, interrupted ones resumed (both only when their folder's config.yaml
+is the cell's config: :meth:`~clipkd.engine.rundir.RunDir.plan`), failed ones reported at the end.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
+from fractions import Fraction
 from pathlib import Path
 
 from yacs.config import CfgNode
@@ -26,14 +29,17 @@ from clipkd.errors import ClipkdError, ConfigError
 log = logging.getLogger(__name__)
 
 
+MAX_CELLS = 10_000  # above this a sweep is refused before any list is built (--max-cells raises it)
+_EXPONENT_LIMIT = 400  # beyond 1e+-400 a number is no float at all (floats end near 1.8e308 and 5e-324)
+
+
 def parse_range(text: str, name: str) -> list[float]:
     """``START:STOP:STEP`` -> START, START+STEP, ..., STOP (both ends included, as `seq` does), in exact
     decimal steps."""
     return [float(v) for v in decimal_range(text, name)]
 
 
-def decimal_range(text: str, name: str) -> list[Decimal]:
-    """:func:`parse_range` as exact decimals (so derived values such as beta = sum - alpha stay exact)."""
+def _range_parts(text: str, name: str) -> tuple[Decimal, Decimal, Decimal]:
     if not isinstance(text, str):  # argparse turns `--alpha=--` into a list
         text = " ".join(map(str, text))
     parts = text.split(":")
@@ -47,11 +53,59 @@ def decimal_range(text: str, name: str) -> list[Decimal]:
         raise ConfigError(f"--{name} takes START:STOP:STEP with finite numbers (e.g. 0:1:0.1), got '{text}'") from None
     if step <= 0 or stop < start:
         raise ConfigError(f"--{name} {text}: STEP must be > 0 and STOP >= START")
-    values, v = [], start
-    while v <= stop:
-        values.append(v)
-        v += step
+    for v in (start, stop, step):  # checked before any arithmetic: 1e-99999999 would make a huge integer below
+        if v and abs(v.adjusted()) > _EXPONENT_LIMIT:
+            raise ConfigError(f"--{name} {text}: {v} is out of a float's range (about 1e-308 to 1e308)")
+    return start, stop, step
+
+
+def range_count(text: str, name: str) -> int:
+    """How many values ``START:STOP:STEP`` has, floor((STOP - START) / STEP) + 1, in exact arithmetic and
+    without listing them (so a sweep's size is known before anything is built)."""
+    return _count(*_range_parts(text, name))
+
+
+def _count(start: Decimal, stop: Decimal, step: Decimal) -> int:
+    return int((Fraction(stop) - Fraction(start)) // Fraction(step)) + 1
+
+
+def decimal_range(text: str, name: str) -> list[Decimal]:
+    """:func:`parse_range` as exact decimals (so derived values such as beta = sum - alpha stay exact).
+    Call :func:`range_count` first where the range comes from a user: this lists every value."""
+    start, stop, step = _range_parts(text, name)
+    with localcontext() as ctx:  # exact: START + i * STEP may need more digits than the default 28
+        lowest = min(int(start.as_tuple().exponent), int(step.as_tuple().exponent))
+        ctx.prec = max(ctx.prec, max(start.adjusted(), stop.adjusted()) - lowest + 3)
+        values = [start + i * step for i in range(_count(start, stop, step))]
+    floats = [float(v) for v in values]
+    if any(math.isinf(f) for f in floats):
+        raise ConfigError(f"--{name} {text}: the values must be floats, below about 1.8e308")
+    if len(set(floats)) != len(floats):
+        same = next(f for f, g in zip(floats, floats[1:]) if f == g)
+        raise ConfigError(f"--{name} {text}: STEP {step} is below a float's resolution near {same!r} (two values "
+                          "would be the same float, one cell); use a larger STEP")
     return values
+
+
+def count_cells(alpha: str | None, beta: str | None, alpha_plus_beta: str | None,
+                vary: Sequence[tuple[str, str]], seeds: Sequence[int]) -> int:
+    """The number of cells :func:`build_grid` would make, counted arithmetically (nothing listed)."""
+    n = len(seeds)
+    if alpha is not None:
+        n *= range_count(alpha, "alpha")
+        for text, name in ((beta, "beta"), (alpha_plus_beta, "alpha-plus-beta")):
+            if text is not None:
+                n *= range_count(text, name)
+    for key, text in vary:
+        n *= range_count(text, f"vary {key}") if ":" in text else len(text.split(","))
+    return n
+
+
+def check_size(n: int, max_cells: int = MAX_CELLS) -> None:
+    if n > max_cells:
+        count = f"{n:,}" if n < 10**15 else f"about {Decimal(n):.2E}"
+        raise ConfigError(f"this sweep has {count} cells, more than --max-cells {max_cells:,}; use larger steps "
+                          "or fewer values, or raise --max-cells if you mean it")
 
 
 def cell_name(alpha: float, beta: float) -> str:
@@ -69,14 +123,20 @@ class Cell:
 
 @dataclass
 class Grid:
-    dataset_config: Path
-    method_config: Path
+    """The cells of one method on one dataset; ``files``: the recipe (:func:`clipkd.config.recipes.recipe_files`:
+    dataset, method, per-dataset settings), merged in this order before each cell's overrides."""
+
+    files: list[Path]
     cells: list[Cell]
+
+    @property
+    def method_config(self) -> Path:
+        return self.files[1]
 
     def config(self, cell: Cell, root: str) -> CfgNode:
         from clipkd.config import build_config
 
-        cfg = build_config([self.dataset_config, self.method_config],
+        cfg = build_config(self.files,
                            ["DATASET.ROOT", root, "SEED", str(cell.seed), *cell.overrides], freeze=False)
         cfg.OUTPUT_DIR = str(cell.out)
         cfg.freeze()
@@ -84,8 +144,8 @@ class Grid:
 
     def command(self, cell: Cell, root: str) -> list[str]:
         """The ``clipkd train`` command that runs exactly this cell."""
-        return ["clipkd", "train", "--root", root, "--dataset-config", str(self.dataset_config),
-                "--config", str(self.method_config), "--seed", str(cell.seed), "--output-dir", str(cell.out),
+        return ["clipkd", "train", "--root", root, "--dataset-config", str(self.files[0]),
+                "--method", str(self.method_config), "--seed", str(cell.seed), "--output-dir", str(cell.out),
                 *cell.overrides]
 
 
@@ -131,20 +191,18 @@ def _ab_overrides(cfg: CfgNode, method: str) -> list[str]:
 
 def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta: str | None, seeds: Sequence[int],
                output: str | Path, opts: Sequence[str] = (), alpha_plus_beta: str | None = None,
-               vary: Sequence[tuple[str, str]] = ()) -> Grid:
-    """Every (alpha, beta) x varied values x seed cell; the dataset config is ``configs/datasets/<dataset>.yaml``
-    beside the method's ``configs/methods/``. ``vary``: (config key, values) pairs, e.g.
-    ("DISTILL.DKD_BETA", "0.5,1")."""
+               vary: Sequence[tuple[str, str]] = (), max_cells: int = MAX_CELLS) -> Grid:
+    """Every (alpha, beta) x varied values x seed cell of the method's recipe on ``dataset`` (a stem:
+    :func:`clipkd.config.recipes.recipe_files`, as ``clipkd train --method`` and the scripts merge it).
+    ``vary``: (config key, values) pairs, e.g. ("DISTILL.DKD_BETA", "0.5,1"). More than ``max_cells`` cells is
+    an error, found by counting before any list is built."""
     from clipkd.config import build_config
+    from clipkd.config.recipes import recipe_files
 
+    check_size(count_cells(alpha, beta, alpha_plus_beta, vary, seeds), max_cells)
     points = grid_points(alpha, beta, alpha_plus_beta)
-    method_config = Path(method_config).resolve()
-    dataset_config = method_config.parents[1] / "datasets" / f"{dataset}.yaml"
-    if not method_config.is_file():
-        raise ConfigError(f"method config {method_config} not found (--config)")
-    if not dataset_config.is_file():
-        raise ConfigError(f"dataset config {dataset_config} not found; --dataset takes a stem with a file in "
-                          f"{dataset_config.parent}")
+    files = recipe_files(method_config, dataset)
+    method_config = files[1]
     if not points and not vary:
         raise ConfigError("nothing to sweep: give --alpha with --beta or --alpha-plus-beta, and/or --vary KEY VALUES")
     method = method_config.stem
@@ -155,7 +213,7 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
     if fixed:
         raise ConfigError(f"{', '.join(sorted(fixed))} is swept and also set in the KEY VALUE overrides; "
                           "drop one of the two")
-    base = build_config([dataset_config, method_config], list(opts))  # bad keys/values fail here, once
+    base = build_config(files, list(opts))  # bad keys/values fail here, once
     ab = ["DATASET.SUBSAMPLE_CLASSES", "base", *_ab_overrides(base, method)] if points else []
     variants: list[tuple[str, list[str]]] = [(method, [])]
     for key, text in vary:
@@ -172,8 +230,14 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
                 extra = [*ab, "DISTILL.ALPHA", repr(point[0]), "DISTILL.BETA", repr(point[1])]
             overrides = (*extra, *over, *opts)
             cells += [Cell(folder / f"seed{seed}", seed, overrides) for seed in seeds]
-        _check_loss(build_config([dataset_config, method_config], list(overrides)))
-    return Grid(dataset_config, method_config, cells)
+        _check_loss(build_config(files, list(overrides)))
+    folders: dict[Path, Cell] = {}
+    for cell in cells:
+        if cell.out in folders:
+            raise ConfigError(f"two cells would share the folder {cell.out} (their values differ beyond the 6 "
+                              "significant digits a folder name keeps); use a larger STEP")
+        folders[cell.out] = cell
+    return Grid(files, cells)
 
 
 def _check_loss(cfg: CfgNode) -> None:
@@ -209,16 +273,23 @@ def run_grid(grid: Grid, root: str, *, echo: bool = False, fused: bool = False) 
     summary = SweepSummary()
     n = len(grid.cells)
     for group in group_cells(configs) if fused else [[i] for i in range(n)]:
-        cells = []
+        cells, resume = [], []
         for i in group:  # checked when the group's turn comes: another process may have finished a cell
-            if RunDir(grid.cells[i].out).finished:
-                log.info(f"[{i + 1}/{n}] skip {grid.cells[i].out} (finished)")
-                summary.skipped.append(grid.cells[i].out)
+            out = grid.cells[i].out
+            try:
+                plan = RunDir(out).plan(configs[i])
+            except ClipkdError as exc:  # finished or started with another config: named, never skipped
+                summary.failed.append((out, str(exc)))
+                log.warning(f"[{i + 1}/{n}] failed {out}: {exc}")
+                continue
+            if plan == "finished":
+                log.info(f"[{i + 1}/{n}] skip {out} (finished)")
+                summary.skipped.append(out)
             else:
                 cells.append(i)
+                resume.append(plan == "resume")
         if not cells:
             continue
-        resume = [RunDir(grid.cells[i].out).started for i in cells]
         together = f" (fused: {len(cells)} cells, one teacher forward per batch)" if len(cells) > 1 else ""
         for i, again in zip(cells, resume):
             log.info(f"[{i + 1}/{n}] {'resume' if again else 'run'} {grid.cells[i].out}{together}")
