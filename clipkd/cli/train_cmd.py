@@ -105,6 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from clipkd.engine.run import Run
+    from clipkd.engine.rundir import RunDir, check_evaluation_file
     from clipkd.errors import ClipkdError
 
     if sum(bool(a) for a in (args.run, args.zero_shot, args.checkpoint)) != 1:
@@ -113,6 +114,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ClipkdError(f"--dataset evaluates a trained run (--run DIR) on another dataset; for a checkpoint or a "
                           f"zero-shot model pass --dataset-config configs/datasets/{args.dataset}.yaml and "
                           "DATASET.SUBSAMPLE_CLASSES all instead")
+    if args.output:  # before anything is computed or written
+        check_evaluation_file(args.output)
+    if args.output_dir and not args.dataset:
+        RunDir(args.output_dir).check_evaluation_target()
     if args.run:
         if args.dataset_config or args.config:
             raise ClipkdError("--run DIR evaluates with the run's own config.yaml; drop --dataset-config/--config "
@@ -142,9 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
     if args.output_dir:
-        from clipkd.engine.rundir import RESULTS_FILE
-
-        atomic_write_text(Path(args.output_dir) / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+        RunDir(args.output_dir).write_evaluation(json.dumps(results, indent=2) + "\n")
     return 0
 
 

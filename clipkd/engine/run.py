@@ -275,7 +275,7 @@ class Run:
         from MODEL.STUDENT.PRETRAINED), every prompt / projector tensor must be there with the model's shape."""
         from clipkd.models.state import read_state_dict, resolve_checkpoint_file
 
-        file = resolve_checkpoint_file(path, key="--checkpoint")
+        file = resolve_checkpoint_file(path, key="--checkpoint", per_dataset=False)
         state = read_state_dict(file, what="student checkpoint")
         self.build()
         self.student.load_trainable_state_dict(state, source=str(file), ignore_frozen_clip_weights=True)
