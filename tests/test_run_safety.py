@@ -4,15 +4,20 @@ paths are stored absolute, and a stored dataset or teacher that changed or went 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
+import yaml
 
 from clipkd.cli.main import main
+from clipkd.data.synth import synthesize
+from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.rundir import RunDir
-from test_train import DATASET_CFG, ROOT, TINY, config, fit
+from test_train import DATASET_CFG, ROOT, TINY, config, fit, interrupt_after_checkpoint
 
 METHOD = str(ROOT / "configs" / "methods" / "abkd_promptkd.yaml")
+TEACHER_METHOD = str(ROOT / "configs" / "methods" / "ivlp_teacher.yaml")
 
 
 def eval_cli(root, *args):
@@ -92,3 +97,106 @@ def test_eval_checkpoint_empty_folder_says_so(synth_root, tmp_path, capsys):
     assert rc == 2
     assert f"the folder {empty} holds no checkpoint (it is empty)" in err and "model.pt" in err and "model-best.pth.tar" in err
     assert "DATASET.NAME" not in err
+
+
+# ------------------------------------------------------------------------------------------------ stored paths
+def train_args(out, *extra):
+    return ["train", "--root", "data", "--dataset-config", DATASET_CFG, "--config", METHOD, "--output-dir", out,
+            *TINY, *extra]
+
+
+def train_teacher(out):
+    assert main(["train", "--root", "data", "--dataset-config", DATASET_CFG, "--config", TEACHER_METHOD,
+                 "--output-dir", str(out), *TINY, "MODEL.STUDENT.NAME", "clipkd-tiny-teacher",
+                 "OPTIM.MAX_EPOCH", "1"]) == 0
+
+
+def test_relative_paths_are_stored_absolute(synth_root, tmp_path, monkeypatch, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "data").symlink_to(synth_root)
+    synthesize(b / "data", "oxford_pets", classes=5, images_per_class=17, seed=7)  # another dataset, same layout
+    monkeypatch.chdir(a)
+    train_teacher("teacher")
+    student = train_args("run", "MODEL.TEACHER.CHECKPOINT", "teacher", "DISTILL.TEACHER_CACHE", "cache")
+    undo = interrupt_after_checkpoint(monkeypatch, epoch=1)
+    assert main(student) == 130
+    undo()
+    saved = yaml.safe_load((a / "run" / "config.yaml").read_text())
+    assert saved["DATASET"]["ROOT"] == str(a / "data")
+    assert saved["MODEL"]["TEACHER"]["CHECKPOINT"] == str(a / "teacher")
+    assert saved["DISTILL"]["TEACHER_CACHE"] == str(a / "cache")
+    assert saved["OUTPUT_DIR"] == str(a / "run")
+
+    # the same relative arguments from another folder name other data: refused before anything is written
+    monkeypatch.chdir(b)
+    (b / "run").symlink_to(a / "run")
+    before = sorted(str(p) for p in (a / "run").rglob("*"))
+    capsys.readouterr()
+    assert main([*student, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "DATASET.ROOT" in err and str(a / "data") in err and str(b / "data") in err
+    assert sorted(str(p) for p in (a / "run").rglob("*")) == before
+
+    monkeypatch.chdir(a)
+    assert main([*student, "--resume"]) == 0
+    results = json.loads((a / "run" / "results.json").read_text())
+    assert results["teacher"] == f"prompted: {a / 'teacher'}"
+
+    # evaluating the run from another folder uses the run's own data and teacher
+    monkeypatch.chdir(b)
+    assert main(["eval", "--run", str(a / "run"), "--output", "again.json"]) == 0
+    again = json.loads((b / "again.json").read_text())
+    for half in ("base", "new"):
+        assert again[half] == results[half]
+
+
+def test_changed_or_missing_inputs_are_named(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(synth_root / "oxford_pets", tmp_path / "data" / "oxford_pets")
+    train_teacher("teacher")
+    teacher = tmp_path / "teacher" / "model.pt"
+    original = teacher.read_bytes()
+    student = train_args("run", "MODEL.TEACHER.CHECKPOINT", "teacher")
+    undo = interrupt_after_checkpoint(monkeypatch, epoch=1)
+    assert main(student) == 130
+    undo()
+
+    ckpt = load_checkpoint(teacher)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    save_checkpoint(teacher, state, **{k: v for k, v in ckpt.items() if k != "state_dict"})
+    before = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+    capsys.readouterr()
+    assert main([*student, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "MODEL.TEACHER.CHECKPOINT" in err and str(teacher) in err and "changed" in err
+    assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == before
+    teacher.write_bytes(original)
+    os.utime(teacher, (0, 0))  # the same bytes with another time (a copy) are the same teacher
+    assert main([*student, "--resume"]) == 0
+    assert main(["eval", "--run", "run"]) == 0
+
+    shutil.move(teacher, tmp_path / "teacher.pt")
+    capsys.readouterr()
+    assert main(["eval", "--run", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "MODEL.TEACHER.CHECKPOINT" in err and str(teacher) in err and "missing" in err
+    shutil.move(tmp_path / "teacher.pt", teacher)
+
+    (tmp_path / "data").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["eval", "--run", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "DATASET.ROOT" in err and str(tmp_path / "data") in err and "missing" in err and "--root" in err
+    assert main(["eval", "--run", "run", "--root", "moved"]) == 0  # the same data in another place is the same
+    (tmp_path / "moved").rename(tmp_path / "data")
+
+    split = tmp_path / "data" / "oxford_pets" / "split_zhou_OxfordPets.json"
+    lists = json.loads(split.read_text())
+    lists["test"] = lists["test"][1:]
+    split.write_text(json.dumps(lists))
+    capsys.readouterr()
+    assert main(["eval", "--run", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "DATASET.ROOT" in err and str(tmp_path / "data") in err and "test" in err

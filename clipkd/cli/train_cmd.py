@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -96,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args, [args.dataset_config, *args.config])  # reads --resume given after the overrides too
     cfg.defrost()
-    cfg.OUTPUT_DIR = str(args.output_dir)
+    cfg.OUTPUT_DIR = os.path.abspath(args.output_dir)
     cfg.freeze()
     results = Run(cfg, args.output_dir, tensorboard=args.tensorboard).fit(resume=args.resume)
     print(json.dumps(results))
@@ -125,6 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.dataset:
             return _eval_transfer(args)
         run = Run.load(args.run, [*_flag_opts(args), *_user_opts(args)])
+        run.check_inputs()
         which = "final"
     elif args.checkpoint:
         run = Run(_config(args, [args.dataset_config, *args.config]))

@@ -28,7 +28,8 @@ from clipkd.engine import distributed as dist
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.distiller import Distiller, build_objective
 from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half
-from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
+from clipkd.engine.inputs import record_inputs
+from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
 from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.teacher_cache import TeacherFeatures
 from clipkd.engine.train import (Trainee, TrainState, autocast_for, restore_rng, rng_snapshot, seed_everything,
@@ -200,6 +201,17 @@ class Run:
         rundir.check_resumable(what="a run folder")
         return cls(build_config([rundir / CONFIG_FILE], list(overrides)), folder, **kwargs)
 
+    def check_inputs(self, dataset: bool = True) -> None:
+        """The dataset and weight files this run's config names still hold what the run recorded when it started
+        (``inputs.json``; :mod:`clipkd.engine.inputs`). ``dataset`` False checks the weight files only."""
+        from clipkd.engine.inputs import check_inputs, read_record
+
+        assert self.dir is not None
+        saved = read_record(self.dir / INPUTS_FILE)
+        if saved is not None:
+            check_inputs(saved, self.cfg, (lambda: self.data) if dataset else None, needs_teacher(self.cfg),
+                         str(self.dir.path))
+
     # ------------------------------------------------------------------------------------ parts
     @property
     def data(self) -> RunData:
@@ -321,7 +333,8 @@ class Run:
         saved = self.dir / CONFIG_FILE
         before, now = flatten(build_config([saved], freeze=False)), flatten(self.cfg)
         same = ("OUTPUT_DIR", "DISTILL.TEACHER_CACHE")  # neither changes what the run computes
-        changed = [k for k in now if k not in same and before.get(k) != now[k]]
+        changed = [f"{k} ({before.get(k)!r} there, {now[k]!r} now)" for k in now
+                   if k not in same and before.get(k) != now[k]]
         if changed:
             raise TrainingError(f"--resume: the config differs from {saved} at {', '.join(changed[:5])}; resume "
                                 "with the same arguments, or train into a new --output-dir")
@@ -366,6 +379,11 @@ class Run:
             require_tensorboard()
         check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
         check_setup(cfg, self.data, dist.world_size())
+        if resume:
+            self.check_inputs()
+        inputs = None  # what this run reads, recorded once (also when a run killed before recording resumes)
+        if main and not (resume and (out / INPUTS_FILE).is_file()):
+            inputs = record_inputs(cfg, self.data, needs_teacher(cfg))
         self.build(shared, keep)
         data, student = self.data, self.student
         objective = build_objective(cfg, student, data.train.classnames)
@@ -402,6 +420,8 @@ class Run:
                 out.clean_for_resume(state.epoch)
             elif main:
                 atomic_write_text(out / CONFIG_FILE, cfg.dump())
+            if inputs is not None:
+                atomic_write_text(out / INPUTS_FILE, json.dumps(inputs, indent=1) + "\n")
             log = RunLog(out.path if main else None, echo=self.echo, tensorboard=self.tensorboard)
             if state.epoch:
                 log.info(f"resumed from {out / LAST_CKPT} after epoch {state.epoch}")
