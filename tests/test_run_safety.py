@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
 from clipkd.cli.main import main
+from clipkd.config import build_config
 from clipkd.data.synth import synthesize
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.rundir import RunDir
@@ -100,6 +102,21 @@ def test_eval_checkpoint_empty_folder_says_so(synth_root, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ stored paths
+def test_config_paths_are_absolute_tags_and_words_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "student.safetensors").write_bytes(b"")
+    cfg = build_config([], ["DATASET.ROOT", "data", "OUTPUT_DIR", "out", "DISTILL.TEACHER_CACHE", "~/cache",
+                            "MODEL.TEACHER.CHECKPOINT", "zero-shot", "MODEL.TEACHER.PRETRAINED", "openai",
+                            "MODEL.STUDENT.PRETRAINED", "student.safetensors"])
+    assert cfg.DATASET.ROOT == str(tmp_path / "data") and cfg.OUTPUT_DIR == str(tmp_path / "out")
+    assert cfg.DISTILL.TEACHER_CACHE == os.path.join(os.path.expanduser("~"), "cache")
+    assert cfg.MODEL.TEACHER.CHECKPOINT == "zero-shot" and cfg.MODEL.TEACHER.PRETRAINED == "openai"
+    assert cfg.MODEL.STUDENT.PRETRAINED == str(tmp_path / "student.safetensors")
+    up = build_config([], ["MODEL.TEACHER.CHECKPOINT", "../t"])
+    assert up.MODEL.TEACHER.CHECKPOINT == str(tmp_path.parent / "t")
+    assert build_config().DATASET.ROOT == ""
+
+
 def train_args(out, *extra):
     return ["train", "--root", "data", "--dataset-config", DATASET_CFG, "--config", METHOD, "--output-dir", out,
             *TINY, *extra]
@@ -152,6 +169,13 @@ def test_relative_paths_are_stored_absolute(synth_root, tmp_path, monkeypatch, c
         assert again[half] == results[half]
 
 
+def perturb(checkpoint: Path) -> None:
+    """Rewrite a checkpoint with other prompt values (a teacher retrained into the same folder)."""
+    ckpt = load_checkpoint(checkpoint)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    save_checkpoint(checkpoint, state, **{k: v for k, v in ckpt.items() if k != "state_dict"})
+
+
 def test_changed_or_missing_inputs_are_named(synth_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(synth_root / "oxford_pets", tmp_path / "data" / "oxford_pets")
@@ -163,9 +187,7 @@ def test_changed_or_missing_inputs_are_named(synth_root, tmp_path, monkeypatch, 
     assert main(student) == 130
     undo()
 
-    ckpt = load_checkpoint(teacher)
-    state = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    save_checkpoint(teacher, state, **{k: v for k, v in ckpt.items() if k != "state_dict"})
+    perturb(teacher)
     before = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
     capsys.readouterr()
     assert main([*student, "--resume"]) == 2
@@ -176,6 +198,15 @@ def test_changed_or_missing_inputs_are_named(synth_root, tmp_path, monkeypatch, 
     os.utime(teacher, (0, 0))  # the same bytes with another time (a copy) are the same teacher
     assert main([*student, "--resume"]) == 0
     assert main(["eval", "--run", "run"]) == 0
+
+    perturb(teacher)  # a finished run: evaluated again, or on another dataset, with another teacher
+    for transfer in ([], ["--dataset", "dtd", "--root", str(synth_root)]):
+        capsys.readouterr()
+        assert main(["eval", "--run", "run", *transfer]) == 2
+        err = capsys.readouterr().err
+        assert "MODEL.TEACHER.CHECKPOINT" in err and str(teacher) in err and "changed" in err
+    assert not (tmp_path / "run" / "eval").exists()
+    teacher.write_bytes(original)
 
     shutil.move(teacher, tmp_path / "teacher.pt")
     capsys.readouterr()
