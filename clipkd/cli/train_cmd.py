@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -104,7 +105,7 @@ def train_config(args: argparse.Namespace) -> "object":
 
     cfg = _config(args, command_files(args.method, args.dataset, args.dataset_config, args.config))
     cfg.defrost()  # _config reads --resume given after the overrides too
-    cfg.OUTPUT_DIR = str(args.output_dir)
+    cfg.OUTPUT_DIR = os.path.abspath(args.output_dir)
     cfg.freeze()
     return cfg
 
@@ -125,6 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from clipkd.engine.run import Run
+    from clipkd.engine.rundir import RunDir, check_evaluation_file
     from clipkd.errors import ClipkdError
 
     if sum(bool(a) for a in (args.run, args.zero_shot, args.checkpoint)) != 1:
@@ -133,6 +135,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ClipkdError(f"--dataset evaluates a trained run (--run DIR) on another dataset; for a checkpoint or a "
                           f"zero-shot model pass --dataset-config configs/datasets/{args.dataset}.yaml and "
                           "DATASET.SUBSAMPLE_CLASSES all instead")
+    if args.output:  # before anything is computed or written
+        check_evaluation_file(args.output)
+    if args.output_dir and not args.dataset:
+        RunDir(args.output_dir).check_evaluation_target()
     if args.run:
         if args.dataset_config or args.config:
             raise ClipkdError("--run DIR evaluates with the run's own config.yaml; drop --dataset-config/--config "
@@ -140,6 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.dataset:
             return _eval_transfer(args)
         run = Run.load(args.run, [*_flag_opts(args), *_user_opts(args)])
+        run.check_inputs()
         which = "final"
     elif args.checkpoint:
         run = Run(_config(args, [args.dataset_config, *args.config]))
@@ -162,9 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
     if args.output_dir:
-        from clipkd.engine.rundir import RESULTS_FILE
-
-        atomic_write_text(Path(args.output_dir) / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+        RunDir(args.output_dir).write_evaluation(json.dumps(results, indent=2) + "\n")
     return 0
 
 

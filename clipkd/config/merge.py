@@ -18,6 +18,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from clipkd.config.defaults import CHOICES, get_cfg_defaults
+from clipkd.config.paths import absolute_paths
 from clipkd.errors import ConfigError
 
 
@@ -151,6 +152,7 @@ def build_config(
     for f in files:
         merge_file(cfg, f)
     merge_overrides(cfg, list(overrides))
+    absolute_paths(cfg)
     validate(cfg)
     if freeze:
         cfg.freeze()

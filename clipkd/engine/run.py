@@ -29,7 +29,8 @@ from clipkd.engine import distributed as dist
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.distiller import Distiller, build_objective
 from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half
-from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
+from clipkd.engine.inputs import record_inputs
+from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
 from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.teacher_cache import TeacherFeatures
 from clipkd.engine.train import (Trainee, TrainState, autocast_for, restore_rng, rng_snapshot, seed_everything,
@@ -192,6 +193,17 @@ class Run:
         rundir.check_resumable(what="a run folder")
         return cls(build_config([rundir / CONFIG_FILE], list(overrides)), folder, **kwargs)
 
+    def check_inputs(self, dataset: bool = True) -> None:
+        """The dataset and weight files this run's config names still hold what the run recorded when it started
+        (``inputs.json``; :mod:`clipkd.engine.inputs`). ``dataset`` False checks the weight files only."""
+        from clipkd.engine.inputs import check_inputs, read_record
+
+        assert self.dir is not None
+        saved = read_record(self.dir / INPUTS_FILE)
+        if saved is not None:
+            check_inputs(saved, self.cfg, (lambda: self.data) if dataset else None, needs_teacher(self.cfg),
+                         str(self.dir.path))
+
     # ------------------------------------------------------------------------------------ parts
     @property
     def data(self) -> RunData:
@@ -267,7 +279,7 @@ class Run:
         from MODEL.STUDENT.PRETRAINED), every prompt / projector tensor must be there with the model's shape."""
         from clipkd.models.state import read_state_dict, resolve_checkpoint_file
 
-        file = resolve_checkpoint_file(path, key="--checkpoint")
+        file = resolve_checkpoint_file(path, key="--checkpoint", per_dataset=False)
         state = read_state_dict(file, what="student checkpoint")
         self.build()
         self.student.load_trainable_state_dict(state, source=str(file), ignore_frozen_clip_weights=True)
@@ -353,6 +365,11 @@ class Run:
         check_config(cfg)  # what the config alone decides (clipkd config show runs the same)
         check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
         check_setup(cfg, self.data, dist.world_size())
+        if resume:
+            self.check_inputs()
+        inputs = None  # what this run reads, recorded once (also when a run killed before recording resumes)
+        if main and not (resume and (out / INPUTS_FILE).is_file()):
+            inputs = record_inputs(cfg, self.data, needs_teacher(cfg))
         self.build(shared, keep)
         data, student = self.data, self.student
         objective = build_objective(cfg, student, data.train.classnames)
@@ -389,6 +406,8 @@ class Run:
                 out.clean_for_resume(state.epoch)
             elif main:
                 atomic_write_text(out / CONFIG_FILE, cfg.dump())
+            if inputs is not None:
+                atomic_write_text(out / INPUTS_FILE, json.dumps(inputs, indent=1) + "\n")
             log = RunLog(out.path if main else None, echo=self.echo, tensorboard=self.tensorboard)
             if state.epoch:
                 log.info(f"resumed from {out / LAST_CKPT} after epoch {state.epoch}")

@@ -2,7 +2,8 @@
 
 Layout: ``config.yaml``, ``log.txt``, ``metrics.jsonl``, ``checkpoints/last.pt`` (every epoch),
 ``checkpoints/best-val.pt`` (TEST.FINAL_MODEL val), ``model.pt`` (the final model), ``results.json``.
-``.lock`` exists while a process trains into the folder.
+``inputs.json`` records what the run read (:mod:`clipkd.engine.inputs`). ``.lock`` exists while a process trains
+into the folder (or an evaluation writes its ``results.json`` into a folder of its own).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ METRICS_FILE = "metrics.jsonl"
 LAST_CKPT = "checkpoints/last.pt"
 BEST_CKPT = "checkpoints/best-val.pt"
 LOCK_FILE = ".lock"
+INPUTS_FILE = "inputs.json"
+RUN_FILES = (CONFIG_FILE, MODEL_FILE, LOG_FILE, METRICS_FILE, INPUTS_FILE)  # what only a training run writes
 # Keys a run may change between its starts: neither changes what the run computes.
 SAME_RUN_KEYS = ("OUTPUT_DIR", "DISTILL.TEACHER_CACHE")
 _KEYS_SHOWN = 5
@@ -61,6 +64,38 @@ class RunDir:
         if p.is_dir() and any(c.name != LOCK_FILE for c in p.iterdir()):
             hint = " or pass --resume to continue it" if self.started and not self.finished else ""
             raise TrainingError(f"output dir {p} is not empty; pick a new --output-dir{hint}")
+
+    @property
+    def holds_run(self) -> bool:
+        """A training run wrote here (its results.json is the run's own, which reports read)."""
+        return any((self.path / name).exists() for name in (*RUN_FILES, "checkpoints"))
+
+    def check_evaluation_target(self) -> None:
+        """An evaluation's ``results.json`` goes into a folder of its own: not a file, not a folder a process is
+        training in, never a run folder (an evaluation never replaces a run's results). Writes nothing."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise TrainingError(f"--output-dir {p} is a file, not a folder; pass a folder for the evaluation's "
+                                f"{RESULTS_FILE} (or --output FILE)")
+        holder = self.holder() if self._lock_fd is None else None
+        if holder is not None:
+            raise TrainingError(f"--output-dir {p} is in use by {holder}; wait for it to finish or pick another "
+                                "--output-dir")
+        if self.holds_run:
+            raise TrainingError(f"--output-dir {p} is a run folder written by clipkd train, and an evaluation never "
+                                f"replaces a run's {RESULTS_FILE}; pass a new --output-dir for the evaluation, or "
+                                "--output FILE outside the run folder")
+
+    def write_evaluation(self, text: str) -> Path:
+        """Write an evaluation's ``results.json`` here, holding the lock and checking again under it."""
+        self.check_evaluation_target()
+        self.acquire()
+        try:
+            self.check_evaluation_target()  # a run may have started here meanwhile
+            atomic_write_text(self.path / RESULTS_FILE, text)
+        finally:
+            self.release()
+        return self.path / RESULTS_FILE
 
     def check_resumable(self, what: str = "--resume") -> None:
         """A folder a run has started in (it holds ``config.yaml``); ``what`` names who asks, for the error."""
@@ -131,6 +166,20 @@ class RunDir:
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         self._lock_fd = fd
 
+    def holder(self) -> str | None:
+        """Who holds the lock now (None when nobody does); creates nothing."""
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
+        except OSError:
+            return _read_holder(fd)
+        finally:
+            os.close(fd)
+        return None
+
     def release(self) -> None:
         if self._lock_fd is None:
             return
@@ -167,6 +216,14 @@ class RunDir:
                 atomic_write_text(metrics, "".join(f"{line}\n" for line in kept))
                 removed.append(f"{dropped} lines of {metrics} after epoch {epoch}")
         return removed
+
+
+def check_evaluation_file(path: str | os.PathLike) -> None:
+    """``--output FILE`` is never one of a run folder's own files (its results.json above all)."""
+    p = Path(path)
+    if p.name in (RESULTS_FILE, *RUN_FILES, LOCK_FILE) and RunDir(p.parent).holds_run:
+        raise TrainingError(f"--output {p} is a file of the run in {p.parent}, and an evaluation never replaces a "
+                            f"run's {RESULTS_FILE}; pass --output FILE outside the run folder")
 
 
 def _read_holder(fd: int) -> str:

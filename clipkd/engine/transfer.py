@@ -64,7 +64,9 @@ def evaluate_transfer(run_dir: str | Path, dataset: str, overrides: Sequence[str
     if not (folder / MODEL_FILE).is_file():
         raise TrainingError(f"{folder / MODEL_FILE} not found: the run in {folder.path} has not finished; finish "
                             "it (clipkd train ... --resume) before evaluating it on another dataset")
-    source_cfg = Run.load(run_dir, list(overrides), echo=False).cfg
+    source_run = Run.load(run_dir, list(overrides), echo=False)
+    source_run.check_inputs(dataset=False)  # the source's data need not be here; its teacher must be the same
+    source_cfg = source_run.cfg
     source = get_spec(source_cfg.DATASET.NAME)
     run = Run.load(run_dir, [*overrides, *target_overrides(source_cfg, spec.stem)], echo=False)
     metrics = run.evaluate(["all"])

@@ -229,7 +229,7 @@ def _model_file_in(folder: Path, looked: list[str]) -> Path | None:
 
 
 def resolve_checkpoint_file(path: str | os.PathLike[str], *, dataset: str | None = None,
-                            key: str = "MODEL.TEACHER.CHECKPOINT") -> Path:
+                            key: str = "MODEL.TEACHER.CHECKPOINT", per_dataset: bool = True) -> Path:
     """The checkpoint file that ``path`` names: the file itself, or in a folder, the first of
 
     * ``path/model.pt`` (a clipkd run folder), ``path/model-best.pth.tar``, the highest ``path/model.pth.tar-N``
@@ -238,7 +238,8 @@ def resolve_checkpoint_file(path: str | os.PathLike[str], *, dataset: str | None
     * the same inside ``path/<dataset>/VLPromptLearner`` (PromptKD's released teachers, ``teacher_model/``;
       ``<dataset>`` is Dassl's name of ``dataset``, e.g. OxfordPets, or clipkd's stem).
 
-    A ModelError lists every place looked at when nothing fits. ``key`` names the setting in errors.
+    A ModelError lists every place looked at when nothing fits. ``key`` names the setting in errors;
+    ``per_dataset`` False (a student file) skips PromptKD's per-dataset teacher layout.
     """
     p = Path(os.path.expanduser(os.fspath(path)))
     if p.is_file():
@@ -253,5 +254,7 @@ def resolve_checkpoint_file(path: str | os.PathLike[str], *, dataset: str | None
         found = _model_file_in(folder, looked)
         if found is not None:
             return found
-    more = "" if dataset else " (DATASET.NAME is empty, so no <DatasetName>/VLPromptLearner was tried)"
-    raise ModelError(f"{key}: the folder {p} holds no checkpoint{more}; looked for: " + "; ".join(looked))
+    more = ("" if dataset or not per_dataset
+            else " (DATASET.NAME is empty, so no <DatasetName>/VLPromptLearner was tried)")
+    empty = " (it is empty)" if not any(p.iterdir()) else ""
+    raise ModelError(f"{key}: the folder {p} holds no checkpoint{empty}{more}; looked for: " + "; ".join(looked))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from clipkd.config.paths import ZERO_SHOT  # noqa: F401 - re-exported: MODEL.TEACHER.CHECKPOINT "zero-shot"
 from clipkd.errors import ConfigError, ModelError
 from clipkd.models.prompts import (
     PromptedTextEncoder,
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from yacs.config import CfgNode
 
 Template = str | Callable[[str], str]
-ZERO_SHOT = "zero-shot"  # MODEL.TEACHER.CHECKPOINT value that chooses the zero-shot teacher explicitly
 LOGIT_SCALE_MAX = 100.0  # CLIP clamps exp(logit_scale) at 100
 
 
