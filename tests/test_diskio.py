@@ -279,3 +279,32 @@ def test_damaged_toy_weights_never_suggest_unsafe_loading(tmp_path):
         expand_compact(path, tmp_path / "full.pt")
     assert "weights_only" not in str(info.value) and "damaged" in str(info.value)
     assert not (tmp_path / "full.pt").exists()
+
+
+def test_trim_log_edge_cases(tmp_path):
+    from clipkd.engine.runlog import trim_log
+
+    log = tmp_path / "log.txt"
+    body = b"clipkd run: ...\nepoch [1/3] loss 1 (0.1s)\nepoch [2/3] loss \xff (0.1s)\nwarning\n"
+    log.write_bytes(body)
+    assert trim_log(log, 2) == 1 and log.read_bytes() == body[: body.index(b"warning")]  # not UTF-8: no matter
+    log.write_bytes(b"a script's own log\n")
+    assert trim_log(log, 1) == 0 and log.read_bytes() == b"a script's own log\n"  # not a clipkd log: kept
+    log.write_bytes(body)
+    assert trim_log(log, 0) == 4 and log.read_bytes() == b""  # killed in its first epoch: starts afresh
+    assert trim_log(tmp_path / "missing.txt", 1) == 0
+
+
+@pytest.mark.parametrize("line", [b"3", b'{"kind": "step", "epoch": "one"}', b'["step", 1]'])
+def test_metrics_line_that_is_no_record_is_refused_before_anything_changes(tmp_path, line):
+    from clipkd.engine.rundir import RunDir
+    from clipkd.errors import TrainingError
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"kind": "step", "epoch": 1}\n' + line + b'\n{"kind": "step", "epoch": 2}\n')
+    tmp = tmp_path / ".config.yaml.x.tmp"
+    tmp.write_text("")
+    with pytest.raises(TrainingError, match=rf"^{re.escape(str(metrics))} is damaged \(line 2 is not a clipkd "
+                                            r"metrics record\); delete that line"):
+        RunDir(tmp_path).clean_for_resume(1)
+    assert tmp.exists() and metrics.read_bytes().endswith(b'"epoch": 2}\n')
