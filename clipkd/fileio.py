@@ -4,10 +4,15 @@ A reader (another run, a resumed run, ``clipkd report``) sees the old file or th
 one. The temp file is ``.<name>.<random>.tmp`` beside the target, so two writers never share it, and it is
 removed when the write fails; a temp file left by a process killed mid-write is recognised by
 :func:`stale_temp_files`. Torch-free, so the data commands can use it.
+
+A full disk reaches the writer as an ``OSError`` (ENOSPC), except under ``torch.save``: torch's stream writer
+swallows the failed write and raises ``RuntimeError("... unexpected pos N vs M")`` (or "PytorchStreamWriter
+failed writing ..."). :func:`atomic_write` turns those, and only those, into the same :class:`OutputError`.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -35,6 +40,22 @@ def os_error_message(path: str | os.PathLike, exc: OSError, doing: str = "write"
     return f"cannot {doing} {path}: {reason}" + (f"; {hint}" if hint else "")
 
 
+# torch.save's messages when a write of its stream writer failed (a full disk or quota): matched narrowly, so
+# that any other RuntimeError from a writer still surfaces as what it is.
+_TORCH_WRITE_FAILED = ("unexpected pos ", "PytorchStreamWriter failed writing")
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The ``OSError`` behind a failed write: ``exc`` itself, or the one behind torch.save's RuntimeError
+    (its Python file's own error when torch kept it, else ENOSPC, what a short write means); None otherwise."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_FAILED):
+        cause = exc.__context__
+        return cause if isinstance(cause, OSError) else OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[BinaryIO], None]) -> None:
     """Write ``path`` through ``writer(file)`` into a unique temp file, then rename it into place."""
     path = Path(path)
@@ -49,8 +70,11 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[BinaryIO], None]) ->
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-    except OSError as exc:
-        raise OutputError(os_error_message(path, exc)) from exc
+    except (OSError, RuntimeError) as exc:
+        failure = write_failure(exc)
+        if failure is None:
+            raise
+        raise OutputError(os_error_message(path, failure)) from exc
     finally:
         if tmp is not None:
             try:

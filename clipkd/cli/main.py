@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``clipkd`` command; ``argv`` None reads the process's own command line (and then owns its Ctrl-C)."""
+    if argv is None:
+        _second_interrupt_exits()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
     argv = [a for a in argv if a != "--debug"]
@@ -65,8 +68,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"clipkd: error: {os_error_message(exc.filename, exc, 'access')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("clipkd: interrupted", file=sys.stderr)
+        _say_interrupted()
         return 130
+
+
+_said_interrupted = False
+
+
+def _say_interrupted() -> None:
+    global _said_interrupted
+    if not _said_interrupted:
+        _said_interrupted = True
+        print("clipkd: interrupted", file=sys.stderr, flush=True)
+
+
+def _second_interrupt_exits() -> None:
+    """The first Ctrl-C stops the command as always (KeyboardInterrupt: files closed, lock released, rc 130). A
+    second one while it winds down (a double press, milliseconds apart) ends the process at once and quietly:
+    otherwise it lands in the clean-up or in the interpreter's wait for threads at exit and prints a traceback.
+    Every write is atomic and a resume drops what a killed run left, so stopping there loses nothing."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # someone (an embedding program, a debugger) handles Ctrl-C: theirs to keep
+
+    def again(signum: int, frame: object) -> None:
+        _say_interrupted()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(130)
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, again)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
 
 
 def _setup_logging(debug: bool) -> None:

@@ -38,7 +38,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is the file's fault
-        raise ModelError(f"checkpoint {path} cannot be read ({exc}); it may be truncated or not a clipkd file") from None
+        from clipkd.models.state import load_error_cause
+
+        cause = "an empty file" if path.stat().st_size == 0 else load_error_cause(exc)
+        raise ModelError(f"checkpoint {path} cannot be read ({cause}): it is damaged or not a "
+                         f"checkpoint clipkd wrote (clipkd never runs code from one); {_fix(path)}") from None
     if not isinstance(data, dict) or "state_dict" not in data:
-        raise ModelError(f"checkpoint {path} has no 'state_dict'; it is not a clipkd checkpoint")
+        raise ModelError(f"checkpoint {path} has no 'state_dict': it is damaged or not a checkpoint clipkd wrote; "
+                         f"{_fix(path)}")
     return data
+
+
+def _fix(path: Path) -> str:
+    if path.name == "last.pt":
+        return ("put back a good copy, or delete it and rerun with --resume to train the run again from its "
+                "first epoch")
+    return "put back a good copy, or train the run again"

@@ -193,28 +193,23 @@ class RunDir:
     # ------------------------------------------------------------------------------------ resume
     def clean_for_resume(self, epoch: int) -> list[str]:
         """Drop what a killed run left after its last checkpoint: step/epoch lines of later epochs in
-        ``metrics.jsonl`` and temp files of interrupted writes. Only call while holding the lock."""
+        ``metrics.jsonl``, log lines after that epoch's in ``log.txt``, and temp files of interrupted writes.
+        A damaged ``metrics.jsonl`` is refused before anything changes. Only call while holding the lock."""
+        from clipkd.engine.runlog import trim_log
+
+        metrics = self.path / METRICS_FILE
+        kept, dropped = _metrics_through(metrics, epoch) if metrics.is_file() else ([], 0)
         removed = []
         for folder in (self.path, self.path / "checkpoints"):
             for tmp in stale_temp_files(folder):
                 tmp.unlink(missing_ok=True)
                 removed.append(str(tmp))
-        metrics = self.path / METRICS_FILE
-        if metrics.is_file():
-            kept, dropped = [], 0
-            for line in metrics.read_text().splitlines():
-                try:
-                    row: dict[str, Any] = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by the kill
-                    dropped += 1
-                    continue
-                if row.get("kind") == "results" or int(row.get("epoch", 0)) > epoch:
-                    dropped += 1
-                else:
-                    kept.append(line)
-            if dropped:
-                atomic_write_text(metrics, "".join(f"{line}\n" for line in kept))
-                removed.append(f"{dropped} lines of {metrics} after epoch {epoch}")
+        if dropped:
+            atomic_write_text(metrics, "".join(f"{line}\n" for line in kept))
+            removed.append(f"{dropped} lines of {metrics} after epoch {epoch}")
+        cut = trim_log(self.path / LOG_FILE, epoch)
+        if cut:
+            removed.append(f"{cut} lines of {self.path / LOG_FILE} after epoch {epoch}")
         return removed
 
 
@@ -224,6 +219,37 @@ def check_evaluation_file(path: str | os.PathLike) -> None:
     if p.name in (RESULTS_FILE, *RUN_FILES, LOCK_FILE) and RunDir(p.parent).holds_run:
         raise TrainingError(f"--output {p} is a file of the run in {p.parent}, and an evaluation never replaces a "
                             f"run's {RESULTS_FILE}; pass --output FILE outside the run folder")
+
+
+def _metrics_through(metrics: Path, epoch: int) -> tuple[list[str], int]:
+    """The lines of ``metrics.jsonl`` up to ``epoch`` and how many others (later epochs, results, a line cut by
+    a kill) there are; a TrainingError naming the file when something else damaged it."""
+    try:
+        text = metrics.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = metrics.read_bytes()[: exc.start].count(b"\n") + 1
+        raise TrainingError(_damaged(metrics, f"line {line} is not UTF-8 text")) from None
+    kept, dropped = [], 0
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            row: Any = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            dropped += 1
+            continue
+        try:
+            later = row.get("kind") == "results" or int(row.get("epoch", 0)) > epoch
+        except (AttributeError, TypeError, ValueError):
+            raise TrainingError(_damaged(metrics, f"line {n} is not a clipkd metrics record")) from None
+        if later:
+            dropped += 1
+        else:
+            kept.append(line)
+    return kept, dropped
+
+
+def _damaged(metrics: Path, what: str) -> str:
+    return (f"{metrics} is damaged ({what}); delete that line, or the whole file (it only holds the run's "
+            "curves), and rerun with --resume")
 
 
 def _read_holder(fd: int) -> str:

@@ -6,18 +6,23 @@ file also holds what else clipkd reported meanwhile (warnings, and progress wher
 run's own lines always reach its file; they reach the console only when the run echoes (not the demo's or
 tests' runs), and only through handlers the application configured (clipkd never sets a level on its own
 outside the CLI).
+
+A write that fails (a full disk) is an :class:`~clipkd.fileio.OutputError` naming the file, raised where the
+line was written, not the logging module's "--- Logging error ---" report; a ``metrics.jsonl`` line is written
+whole or not at all, so the lines before it stay readable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from clipkd.fileio import OutputError, os_error_message
+from clipkd.fileio import OutputError, atomic_write, os_error_message, write_failure
 
 LOGGER = "clipkd"
 _RUN_LINE = "clipkd_run_line"  # a RunLog line: already in the run's file, so its file handler skips it
@@ -40,6 +45,49 @@ class _Console(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # noqa: ANN001
         pass
+
+
+class _RunFile(logging.FileHandler):
+    """``log.txt``: a failed write raises an OutputError naming the file (logging would print a traceback and
+    go on); closing after such a failure does not raise a second time."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        failure = write_failure(sys.exc_info()[1])
+        if failure is None:
+            super().handleError(record)
+            return
+        raise OutputError(os_error_message(self.baseFilename, failure)) from failure
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:  # the buffered rest of a line the full disk refused: already reported
+            pass
+
+
+class _MetricsFile:
+    """``metrics.jsonl``, appended line by line, unbuffered: a line the disk refuses is cut off again, so the
+    file ends with the last complete line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "ab", buffering=0)
+
+    def append(self, line: str) -> None:
+        data = memoryview(line.encode("utf-8"))
+        start = self._f.seek(0, 2)
+        try:
+            while data:
+                data = data[self._f.write(data):]
+        except OSError as exc:
+            try:
+                self._f.truncate(start)
+            except OSError:
+                pass
+            raise OutputError(os_error_message(self.path, exc)) from exc
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
@@ -80,8 +128,8 @@ class RunLog:
             return
         folder = Path(folder)
         try:
-            self._file = logging.FileHandler(folder / "log.txt", mode="a", encoding="utf-8")
-            self._jsonl = open(folder / "metrics.jsonl", "a", buffering=1, encoding="utf-8")
+            self._file = _RunFile(folder / "log.txt", mode="a", encoding="utf-8")
+            self._jsonl = _MetricsFile(folder / "metrics.jsonl")
         except OSError as exc:
             self.close()
             raise OutputError(os_error_message(exc.filename or folder, exc, "open")) from exc
@@ -104,7 +152,7 @@ class RunLog:
     def metrics(self, kind: str, **values: Any) -> None:
         if self._jsonl is None:
             return
-        self._jsonl.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **values}) + "\n")
+        self._jsonl.append(json.dumps({"kind": kind, "time": round(time.time(), 3), **values}) + "\n")
         if self._tb is not None:
             step = values.get("global_step", values.get("epoch", 0))
             for name, value in _scalars(values):
@@ -132,3 +180,27 @@ def _scalars(values: dict, prefix: str = "") -> list[tuple[str, float]]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out.append((f"{prefix}{key}", float(value)))
     return out
+
+
+# The line train.py writes as an epoch ends, just before that epoch's last.pt: "epoch [3/20] loss ...".
+_EPOCH_LINE = re.compile(rb"epoch \[(\d+)/\d+\] ")
+
+
+def trim_log(path: Path, epoch: int) -> int:
+    """Cut ``log.txt`` after the line of ``epoch`` (all of it for epoch 0), so that a resumed run's log reads as
+    an uninterrupted run's, plus a "resumed from" line; returns how many lines went. A log without that line
+    (not written by this run's clipkd) is left as it is. Bytes, not text: a damaged log never stops a resume."""
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    end = 0
+    if epoch > 0:
+        ends = [i for i, line in enumerate(lines) if (m := _EPOCH_LINE.match(line)) and int(m.group(1)) == epoch]
+        if not ends:
+            return 0
+        end = ends[-1] + 1
+    if end == len(lines):
+        return 0
+    kept = b"".join(lines[:end])
+    atomic_write(path, lambda f: f.write(kept))
+    return len(lines) - end

@@ -148,13 +148,21 @@ def _load_tolerant(path: str | os.PathLike[str]) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _gist(exc: Exception) -> str:
-    """The informative line of a loading error (torch's weights-only errors start with a generic paragraph)."""
+# Torch's advice in its loading errors (retry with weights_only=False, allow-list the file's globals): both would
+# run code the file names, so clipkd never passes them on.
+_UNSAFE_ADVICE = re.compile(r"weights_only|safe_globals|allowlist|trust", re.IGNORECASE)
+
+
+def load_error_cause(exc: BaseException) -> str:
+    """What went wrong reading a file, as ``Type: first sentence`` of torch's informative line (its weights-only
+    errors start with a generic paragraph), never torch's advice to load it unsafely."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if "GLOBAL" in line or line.startswith(("Can only", "Unsupported", "Trying to")):
-            return line.rstrip(".")
-    return lines[0].rstrip(".") if lines else ""
+    line = next((x for x in lines if "GLOBAL" in x or x.startswith(("Can only", "Unsupported", "Trying to"))),
+                lines[0] if lines else "")
+    sentence = re.split(r"\.\s", line.removeprefix("WeightsUnpickler error:").strip(), maxsplit=1)[0].rstrip(".")
+    if not sentence or _UNSAFE_ADVICE.search(sentence):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {sentence}"
 
 
 def read_state_dict(path: str | os.PathLike[str], *, what: str = "checkpoint",
@@ -172,7 +180,7 @@ def read_state_dict(path: str | os.PathLike[str], *, what: str = "checkpoint",
         obj = _load_tolerant(path)
     except Exception as e:  # noqa: BLE001 - torch raises many types for unreadable files
         raise ModelError(
-            f"cannot read {what} {path}: {type(e).__name__}: {_gist(e)}. clipkd reads tensors and plain "
+            f"cannot read {what} {path}: {load_error_cause(e)}. clipkd reads tensors and plain "
             "containers only and never runs code from a checkpoint; if the file is truncated, copy it again, "
             "or save just its state dict as {'state_dict': ...} with the tool that wrote it"
         ) from e

@@ -138,9 +138,18 @@ def save_compact(model, tokenizer, path: Path, **meta) -> None:  # noqa: ANN001
 
 def expand_compact(path: Path, out: Path) -> Path:
     """Write a full open_clip state dict (unused token rows zero) that ``create_clip`` can load as a file."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a clipkd toy weights file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling problem is the file's fault
+        payload = exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        from clipkd.errors import ModelError
+        from clipkd.models.state import load_error_cause
+
+        cause = f" ({load_error_cause(payload)})" if isinstance(payload, Exception) else ""
+        raise ModelError(f"toy weights {path} cannot be read{cause}: it is damaged or not a clipkd toy weights "
+                         "file (clipkd never runs code from one); delete it (clipkd demo pretrains it again) or "
+                         "reinstall clipkd")
     state = dict(payload["state_dict"])
     rows = payload["token_rows"]
     emb = torch.zeros(payload["vocab_size"], rows.shape[1], dtype=rows.dtype)
