@@ -106,7 +106,7 @@ def test_choices_are_derived_from_the_registries():
         assert reg.key == key and CHOICES[key] == reg.names()
     assert set(CHOICES) == set(REGISTRIES) | {
         "INPUT.INTERPOLATION", "DISTILL.PROTOCOL", "OPTIM.LR_SCHEDULER", "OPTIM.PRECISION", "TEST.FINAL_MODEL",
-        "DATASET.SUBSAMPLE_CLASSES",
+        "DATASET.SUBSAMPLE_CLASSES", "DISTILL.DKD_TARGET",
     }
     assert len(CHOICES) == len(list(CHOICES))
     assert CHOICES["DATASET.SUBSAMPLE_CLASSES"] == ("all", "base")
