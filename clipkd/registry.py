@@ -22,7 +22,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,17 @@ class Registry:
                 return found
         return tuple(inspect.signature(self.get(key)).parameters)
 
+    def entrypoint(self, name: object, method: str | None = None) -> Callable[..., Any]:
+        """What builds ``name``: its target (or the target's ``method``, e.g. a student class's ``from_cfg``),
+        which must be callable; a name registered without one is a ConfigError here, never a silent default."""
+        target = self.get(name)
+        fn = target if method is None else getattr(target, method, None)
+        if not callable(fn):
+            what = f"{target!r} has no callable {method!r}" if method and target is not None else f"its target is {target!r}"
+            raise ConfigError(f"{self.key} {name!r} is registered but nothing builds it ({what}); register "
+                              f"what implements it in clipkd.registry")
+        return fn
+
     def attribute(self, name: object, attr: str, default: Any = _MISSING) -> Any:
         """What ``name``'s target (a class) declares as ``attr``, e.g. ``STUDENTS.attribute("ivlp",
         "own_text_tower")``.
@@ -204,14 +215,10 @@ class Registry:
         return getattr(self.get(key), attr, default)
 
     def get(self, name: object) -> Any:
-        """The target of ``name``, importing it on first use (ConfigError for an unknown name, and for a name
-        registered without a target: nothing would build it)."""
+        """The target of ``name``, importing it on first use (ConfigError for an unknown name)."""
         key = self.check(name)
         if key not in self._resolved:
             target = self._targets[key]
-            if target is None:
-                raise ConfigError(f"{self.key} {key!r} is registered without a target, so nothing builds it; "
-                                  f"register what implements it (clipkd.registry)")
             self._resolved[key] = _resolve(target) if isinstance(target, str) else target
         return self._resolved[key]
 

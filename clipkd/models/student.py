@@ -325,4 +325,4 @@ def build_student(cfg: CfgNode, teacher: Teacher | None = None, *,
     """The student that ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe: the class MODEL.STUDENT.TYPE names
     in ``clipkd.registry.STUDENTS``, built by its ``from_cfg``."""
     kind = STUDENTS.check(str(cfg.MODEL.STUDENT.TYPE).lower())  # ConfigError for a name the registry does not hold
-    return STUDENTS.get(kind).from_cfg(cfg, teacher, device=device)
+    return STUDENTS.entrypoint(kind, "from_cfg")(cfg, teacher, device=device)

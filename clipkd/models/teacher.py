@@ -24,7 +24,6 @@ from clipkd.models.prompts import (
     load_ivlp_state_dict,
     normalize,
 )
-
 from clipkd.registry import TEMPLATES
 
 if TYPE_CHECKING:
@@ -172,7 +171,7 @@ def dataset_templates(cfg: CfgNode, template: str | None = None) -> tuple[Templa
 
 def templates_for(cfg: CfgNode, template: str | None = None) -> tuple[Template, ...]:
     """The templates MODEL.TEACHER.TEMPLATES names, from its registered function (``clipkd.registry.TEMPLATES``)."""
-    return tuple(TEMPLATES.get(cfg.MODEL.TEACHER.TEMPLATES)(cfg, template))
+    return tuple(TEMPLATES.entrypoint(cfg.MODEL.TEACHER.TEMPLATES)(cfg, template))
 
 
 def zero_shot_clip(name: str, pretrained: str, templates: Sequence[Template], *, quick_gelu: bool = False,
