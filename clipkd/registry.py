@@ -191,7 +191,8 @@ class Registry:
         target = self.get(name)
         fn = target if method is None else getattr(target, method, None)
         if not callable(fn):
-            what = f"{target!r} has no callable {method!r}" if method and target is not None else f"its target is {target!r}"
+            what = (f"{target!r} has no callable {method!r}" if method and target is not None
+                    else f"its target is {target!r}")
             raise ConfigError(f"{self.key} {name!r} is registered but nothing builds it ({what}); register "
                               f"what implements it in clipkd.registry")
         return fn

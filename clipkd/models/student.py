@@ -19,16 +19,13 @@ from torch import nn
 from clipkd.errors import ConfigError, ModelError
 from clipkd.models.factory import create_clip
 from clipkd.models.prompts import (
-    DROPPED_KEYS,
     PromptedTextEncoder,
     PromptedVisionEncoder,
-    infer_ivlp_sizes,
     ivlp_prompt_parameters,
     ivlp_state_dict,
-    is_frozen_clip_key,
     normalize,
 )
-from clipkd.models.state import copy_state_strict
+from clipkd.models.state import copy_state_strict, infer_ivlp_sizes, prompt_keys
 from clipkd.models.teacher import Teacher, clip_logit_scale
 from clipkd.registry import STUDENTS
 
@@ -73,9 +70,10 @@ class _Student(nn.Module):
     """Shared parts of the students, and what each declares to the code that builds and trains it.
 
     A student class is what ``clipkd.registry.STUDENTS`` names; the run asks the class (never the name) what it
-    needs: ``needs_teacher`` (the teacher is built even without distillation, e.g. as the classifier),
-    with ``needs_teacher_reason``, ``own_text_tower`` (it learns its own class embeddings, as PromptSRC's objective requires),
-    ``min_images_per_process`` with ``min_images_reason`` (the smallest per-process batch a training step takes).
+    needs: ``needs_teacher`` with ``needs_teacher_reason`` (the teacher is built even without distillation, e.g.
+    as the classifier), ``own_text_tower`` (it learns its own class embeddings, as PromptSRC's objective
+    requires), ``min_images_per_process`` with ``min_images_reason`` (the smallest per-process batch a training
+    step takes; 0: no minimum).
     """
 
     image_encoder: PromptedVisionEncoder
@@ -93,7 +91,8 @@ class _Student(nn.Module):
         """The student ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe, on ``device``."""
         s = cfg.MODEL.STUDENT
         if cls.needs_teacher and teacher is None:
-            raise ConfigError(f"MODEL.STUDENT.TYPE {s.TYPE} needs the teacher ({cls.needs_teacher_reason})")
+            raise ConfigError(f"MODEL.STUDENT.TYPE {str(s.TYPE).lower()} needs the teacher "
+                              f"({cls.needs_teacher_reason})")
         clip_model, tokenizer = create_clip(s.NAME, s.PRETRAINED, quick_gelu=s.QUICK_GELU, device=device,
                                             config_key="MODEL.STUDENT.PRETRAINED")
         return cls.from_clip(clip_model, tokenizer, cfg.MODEL.PROMPT, teacher).to(device)
@@ -150,7 +149,7 @@ class _Student(nn.Module):
         """
         sd = self._rename_legacy(state_dict, source)
         if ignore_frozen_clip_weights:
-            sd = {k: v for k, v in sd.items() if k not in DROPPED_KEYS and not is_frozen_clip_key(k)}
+            sd = prompt_keys(sd)
         copy_state_strict(
             self._trainable_targets(),
             sd,

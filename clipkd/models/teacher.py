@@ -20,10 +20,10 @@ from clipkd.errors import ConfigError, ModelError
 from clipkd.models.prompts import (
     PromptedTextEncoder,
     PromptedVisionEncoder,
-    infer_ivlp_sizes,
     load_ivlp_state_dict,
     normalize,
 )
+from clipkd.models.state import infer_ivlp_sizes
 from clipkd.registry import TEMPLATES
 
 if TYPE_CHECKING:
