@@ -225,7 +225,7 @@ class Registry:
 
 
 # ------------------------------------------------------------------------------------------------ registries
-# Student classes: each builds itself (``from_cfg``) and declares what it needs (clipkd.models.student._Student).
+# Student classes: each builds itself (``from_cfg``) and declares what it needs (clipkd.models.student.Student).
 STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",

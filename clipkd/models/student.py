@@ -66,7 +66,7 @@ class Projector(nn.Module):
         return self.layers(x[:, :, None, None]).flatten(1)
 
 
-class _Student(nn.Module):
+class Student(nn.Module):
     """Shared parts of the students, and what each declares to the code that builds and trains it.
 
     A student class is what ``clipkd.registry.STUDENTS`` names; the run asks the class (never the name) what it
@@ -87,7 +87,7 @@ class _Student(nn.Module):
 
     @classmethod
     def from_cfg(cls, cfg: CfgNode, teacher: Teacher | None = None, *,
-                 device: str | torch.device = "cpu") -> _Student:
+                 device: str | torch.device = "cpu") -> Student:
         """The student ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe, on ``device``."""
         s = cfg.MODEL.STUDENT
         if cls.needs_teacher and teacher is None:
@@ -99,7 +99,7 @@ class _Student(nn.Module):
 
     @classmethod
     def from_clip(cls, clip_model: nn.Module, tokenizer: Callable[[Sequence[str]], torch.Tensor],
-                  prompt: CfgNode, teacher: Teacher | None) -> _Student:
+                  prompt: CfgNode, teacher: Teacher | None) -> Student:
         """The student around a freshly built frozen CLIP, with the prompt sizes of ``prompt`` (MODEL.PROMPT)."""
         raise NotImplementedError(f"{cls.__name__} does not say how it is built from a CLIP model")
 
@@ -189,7 +189,7 @@ class _Student(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-class PromptKDStudent(_Student):
+class PromptKDStudent(Student):
     """PromptKD's student: frozen CLIP image encoder + deep visual prompts + projector, no text encoder.
 
     Its image features live in the teacher's embedding space; its classifier is the teacher's class
@@ -258,7 +258,7 @@ class PromptKDStudent(_Student):
         return self._class_embedder(classnames)
 
 
-class IVLPStudent(_Student):
+class IVLPStudent(Student):
     """Frozen CLIP with learnable deep prompts in both towers and its own text encoder (PromptSRC's IVLP).
 
     ``text_features`` is differentiable through the text prompts and recomputed on every call while training.
@@ -320,7 +320,7 @@ class IVLPStudent(_Student):
 
 
 def build_student(cfg: CfgNode, teacher: Teacher | None = None, *,
-                  device: str | torch.device = "cpu") -> _Student:
+                  device: str | torch.device = "cpu") -> Student:
     """The student that ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe: the class MODEL.STUDENT.TYPE names
     in ``clipkd.registry.STUDENTS``, built by its ``from_cfg``."""
     kind = STUDENTS.check(str(cfg.MODEL.STUDENT.TYPE).lower())  # ConfigError for a name the registry does not hold
