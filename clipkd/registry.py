@@ -22,7 +22,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,9 @@ def _resolve(path: str) -> Any:
     return obj
 
 
-def _source_arguments(path: str) -> tuple[str, ...] | None:
-    """The argument names of the plain top-level ``def`` an import path names, read from its source file
-    without importing anything (not even the parent packages, whose ``__init__`` may import torch); None
-    when that cannot be done (no source file, a decorated or nested target)."""
-    module, _, attr = path.partition(":")
+def _source_tree(module: str) -> ast.Module | None:
+    """The parsed source of ``module``, found without importing anything (not even its parent packages, whose
+    ``__init__`` may import torch); None when there is no readable source file."""
     parts = module.split(".")
     try:
         spec = importlib.util.find_spec(parts[0])
@@ -57,10 +55,17 @@ def _source_arguments(path: str) -> tuple[str, ...] | None:
             spec = importlib.machinery.PathFinder.find_spec(part, list(spec.submodule_search_locations))
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             return None
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
     except (ImportError, OSError, SyntaxError, UnicodeDecodeError, ValueError):
         return None
-    for node in tree.body:
+
+
+def _source_arguments(path: str) -> tuple[str, ...] | None:
+    """The argument names of the plain top-level ``def`` an import path names, read from its source file;
+    None when that cannot be done (no source file, a decorated or nested target)."""
+    module, _, attr = path.partition(":")
+    tree = _source_tree(module)
+    for node in tree.body if tree else ():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == attr:
             if node.decorator_list:  # a decorator may change the signature: ask the object itself
                 return None
@@ -71,12 +76,47 @@ def _source_arguments(path: str) -> tuple[str, ...] | None:
     return None
 
 
+def _source_class_attribute(path: str, attr: str) -> Any:
+    """The literal value ``attr`` is given in the body of the top-level class an import path names (or of a
+    base class defined in the same module), read from its source file; _MISSING when that cannot be done (no
+    source, not assigned there, not a literal)."""
+    module, _, name = path.partition(":")
+    tree = _source_tree(module)
+    classes = {node.name: node for node in (tree.body if tree else ()) if isinstance(node, ast.ClassDef)}
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        node = classes.get(todo.pop(0))
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        for stmt in node.body:
+            if isinstance(stmt, ast.Assign):
+                targets, value = stmt.targets, stmt.value
+            elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+                targets, value = [stmt.target], stmt.value
+            else:
+                continue
+            if any(isinstance(t, ast.Name) and t.id == attr for t in targets):
+                try:
+                    return ast.literal_eval(value)
+                except ValueError:
+                    return _MISSING
+        bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
+        if len(bases) != len(node.bases) or any(b not in classes for b in bases):
+            return _MISSING  # a base from elsewhere may set it: ask the class itself
+        todo.extend(bases)
+    return _MISSING
+
+
 class Registry:
     """Names a config key accepts, each with a lazily resolved target.
 
     A target is an import path ``"package.module:attribute"`` (resolved, then cached, on the first
-    :meth:`get`), any other object (returned as is), or ``None`` for a name whose meaning the code that reads
-    the key implements itself. Names keep their registration order, which is the order messages list them in.
+    :meth:`get`) or any other object (returned as is): what the code that reads the key calls or builds, so
+    that a name is its implementation and nothing branches on the string. A name registered with ``None``
+    is accepted by the config but :meth:`get` refuses it (nothing builds it). Names keep their registration
+    order, which is the order messages list them in.
     """
 
     def __init__(self, key: str, entries: Mapping[str, Any] | None = None) -> None:
@@ -145,6 +185,36 @@ class Registry:
                 return found
         return tuple(inspect.signature(self.get(key)).parameters)
 
+    def entrypoint(self, name: object, method: str | None = None) -> Callable[..., Any]:
+        """What builds ``name``: its target (or the target's ``method``, e.g. a student class's ``from_cfg``),
+        which must be callable; a name registered without one is a ConfigError here, never a silent default."""
+        target = self.get(name)
+        fn = target if method is None else getattr(target, method, None)
+        if not callable(fn):
+            what = (f"{target!r} has no callable {method!r}" if method and target is not None
+                    else f"its target is {target!r}")
+            raise ConfigError(f"{self.key} {name!r} is registered but nothing builds it ({what}); register "
+                              f"what implements it in clipkd.registry")
+        return fn
+
+    def attribute(self, name: object, attr: str, default: Any = _MISSING) -> Any:
+        """What ``name``'s target (a class) declares as ``attr``, e.g. ``STUDENTS.attribute("ivlp",
+        "own_text_tower")``.
+
+        Read from the source without importing it while its module is not imported yet (so the config can ask
+        what a student needs without importing torch), from the class body or its bases in the same module;
+        otherwise, and for a value the source does not give as a literal there, from the imported class.
+        """
+        key = self.check(name)
+        target = self._targets[key]
+        if isinstance(target, str) and key not in self._resolved and target.partition(":")[0] not in sys.modules:
+            found = _source_class_attribute(target, attr)
+            if found is not _MISSING:
+                return found
+        if default is _MISSING:
+            return getattr(self.get(key), attr)
+        return getattr(self.get(key), attr, default)
+
     def get(self, name: object) -> Any:
         """The target of ``name``, importing it on first use (ConfigError for an unknown name)."""
         key = self.check(name)
@@ -155,6 +225,7 @@ class Registry:
 
 
 # ------------------------------------------------------------------------------------------------ registries
+# Student classes: each builds itself (``from_cfg``) and declares what it needs (clipkd.models.student.Student).
 STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",
@@ -190,10 +261,10 @@ OPTIMIZERS = Registry("OPTIM.NAME", {
     "adamw": "torch.optim:AdamW",
 })
 
-# "dataset": the dataset's own template (DATASET.NAME's spec, or the one the caller passes), which
-# build_teacher looks up itself; "ensemble": CLIP's 80 ImageNet templates.
+# Functions (cfg, template) -> the zero-shot templates: "dataset": the dataset's own template (the one the
+# caller passes, else DATASET.NAME's); "ensemble": CLIP's 80 ImageNet templates.
 TEMPLATES = Registry("MODEL.TEACHER.TEMPLATES", {
-    "dataset": None,
+    "dataset": "clipkd.models.teacher:dataset_templates",
     "ensemble": "clipkd.models.teacher:ensemble_templates",
 })
 

@@ -8,7 +8,8 @@ What needs the data, model files or a device (DATASET.ROOT, MODEL.TEACHER.CHECKP
 sizes against the data, fp16 without CUDA) is checked by the run itself, not here.
 
 Imports neither torch nor open_clip: ``config show`` answers at once. Which settings a loss takes is read from
-its registered function's signature (:meth:`clipkd.registry.Registry.arguments`).
+its registered function's signature (:meth:`clipkd.registry.Registry.arguments`), what a student has from its
+registered class's declarations (:meth:`clipkd.registry.Registry.attribute`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from yacs.config import CfgNode
 
 from clipkd.errors import ConfigError
-from clipkd.registry import LOSSES
+from clipkd.registry import LOSSES, STUDENTS
 
 # A loss function's arguments that are data, not settings.
 DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
@@ -83,8 +84,9 @@ def check_promptsrc_config(cfg: CfgNode) -> None:
     """The settings PromptSRC (DISTILL.OBJECTIVE promptsrc) cannot train with."""
     d, p = cfg.DISTILL, cfg.PROMPTSRC
     problems = []
-    if cfg.MODEL.STUDENT.TYPE != "ivlp":
-        problems.append("it trains prompts in both towers: set MODEL.STUDENT.TYPE ivlp")
+    if not STUDENTS.attribute(cfg.MODEL.STUDENT.TYPE, "own_text_tower"):
+        fits = [n for n in STUDENTS if STUDENTS.attribute(n, "own_text_tower")]
+        problems.append(f"it trains prompts in both towers: set MODEL.STUDENT.TYPE {' or '.join(fits)}")
     if d.WEIGHT != 0:
         problems.append("it has no teacher: set DISTILL.WEIGHT 0 (else a teacher is built for nothing)")
     if d.PROTOCOL != "inductive":

@@ -10,6 +10,7 @@ epochs with W = 1 gets 0.0245 * LR). Checked by running Dassl's scheduler code s
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Iterable
 
@@ -26,7 +27,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: CfgNode) -> torch
     if not params:
         raise ConfigError("the student has no trainable parameters; check MODEL.PROMPT.* (depth and n_ctx)")
     optimizer_cls = OPTIMIZERS.get(o.NAME)  # ConfigError for a name the registry does not hold
-    extra = {"momentum": o.MOMENTUM} if o.NAME == "sgd" else {}
+    # OPTIM.MOMENTUM goes to the optimizers that take one (SGD), not by name
+    extra = {"momentum": o.MOMENTUM} if "momentum" in inspect.signature(optimizer_cls).parameters else {}
     return optimizer_cls(params, lr=o.LR, weight_decay=o.WEIGHT_DECAY, **extra)
 
 

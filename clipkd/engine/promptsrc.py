@@ -207,7 +207,7 @@ def build_promptsrc_objective(cfg: CfgNode, student: nn.Module | None = None,
                               classnames: Sequence[str] = ()) -> PromptSRCObjective:
     """DISTILL.OBJECTIVE promptsrc for ``student`` (an IVLP student) trained on ``classnames``."""
     check_promptsrc_config(cfg)
-    if student is None or not hasattr(student, "text_encoder") or not classnames:
+    if student is None or not getattr(student, "own_text_tower", False) or not classnames:
         raise ConfigError("DISTILL.OBJECTIVE promptsrc needs the ivlp student and the training class names "
                           "(build_objective(cfg, student, classnames))")
     p = cfg.PROMPTSRC

@@ -38,6 +38,7 @@ from clipkd.engine.train import (Trainee, TrainState, autocast_for, restore_rng,
 from clipkd.errors import ConfigError, TrainingError
 from clipkd.fileio import atomic_write_text
 from clipkd.models.teacher import ZERO_SHOT
+from clipkd.registry import STUDENTS
 
 WHICH = ("final", "teacher", "student")  # trained student, configured teacher, zero-shot student CLIP
 # results.json "selected_on": how the final epoch was chosen (reports never average "base_test" with the rest)
@@ -99,7 +100,7 @@ def prepare_data(cfg: CfgNode) -> RunData:
 
 
 def needs_teacher(cfg: CfgNode) -> bool:
-    return cfg.MODEL.STUDENT.TYPE == "promptkd" or cfg.DISTILL.WEIGHT > 0
+    return STUDENTS.get(cfg.MODEL.STUDENT.TYPE).needs_teacher or cfg.DISTILL.WEIGHT > 0
 
 
 def model_input_size(name: str) -> tuple[int, int] | None:
@@ -150,9 +151,11 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
     if batch % world:
         raise ConfigError(f"DATALOADER.TRAIN_X.BATCH_SIZE {batch} must divide among {world} processes")
     per_process = min(batch, len(data.train.train)) // world
-    if cfg.MODEL.STUDENT.TYPE == "promptkd" and per_process < 2:
+    student = STUDENTS.get(cfg.MODEL.STUDENT.TYPE)
+    if per_process < student.min_images_per_process:
         raise ConfigError(
-            f"the PromptKD projector uses BatchNorm, which needs at least 2 images per process and step; "
+            f"{student.min_images_reason}, which needs at least {student.min_images_per_process} images per "
+            f"process and step; "
             f"this run has {per_process} (DATALOADER.TRAIN_X.BATCH_SIZE {batch}, {world} process(es), "
             f"{len(data.train.train)} training images): raise the batch size or NUM_SHOTS")
     size = tuple(cfg.INPUT.SIZE)

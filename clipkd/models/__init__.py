@@ -15,6 +15,7 @@ from clipkd.models.student import (
     IVLPStudent,
     Projector,
     PromptKDStudent,
+    Student,
     build_student,
 )
 from clipkd.models.teacher import Teacher, build_teacher, ensemble_templates, templates_for, zero_shot_clip
@@ -26,6 +27,7 @@ __all__ = [
     "PromptKDStudent",
     "PromptedTextEncoder",
     "PromptedVisionEncoder",
+    "Student",
     "Teacher",
     "build_student",
     "build_teacher",

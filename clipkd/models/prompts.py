@@ -15,12 +15,12 @@ Placement (PROTOCOL.md section 2), which PromptSRC/PromptKD checkpoints need to 
   their input. Pooling stays at end-of-text.
 
 Internal parameter names are ``VPT`` / ``ctx`` and ``VPT_shallow.<block>``; :func:`ivlp_state_dict` and
-:func:`load_ivlp_state_dict` translate them to and from PromptSRC's checkpoint keys.
+:func:`load_ivlp_state_dict` give and take them under PromptSRC's checkpoint keys, which
+:mod:`clipkd.models.state` defines (with what else a PromptSRC / PromptKD file holds).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -28,21 +28,16 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from clipkd.errors import ConfigError, ModelError
-from clipkd.models.state import copy_state_strict
+from clipkd.models.state import (
+    KEY_TEXT_CTX,
+    KEY_TEXT_SHALLOW,
+    KEY_VISION_SHALLOW,
+    KEY_VISION_VPT,
+    copy_state_strict,
+    prompt_keys,
+)
 
 PROMPT_INIT_STD = 0.02  # PromptSRC / MaPLe / VPT initialise every prompt with N(0, 0.02^2)
-
-# PromptSRC checkpoint keys.
-KEY_TEXT_CTX = "prompt_learner.ctx"
-KEY_VISION_VPT = "image_encoder.VPT"
-KEY_TEXT_SHALLOW = "text_encoder.transformer.resblocks.{}.VPT_shallow"
-KEY_VISION_SHALLOW = "image_encoder.transformer.resblocks.{}.VPT_shallow"
-# Class-dependent buffers of PromptSRC's prompt learner (PromptKD's adds the ``2`` pair for the new classes):
-# rebuilt from the class names, never loaded.
-DROPPED_KEYS = frozenset({"prompt_learner.token_prefix", "prompt_learner.token_suffix",
-                          "prompt_learner.token_prefix2", "prompt_learner.token_suffix2"})
-
-_SHALLOW_RE = re.compile(r"^(image_encoder|text_encoder)\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
 
 
 def _check_prompt_size(n_ctx: int, depth: int, layers: int, tower: str) -> tuple[int, int]:
@@ -382,22 +377,6 @@ def ivlp_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach() for k, p in ivlp_prompt_parameters(model).items()}
 
 
-def is_frozen_clip_key(key: str) -> bool:
-    """Keys of frozen CLIP weights that Dassl saves along with the prompts (whole-model state dicts).
-
-    PromptSRC/PromptKD save ``model.state_dict()`` of their whole CustomCLIP, so a released
-    ``model-best.pth.tar`` also holds the frozen encoders (``image_encoder.*``, ``text_encoder.*``,
-    ``logit_scale``) and PromptSRC's frozen zero-shot copy (``prompt_learner.ZS_image_encoder.*``).
-    Prompt keys (``*VPT*``, ``prompt_learner.ctx``) are never frozen-CLIP keys.
-    """
-    if key.endswith("VPT") or key.endswith("VPT_shallow") or key == KEY_TEXT_CTX:
-        return False
-    return (
-        key.startswith(("image_encoder.", "text_encoder.", "prompt_learner.ZS_image_encoder."))
-        or key in ("logit_scale", "logit_bias")
-    )
-
-
 def load_ivlp_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -411,11 +390,9 @@ def load_ivlp_state_dict(
     ``prompt_learner.token_prefix/suffix`` (and PromptKD's ``token_prefix2/suffix2``) are dropped silently
     (class-dependent, rebuilt from class names).
     With ``ignore_frozen_clip_weights`` (default), the frozen CLIP weights that Dassl checkpoints carry along
-    (see :func:`is_frozen_clip_key`) are skipped; every prompt key is still checked strictly.
+    (see :func:`clipkd.models.state.is_frozen_clip_key`) are skipped; every prompt key is still checked strictly.
     """
-    sd = {k: v for k, v in state_dict.items() if k not in DROPPED_KEYS}
-    if ignore_frozen_clip_weights:
-        sd = {k: v for k, v in sd.items() if not is_frozen_clip_key(k)}
+    sd = prompt_keys(state_dict, ignore_frozen_clip_weights=ignore_frozen_clip_weights)
     targets = ivlp_prompt_parameters(model)
     copy_state_strict(
         targets,
@@ -424,39 +401,6 @@ def load_ivlp_state_dict(
         hint="The prompt sizes (MODEL.PROMPT.N_CTX_* / DEPTH_*) or the model (MODEL.*.NAME) differ from "
         "those the checkpoint was trained with",
     )
-
-
-def _prompt_rows(state_dict: Mapping[str, object], key: str, source: str) -> int:
-    """The number of prompt tokens ``state_dict[key]`` holds; a file may hold anything there (a list, a string, a
-    scalar), which is named as the model error it is rather than failing on ``.shape``."""
-    value = state_dict[key]
-    if not isinstance(value, torch.Tensor) or value.dim() != 2:
-        what = f"a {value.dim()}-d tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
-        raise ModelError(f"{source}: '{key}' is {what}, not a tensor of prompts (n_ctx x width); "
-                         "the file is damaged or was not written by PromptSRC, PromptKD or clipkd")
-    return int(value.shape[0])
-
-
-def infer_ivlp_sizes(state_dict: Mapping[str, torch.Tensor], *,
-                     source: str = "the prompt state dict") -> dict[str, int]:
-    """n_ctx and depth of each tower as a PromptSRC-named state dict describes them.
-
-    Depth is 1 + the highest block index with a ``VPT_shallow`` (gaps are caught by the strict loader).
-    ``source`` names the state dict in the error about a prompt that is not a 2-d tensor.
-    """
-    sizes = {"n_ctx_text": 0, "depth_text": 0, "n_ctx_vision": 0, "depth_vision": 0}
-    if KEY_TEXT_CTX in state_dict:
-        sizes["n_ctx_text"] = _prompt_rows(state_dict, KEY_TEXT_CTX, source)
-        sizes["depth_text"] = 1
-    if KEY_VISION_VPT in state_dict:
-        sizes["n_ctx_vision"] = _prompt_rows(state_dict, KEY_VISION_VPT, source)
-        sizes["depth_vision"] = 1
-    for key in state_dict:
-        m = _SHALLOW_RE.match(key)
-        if m:
-            tower = "vision" if m.group(1) == "image_encoder" else "text"
-            sizes[f"depth_{tower}"] = max(sizes[f"depth_{tower}"], int(m.group(2)) + 1)
-    return sizes
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

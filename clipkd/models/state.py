@@ -1,5 +1,6 @@
 """Strict state-dict loading and checkpoint reading (clipkd's and Dassl's PromptSRC / PromptKD files, read
-without running code from them), with errors a user can act on.
+without running code from them), with errors a user can act on; and PromptSRC's checkpoint key names, which
+clipkd writes too, with what else such a file holds (frozen CLIP weights, class-dependent buffers).
 
 torch's own ``load_state_dict`` messages name neither the file nor the fix, and ``strict=False`` (what the
 Dassl trainers use) silently ignores prompts that do not load. Everything here is strict and raises
@@ -81,6 +82,78 @@ def copy_state_strict(
 
 # ------------------------------------------------------------------------------------------------ reading files
 #
+
+# ------------------------------------------------------------------------------------------------ PromptSRC keys
+# PromptSRC checkpoint keys.
+KEY_TEXT_CTX = "prompt_learner.ctx"
+KEY_VISION_VPT = "image_encoder.VPT"
+KEY_TEXT_SHALLOW = "text_encoder.transformer.resblocks.{}.VPT_shallow"
+KEY_VISION_SHALLOW = "image_encoder.transformer.resblocks.{}.VPT_shallow"
+# Class-dependent buffers of PromptSRC's prompt learner (PromptKD's adds the ``2`` pair for the new classes):
+# rebuilt from the class names, never loaded.
+DROPPED_KEYS = frozenset({"prompt_learner.token_prefix", "prompt_learner.token_suffix",
+                          "prompt_learner.token_prefix2", "prompt_learner.token_suffix2"})
+
+_SHALLOW_RE = re.compile(r"^(image_encoder|text_encoder)\.transformer\.resblocks\.(\d+)\.VPT_shallow$")
+
+
+def is_frozen_clip_key(key: str) -> bool:
+    """Keys of frozen CLIP weights that Dassl saves along with the prompts (whole-model state dicts).
+
+    PromptSRC/PromptKD save ``model.state_dict()`` of their whole CustomCLIP, so a released
+    ``model-best.pth.tar`` also holds the frozen encoders (``image_encoder.*``, ``text_encoder.*``,
+    ``logit_scale``) and PromptSRC's frozen zero-shot copy (``prompt_learner.ZS_image_encoder.*``).
+    Prompt keys (``*VPT*``, ``prompt_learner.ctx``) are never frozen-CLIP keys.
+    """
+    if key.endswith("VPT") or key.endswith("VPT_shallow") or key == KEY_TEXT_CTX:
+        return False
+    return (
+        key.startswith(("image_encoder.", "text_encoder.", "prompt_learner.ZS_image_encoder."))
+        or key in ("logit_scale", "logit_bias")
+    )
+
+
+def prompt_keys(state_dict: Mapping[str, torch.Tensor], *,
+                ignore_frozen_clip_weights: bool = True) -> dict[str, torch.Tensor]:
+    """``state_dict`` without the class-dependent buffers (:data:`DROPPED_KEYS`) and, with
+    ``ignore_frozen_clip_weights``, without the frozen CLIP weights a whole-model Dassl file carries."""
+    return {k: v for k, v in state_dict.items()
+            if k not in DROPPED_KEYS and not (ignore_frozen_clip_weights and is_frozen_clip_key(k))}
+
+
+def _prompt_rows(state_dict: Mapping[str, object], key: str, source: str) -> int:
+    """The number of prompt tokens ``state_dict[key]`` holds; a file may hold anything there (a list, a string, a
+    scalar), which is named as the model error it is rather than failing on ``.shape``."""
+    value = state_dict[key]
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        what = f"a {value.dim()}-d tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        raise ModelError(f"{source}: '{key}' is {what}, not a tensor of prompts (n_ctx x width); "
+                         "the file is damaged or was not written by PromptSRC, PromptKD or clipkd")
+    return int(value.shape[0])
+
+
+def infer_ivlp_sizes(state_dict: Mapping[str, torch.Tensor], *,
+                     source: str = "the prompt state dict") -> dict[str, int]:
+    """n_ctx and depth of each tower as a PromptSRC-named state dict describes them.
+
+    Depth is 1 + the highest block index with a ``VPT_shallow`` (gaps are caught by the strict loader).
+    ``source`` names the state dict in the error about a prompt that is not a 2-d tensor.
+    """
+    sizes = {"n_ctx_text": 0, "depth_text": 0, "n_ctx_vision": 0, "depth_vision": 0}
+    if KEY_TEXT_CTX in state_dict:
+        sizes["n_ctx_text"] = _prompt_rows(state_dict, KEY_TEXT_CTX, source)
+        sizes["depth_text"] = 1
+    if KEY_VISION_VPT in state_dict:
+        sizes["n_ctx_vision"] = _prompt_rows(state_dict, KEY_VISION_VPT, source)
+        sizes["depth_vision"] = 1
+    for key in state_dict:
+        m = _SHALLOW_RE.match(key)
+        if m:
+            tower = "vision" if m.group(1) == "image_encoder" else "text"
+            sizes[f"depth_{tower}"] = max(sizes[f"depth_{tower}"], int(m.group(2)) + 1)
+    return sizes
+
+
 # Dassl (PromptSRC / PromptKD) checkpoints are ``torch.save({"state_dict", "epoch", "optimizer", "scheduler",
 # "val_result"})``. Next to the tensors they pickle Python objects: the SGD momentum state sits in a
 # ``collections.defaultdict`` and the warm-up scheduler's state holds a whole ``CosineAnnealingLR`` object (which

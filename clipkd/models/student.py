@@ -10,24 +10,22 @@ Every model here (and :class:`~clipkd.models.teacher.Teacher`) offers the interf
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from clipkd.errors import ConfigError, ModelError
+from clipkd.models.factory import create_clip
 from clipkd.models.prompts import (
-    DROPPED_KEYS,
     PromptedTextEncoder,
     PromptedVisionEncoder,
-    infer_ivlp_sizes,
     ivlp_prompt_parameters,
     ivlp_state_dict,
-    is_frozen_clip_key,
     normalize,
 )
-from clipkd.models.state import copy_state_strict
+from clipkd.models.state import copy_state_strict, infer_ivlp_sizes, prompt_keys
 from clipkd.models.teacher import Teacher, clip_logit_scale
 from clipkd.registry import STUDENTS
 
@@ -38,6 +36,12 @@ ClassEmbedder = Callable[[Sequence[str]], torch.Tensor]
 # Where PromptKD's student keeps its projector (Feature_Trans_Module_two_layer's Sequential ``conv1``): the
 # projector's checkpoint keys are VPT_image_trans.conv1.{0,1,3}.* (0 = Conv 1x1, 1 = BatchNorm, 3 = Conv 1x1).
 PROJECTOR_KEY = "VPT_image_trans.conv1"
+
+
+def tensor_versions(tensors: Iterable[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """A key that changes whenever one of ``tensors`` is changed in place or replaced: torch's in-place version
+    counter and the storage address of each (what an eval-mode cache of values computed from them is keyed on)."""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
 
 
 class Projector(nn.Module):
@@ -62,12 +66,42 @@ class Projector(nn.Module):
         return self.layers(x[:, :, None, None]).flatten(1)
 
 
-class _Student(nn.Module):
-    """Shared parts of the two students."""
+class Student(nn.Module):
+    """Shared parts of the students, and what each declares to the code that builds and trains it.
+
+    A student class is what ``clipkd.registry.STUDENTS`` names; the run asks the class (never the name) what it
+    needs: ``needs_teacher`` with ``needs_teacher_reason`` (the teacher is built even without distillation, e.g.
+    as the classifier), ``own_text_tower`` (it learns its own class embeddings, as PromptSRC's objective
+    requires), ``min_images_per_process`` with ``min_images_reason`` (the smallest per-process batch a training
+    step takes; 0: no minimum).
+    """
 
     image_encoder: PromptedVisionEncoder
-    # Key prefixes older clipkd versions saved, mapped to today's (read, never written).
+    needs_teacher: bool = False
+    needs_teacher_reason: str = ""
+    own_text_tower: bool = False
+    min_images_per_process: int = 0
+    min_images_reason: str = ""
+    # Key prefixes of earlier clipkd files, mapped to the ones written (read, never written).
     _LEGACY_PREFIXES: dict[str, str] = {}
+
+    @classmethod
+    def from_cfg(cls, cfg: CfgNode, teacher: Teacher | None = None, *,
+                 device: str | torch.device = "cpu") -> Student:
+        """The student ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe, on ``device``."""
+        s = cfg.MODEL.STUDENT
+        if cls.needs_teacher and teacher is None:
+            raise ConfigError(f"MODEL.STUDENT.TYPE {str(s.TYPE).lower()} needs the teacher "
+                              f"({cls.needs_teacher_reason})")
+        clip_model, tokenizer = create_clip(s.NAME, s.PRETRAINED, quick_gelu=s.QUICK_GELU, device=device,
+                                            config_key="MODEL.STUDENT.PRETRAINED")
+        return cls.from_clip(clip_model, tokenizer, cfg.MODEL.PROMPT, teacher).to(device)
+
+    @classmethod
+    def from_clip(cls, clip_model: nn.Module, tokenizer: Callable[[Sequence[str]], torch.Tensor],
+                  prompt: CfgNode, teacher: Teacher | None) -> Student:
+        """The student around a freshly built frozen CLIP, with the prompt sizes of ``prompt`` (MODEL.PROMPT)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how it is built from a CLIP model")
 
     def _trainable_modules(self) -> dict[str, nn.Module]:
         """Trainable submodules (besides the prompts) whose whole state is saved, keyed by the prefix their
@@ -115,7 +149,7 @@ class _Student(nn.Module):
         """
         sd = self._rename_legacy(state_dict, source)
         if ignore_frozen_clip_weights:
-            sd = {k: v for k, v in sd.items() if k not in DROPPED_KEYS and not is_frozen_clip_key(k)}
+            sd = prompt_keys(sd)
         copy_state_strict(
             self._trainable_targets(),
             sd,
@@ -155,13 +189,18 @@ class _Student(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-class PromptKDStudent(_Student):
+class PromptKDStudent(Student):
     """PromptKD's student: frozen CLIP image encoder + deep visual prompts + projector, no text encoder.
 
     Its image features live in the teacher's embedding space; its classifier is the teacher's class
     embeddings (``class_embedder``, normally ``teacher.text_features``), so it has no text tower of its own
     (the CLIP text tower is not kept).
     """
+
+    needs_teacher = True
+    needs_teacher_reason = "its classifier is the teacher's text features"
+    min_images_per_process = 2
+    min_images_reason = "the PromptKD projector uses BatchNorm"
 
     def __init__(
         self,
@@ -181,7 +220,14 @@ class PromptKDStudent(_Student):
         # A plain attribute, not a submodule: the teacher is not part of the student's state.
         self._class_embedder = class_embedder
 
-    # Older clipkd files saved the projector as projector.layers.*; PromptKD (and clipkd now) VPT_image_trans.conv1.*
+    @classmethod
+    def from_clip(cls, clip_model: nn.Module, tokenizer: Callable[[Sequence[str]], torch.Tensor],
+                  prompt: CfgNode, teacher: Teacher | None) -> PromptKDStudent:
+        assert teacher is not None  # from_cfg refuses a missing teacher (needs_teacher)
+        return cls(clip_model, out_dim=teacher.embed_dim, n_ctx=prompt.N_CTX_VISION, depth=prompt.DEPTH_VISION,
+                   class_embedder=teacher.text_features)
+
+    # Files naming the projector projector.layers.* load too; PromptKD and clipkd write VPT_image_trans.conv1.*
     _LEGACY_PREFIXES = {"projector.layers.": f"{PROJECTOR_KEY}."}
 
     def _trainable_modules(self) -> dict[str, nn.Module]:
@@ -212,13 +258,15 @@ class PromptKDStudent(_Student):
         return self._class_embedder(classnames)
 
 
-class IVLPStudent(_Student):
+class IVLPStudent(Student):
     """Frozen CLIP with learnable deep prompts in both towers and its own text encoder (PromptSRC's IVLP).
 
     ``text_features`` is differentiable through the text prompts and recomputed on every call while training.
     In eval mode under ``torch.no_grad()`` it is cached per class list; the cache is keyed on the prompts'
     version counters, so any in-place update (optimizer step, load) invalidates it.
     """
+
+    own_text_tower = True
 
     def __init__(
         self,
@@ -237,6 +285,12 @@ class IVLPStudent(_Student):
         self._logit_scale = clip_logit_scale(clip_model)
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
+    @classmethod
+    def from_clip(cls, clip_model: nn.Module, tokenizer: Callable[[Sequence[str]], torch.Tensor],
+                  prompt: CfgNode, teacher: Teacher | None) -> IVLPStudent:
+        return cls(clip_model, tokenizer, n_ctx_text=prompt.N_CTX_TEXT, n_ctx_vision=prompt.N_CTX_VISION,
+                   depth_text=prompt.DEPTH_TEXT, depth_vision=prompt.DEPTH_VISION, ctx_init=prompt.CTX_INIT)
+
     @property
     def embed_dim(self) -> int:
         return self.image_encoder.output_dim
@@ -244,14 +298,11 @@ class IVLPStudent(_Student):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(self.image_encoder(images))
 
-    def _prompt_versions(self) -> tuple:
-        return tuple((p._version, p.data_ptr()) for p in self.text_encoder.prompt_parameters().values())
-
     def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
         """L2-normalised class embeddings ``[C, D]`` of ``"<ctx> <name>."`` through the prompted text tower."""
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable:
-            key = (tuple(classnames), self._prompt_versions(), self.device)
+            key = (tuple(classnames), tensor_versions(self.text_encoder.prompt_parameters().values()), self.device)
             feats = self._text_cache.get(key)
             if feats is not None:
                 return feats
@@ -269,25 +320,8 @@ class IVLPStudent(_Student):
 
 
 def build_student(cfg: CfgNode, teacher: Teacher | None = None, *,
-                  device: str | torch.device = "cpu") -> PromptKDStudent | IVLPStudent:
-    """The student that ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe (``promptkd`` needs the teacher)."""
-    from clipkd.models.factory import create_clip
-
-    s, p = cfg.MODEL.STUDENT, cfg.MODEL.PROMPT
-    kind = STUDENTS.check(str(s.TYPE).lower())  # ConfigError for a name the registry does not hold
-    if kind == "promptkd" and teacher is None:
-        raise ConfigError("MODEL.STUDENT.TYPE promptkd needs the teacher (its classifier is the teacher's "
-                          "text features)")
-    clip_model, tokenizer = create_clip(s.NAME, s.PRETRAINED, quick_gelu=s.QUICK_GELU, device=device,
-                                        config_key="MODEL.STUDENT.PRETRAINED")
-    if kind == "promptkd":
-        student: PromptKDStudent | IVLPStudent = PromptKDStudent(
-            clip_model, out_dim=teacher.embed_dim, n_ctx=p.N_CTX_VISION, depth=p.DEPTH_VISION,
-            class_embedder=teacher.text_features,
-        )
-    else:
-        student = IVLPStudent(
-            clip_model, tokenizer, n_ctx_text=p.N_CTX_TEXT, n_ctx_vision=p.N_CTX_VISION,
-            depth_text=p.DEPTH_TEXT, depth_vision=p.DEPTH_VISION, ctx_init=p.CTX_INIT,
-        )
-    return student.to(device)
+                  device: str | torch.device = "cpu") -> Student:
+    """The student that ``cfg.MODEL.STUDENT`` / ``cfg.MODEL.PROMPT`` describe: the class MODEL.STUDENT.TYPE names
+    in ``clipkd.registry.STUDENTS``, built by its ``from_cfg``."""
+    kind = STUDENTS.check(str(cfg.MODEL.STUDENT.TYPE).lower())  # ConfigError for a name the registry does not hold
+    return STUDENTS.entrypoint(kind, "from_cfg")(cfg, teacher, device=device)

@@ -20,10 +20,11 @@ from clipkd.errors import ConfigError, ModelError
 from clipkd.models.prompts import (
     PromptedTextEncoder,
     PromptedVisionEncoder,
-    infer_ivlp_sizes,
     load_ivlp_state_dict,
     normalize,
 )
+from clipkd.models.state import infer_ivlp_sizes
+from clipkd.registry import TEMPLATES
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
@@ -37,8 +38,9 @@ def clip_logit_scale(clip_model: nn.Module) -> float:
     return float(clip_model.logit_scale.detach().float().exp().clamp(max=LOGIT_SCALE_MAX).reshape(-1)[0])
 
 
-def ensemble_templates() -> tuple[Callable[[str], str], ...]:
-    """CLIP's 80 ImageNet prompt templates (the usual zero-shot ensemble)."""
+def ensemble_templates(cfg: CfgNode | None = None, template: str | None = None) -> tuple[Callable[[str], str], ...]:
+    """MODEL.TEACHER.TEMPLATES ensemble: CLIP's 80 ImageNet prompt templates (the usual zero-shot ensemble);
+    the arguments, which the dataset's template needs, are not used."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     return tuple(OPENAI_IMAGENET_TEMPLATES)
@@ -156,12 +158,8 @@ class Teacher(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ builders
-def templates_for(cfg: CfgNode, template: str | None = None) -> tuple[Template, ...]:
-    """MODEL.TEACHER.TEMPLATES: the dataset's template (``template``, else DATASET.NAME's) or the ensemble."""
-    from clipkd.registry import TEMPLATES
-
-    if TEMPLATES.check(cfg.MODEL.TEACHER.TEMPLATES) == "ensemble":
-        return ensemble_templates()
+def dataset_templates(cfg: CfgNode, template: str | None = None) -> tuple[Template, ...]:
+    """MODEL.TEACHER.TEMPLATES dataset: ``template``, else DATASET.NAME's (its CoOp template)."""
     if template is None:
         if not cfg.DATASET.NAME:
             raise ConfigError("MODEL.TEACHER.TEMPLATES 'dataset' needs DATASET.NAME (or an explicit template)")
@@ -169,6 +167,11 @@ def templates_for(cfg: CfgNode, template: str | None = None) -> tuple[Template, 
 
         template = get_spec(cfg.DATASET.NAME).template
     return (template,)
+
+
+def templates_for(cfg: CfgNode, template: str | None = None) -> tuple[Template, ...]:
+    """The templates MODEL.TEACHER.TEMPLATES names, from its registered function (``clipkd.registry.TEMPLATES``)."""
+    return tuple(TEMPLATES.entrypoint(cfg.MODEL.TEACHER.TEMPLATES)(cfg, template))
 
 
 def zero_shot_clip(name: str, pretrained: str, templates: Sequence[Template], *, quick_gelu: bool = False,
