@@ -361,6 +361,17 @@ def test_the_loss_is_bound_once_at_build(monkeypatch):
         torch.testing.assert_close(KDObjective(loss, 1.0)(s, t, y)[0], expected[name], rtol=0, atol=0)
 
 
+def test_a_built_loss_pickles():
+    import pickle
+
+    s, t, y = pair(8, dtype=torch.float32)
+    for name in LOSSES:
+        loss = build_distill_loss(name)
+        again = pickle.loads(pickle.dumps(loss))
+        assert again == loss and repr(again) == repr(loss)
+        assert torch.equal(again(s, t, y, 1), loss(s, t, y, 1))
+
+
 @pytest.mark.parametrize("overrides,pattern", [
     (["DISTILL.LOSS", "kl", "DISTILL.DIVERGENCE", "ab"], r"DISTILL.DIVERGENCE 'ab' does not apply to DISTILL.LOSS kl"),
     (["DISTILL.LOSS", "ttm", "DISTILL.TEMPERATURE", "4"], r"DISTILL.TEMPERATURE 4.0 does not apply .* ttm"),

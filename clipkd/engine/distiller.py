@@ -77,8 +77,7 @@ class KDObjective:
     ignores them (:func:`clipkd.losses.build_distill_loss` binds it so).
     """
 
-    def __init__(self, divergence: Callable[[Tensor, Tensor, Tensor | None, float | None], Tensor] | None,
-                 weight: float, ce_weight: float = 0.0,
+    def __init__(self, divergence: Callable[..., Tensor] | None, weight: float, ce_weight: float = 0.0,
                  target_from_teacher: bool = False, all_images: bool = False) -> None:
         self.divergence = divergence if weight > 0 else None
         self.weight = float(weight)
@@ -99,7 +98,7 @@ class KDObjective:
             assert teacher_logits is not None
             s, t = student_logits.float(), teacher_logits.float()
             target = t.argmax(-1) if self.target_from_teacher else labels
-            kd = self.divergence(s, t, target, self.epoch)
+            kd = self.divergence(s, t, target=target, epoch=self.epoch)
             loss = loss + self.weight * kd
             terms["kd"] = kd.detach()
         if self.ce_weight > 0:

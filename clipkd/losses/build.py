@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -33,8 +33,11 @@ __all__ = ["LOSS_NAMES", "PARAMS", "DistillLoss", "LossFn", "build_distill_loss"
 
 LOSS_NAMES: tuple[str, ...] = LOSSES.names()  # DISTILL.LOSS's names, from clipkd.registry
 
-# What a training step calls: (student_logits, teacher_logits, target, epoch) -> scalar.
-LossFn = Callable[[Tensor, Tensor, "Tensor | None", "float | None"], Tensor]
+class LossFn(Protocol):
+    """What a training step calls: ``target`` and ``epoch`` always passed, used or not."""
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None,
+                 epoch: float | None) -> Tensor: ...
 
 
 def _check_value(param: str, value: Any) -> Any:
@@ -52,18 +55,37 @@ def _check_value(param: str, value: Any) -> Any:
     return value
 
 
-def _bind(fn: Callable[..., Tensor], params: tuple[tuple[str, Any], ...]) -> LossFn:
-    """``fn`` with its parameters fixed, called as ``(s, t, target, epoch)``: whether ``fn`` takes ``target`` and
-    ``epoch`` is read here, once, so a training step neither looks the loss up nor reads its signature."""
-    args = inspect.signature(fn).parameters
-    call = functools.partial(fn, **dict(params))
-    if "target" in args and "epoch" in args:
-        return lambda s, t, target, epoch: call(s, t, target=target, epoch=epoch)
-    if "target" in args:
-        return lambda s, t, target, epoch: call(s, t, target=target)
-    if "epoch" in args:
-        return lambda s, t, target, epoch: call(s, t, epoch=epoch)
-    return lambda s, t, target, epoch: call(s, t)
+def _with_both(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
+               epoch: float | None) -> Tensor:
+    return call(s, t, target=target, epoch=epoch)
+
+
+def _with_target(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
+                 epoch: float | None) -> Tensor:
+    return call(s, t, target=target)
+
+
+def _with_epoch(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
+                epoch: float | None) -> Tensor:
+    return call(s, t, epoch=epoch)
+
+
+def _with_neither(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
+                  epoch: float | None) -> Tensor:
+    return call(s, t)
+
+
+# (takes target, takes epoch) -> the wrapper that passes what the loss takes and drops the rest
+_WRAPPERS = {(True, True): _with_both, (True, False): _with_target, (False, True): _with_epoch,
+             (False, False): _with_neither}
+
+
+def _bind(fn: Callable[..., Tensor], args: Collection[str], params: tuple[tuple[str, Any], ...]) -> LossFn:
+    """``fn`` (whose arguments are ``args``) with its parameters fixed, called as ``(s, t, target, epoch)``: the
+    data arguments it does not take are dropped by a wrapper chosen here, once, so a training step neither looks
+    the loss up nor reads its signature. Module-level pieces only: a built loss pickles."""
+    wrapper = _WRAPPERS["target" in args, "epoch" in args]
+    return functools.partial(wrapper, functools.partial(fn, **dict(params)))
 
 
 @dataclass(frozen=True)
@@ -118,8 +140,9 @@ def build_distill_loss(name: str, **params: Any) -> DistillLoss:
         elif param in PARAMS:
             values.append((param, PARAMS[param].default))
     fn = LOSSES.get(key)
+    args = tuple(inspect.signature(fn).parameters)
     bound = tuple(values)
-    return DistillLoss(key, bound, "target" in inspect.signature(fn).parameters, _bind(fn, bound))
+    return DistillLoss(key, bound, "target" in args, _bind(fn, args, bound))
 
 
 def build_distill_loss_from_cfg(cfg: Any) -> DistillLoss:
