@@ -339,7 +339,8 @@ def test_loss_arguments_are_read_without_importing_torch():
 
 
 def test_every_loss_parameter_key_is_distill_param():
-    """check_config finds a loss parameter's key as DISTILL.<PARAM>; the loss builder's table agrees."""
+    """check_config finds a loss parameter's key as DISTILL.<PARAM>: the keys are made from the loss builder's
+    table (PARAMS), with its defaults."""
     from clipkd.losses import PARAMS
 
     defaults = get_cfg_defaults()

@@ -300,10 +300,76 @@ def test_builder_errors(name, kw, pattern):
         build_distill_loss(name, **kw)
 
 
-def test_config_keys_and_builder_share_defaults():
+def test_every_loss_parameter_has_one_config_key_made_from_the_table():
+    """The DISTILL.<PARAM> keys are made from the one table of loss parameters (PARAMS): every parameter a
+    registered loss takes has exactly one row there, and its key exists with the row's default."""
+    from clipkd.losses import loss_params
+
     d = get_cfg_defaults().DISTILL
+    taken = {p for name in LOSSES for p in loss_params(name, "ab")}
+    assert taken == set(PARAMS)
     for param, spec in PARAMS.items():
-        assert d[spec.key.split(".", 1)[1]] == spec.default, param
+        assert spec.key == f"DISTILL.{param.upper()}"
+        assert [k for k in d if k.lower() == param] == [param.upper()]
+        assert d[param.upper()] == spec.default, param
+
+
+@pytest.fixture()
+def epoch_probe():
+    """A test-local loss with a warm-up but no target: returns the epoch it was given (-1 for None)."""
+    seen: list = []
+
+    def probe(student_logits, teacher_logits, epoch=None, *, temperature=1.0):
+        seen.append(epoch)
+        return student_logits.sum() * 0 + (-1.0 if epoch is None else float(epoch))
+
+    LOSSES.register("epoch_probe", probe)
+    try:
+        yield seen
+    finally:
+        LOSSES._targets.pop("epoch_probe", None)
+        LOSSES._resolved.pop("epoch_probe", None)
+
+
+def test_a_loss_without_a_target_gets_the_epoch(epoch_probe):
+    loss = build_distill_loss("epoch_probe")
+    obj = KDObjective(loss, 1.0)
+    s, t, y = pair(5, dtype=torch.float32)
+    assert obj(s, t, y)[0].item() == 1.0
+    obj.end_epoch(1, None)
+    obj.end_epoch(2, None)
+    assert obj(s, t, y)[0].item() == 3.0
+    assert epoch_probe == [1, 3] and not obj.needs_labels
+
+
+def test_the_loss_is_bound_once_at_build(monkeypatch):
+    """A training step calls the loss: no registry look-up, no signature read per call."""
+    import inspect
+
+    s, t, y = pair(7, dtype=torch.float32)
+    built = {n: build_distill_loss(n) for n in LOSSES}
+    expected = {n: loss(s, t, target=y, epoch=1) for n, loss in built.items()}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("looked up at call time")
+
+    monkeypatch.setattr(inspect, "signature", refuse)
+    monkeypatch.setattr(LOSSES, "get", refuse)
+    monkeypatch.setattr(LOSSES, "arguments", refuse)
+    for name, loss in built.items():
+        torch.testing.assert_close(loss(s, t, target=y, epoch=1), expected[name], rtol=0, atol=0)
+        torch.testing.assert_close(KDObjective(loss, 1.0)(s, t, y)[0], expected[name], rtol=0, atol=0)
+
+
+def test_a_built_loss_pickles():
+    import pickle
+
+    s, t, y = pair(8, dtype=torch.float32)
+    for name in LOSSES:
+        loss = build_distill_loss(name)
+        again = pickle.loads(pickle.dumps(loss))
+        assert again == loss and repr(again) == repr(loss)
+        assert torch.equal(again(s, t, y, 1), loss(s, t, y, 1))
 
 
 @pytest.mark.parametrize("overrides,pattern", [

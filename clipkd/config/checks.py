@@ -8,8 +8,9 @@ What needs the data, model files or a device (DATASET.ROOT, MODEL.TEACHER.CHECKP
 sizes against the data, fp16 without CUDA) is checked by the run itself, not here.
 
 Imports neither torch nor open_clip: ``config show`` answers at once. Which settings a loss takes is read from
-its registered function's signature (:meth:`clipkd.registry.Registry.arguments`), what a student has from its
-registered class's declarations (:meth:`clipkd.registry.Registry.attribute`).
+its registered function's signature (:meth:`clipkd.registry.Registry.arguments`), their keys and defaults from
+the table of loss parameters (:data:`clipkd.config.defaults.PARAMS`), what a student has from its registered
+class's declarations (:meth:`clipkd.registry.Registry.attribute`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from yacs.config import CfgNode
 
+from clipkd.config.defaults import PARAMS, get_cfg_defaults
 from clipkd.errors import ConfigError
 from clipkd.registry import LOSSES, STUDENTS
 
@@ -29,10 +31,8 @@ DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
 def loss_params(name: str, divergence: str | None = None) -> tuple[str, ...]:
     """The parameters DISTILL.LOSS ``name`` takes (with ``divergence``, for a method that has one); alpha and
     beta belong to the ab divergence, so a method takes them only when its divergence is ab."""
-    from clipkd.config.defaults import get_cfg_defaults
-
     names = tuple(p for p in LOSSES.arguments(name) if p not in DATA_ARGS)
-    if "divergence" in names and (divergence or get_cfg_defaults().DISTILL.DIVERGENCE) != "ab":
+    if "divergence" in names and (divergence or PARAMS["divergence"].default) != "ab":
         names = tuple(p for p in names if p not in ("alpha", "beta"))
     return names
 
@@ -41,27 +41,26 @@ def check_loss_keys(cfg: CfgNode) -> tuple[str, ...]:
     """A DISTILL.* key of a loss parameter (DISTILL.<PARAM>, e.g. DISTILL.TTM_EXPONENT for ``ttm_exponent``)
     that DISTILL.LOSS does not take must stay at its default: a changed value would be ignored silently.
     Returns the parameters the loss takes."""
-    from clipkd.config.defaults import get_cfg_defaults
-
-    d, defaults = cfg.DISTILL, get_cfg_defaults().DISTILL
+    d = cfg.DISTILL
     name = LOSSES.check(d.LOSS)
     divergence = d.DIVERGENCE if "divergence" in LOSSES.arguments(name) else None
     takes = loss_params(name, divergence)
     params = {p for n in LOSSES for p in loss_params(n, "ab")}
-    for field in defaults:  # in the order of the defaults
-        param = field.lower()
-        if param in params and param not in takes and d[field] != defaults[field]:
+    for param, spec in PARAMS.items():
+        field = spec.key.split(".", 1)[1]
+        if param in params and param not in takes and d[field] != spec.default:
             users = [n for n in LOSSES if param in LOSSES.arguments(n)]
             hint = (" (alpha and beta apply when DISTILL.DIVERGENCE is ab)"
                     if param in ("alpha", "beta") and divergence is not None else "")
             raise ConfigError(f"DISTILL.{field} {d[field]!r} does not apply to DISTILL.LOSS {name}{hint}; "
                               f"it is used by {', '.join(users)}: remove it or set it back to "
-                              f"{defaults[field]!r}")
+                              f"{spec.default!r}")
     # DISTILL.DKD_TARGET picks DKD's target class: it needs a loss that takes one.
-    if d.DKD_TARGET != defaults.DKD_TARGET and "target" not in LOSSES.arguments(name):
+    default_target = get_cfg_defaults().DISTILL.DKD_TARGET
+    if d.DKD_TARGET != default_target and "target" not in LOSSES.arguments(name):
         users = [n for n in LOSSES if "target" in LOSSES.arguments(n)]
         raise ConfigError(f"DISTILL.DKD_TARGET {d.DKD_TARGET!r} does not apply to DISTILL.LOSS {name}; it is used "
-                          f"by {', '.join(users)}: remove it or set it back to {defaults.DKD_TARGET!r}")
+                          f"by {', '.join(users)}: remove it or set it back to {default_target!r}")
     return takes
 
 

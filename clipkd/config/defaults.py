@@ -6,11 +6,14 @@ users of CoOp / PromptKD configs feel at home. A key that is not here is an erro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from yacs.config import CfgNode as CN
 
-from clipkd.registry import REGISTRIES
+from clipkd.registry import DIVERGENCES, REGISTRIES
 
 _C = CN()
 _C.OUTPUT_DIR = ""
@@ -73,19 +76,58 @@ _C.DISTILL.PROTOCOL = "inductive"  # inductive (K-shot base classes) | transduct
 # (dkd | lsd | ttm, with DISTILL.DIVERGENCE inside), or dist (correlations). Keys a loss does not take must stay
 # at their defaults (an error otherwise: they would be ignored).
 _C.DISTILL.LOSS = "ab"
-_C.DISTILL.DIVERGENCE = "kl"  # inside dkd (its non-target part), lsd, ttm: kl | ab | rkl | js | skl
-_C.DISTILL.ALPHA = 0.8  # of the alpha-beta divergence (DISTILL.LOSS ab, or DISTILL.DIVERGENCE ab)
-_C.DISTILL.BETA = 0.3
-_C.DISTILL.TEMPERATURE = 1.0  # all but ttm (whose teacher temperature is 1 / TTM_EXPONENT)
-_C.DISTILL.DKD_ALPHA = 1.0  # DKD: weight of the target-class part (binary KL)
-_C.DISTILL.DKD_BETA = 1.0  # DKD: weight of the non-target part (DISTILL.DIVERGENCE)
-_C.DISTILL.DKD_WARMUP = 1.0  # DKD: the loss ramps as min(epoch / DKD_WARMUP, 1), epochs from 1; 0 = no ramp
+
+
+@dataclass(frozen=True)
+class Param:
+    """A loss parameter: its config key (DISTILL.<PARAM>), default and valid values."""
+
+    key: str
+    default: Any
+    ok: Callable[[Any], bool]
+    must: str  # what ok() means, for the error
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+def _param(name: str, default: Any, ok: Callable[[Any], bool], must: str) -> tuple[str, Param]:
+    return name, Param(f"DISTILL.{name.upper()}", default, ok, must)
+
+
+_DIVERGENCE_NAMES = DIVERGENCES.names()
+
+# Every parameter a loss may take (an argument of its registered function, clipkd.registry.LOSSES): the one table
+# of their defaults. Each row makes its DISTILL.<PARAM> key below; the loss builder (clipkd.losses.build) and
+# check_loss_keys (clipkd.config.checks) read it. A loss whose parameters are all here needs no new key.
+PARAMS: dict[str, Param] = dict([
+    # inside dkd (its non-target part), lsd, ttm: kl | ab | rkl | js | skl
+    _param("divergence", "kl", lambda v: v in _DIVERGENCE_NAMES, f"one of {', '.join(_DIVERGENCE_NAMES)}"),
+    # of the alpha-beta divergence (DISTILL.LOSS ab, or DISTILL.DIVERGENCE ab)
+    _param("alpha", 0.8, _finite, "a finite real number"),
+    _param("beta", 0.3, _finite, "a finite real number"),
+    # all but ttm (whose teacher temperature is 1 / TTM_EXPONENT)
+    _param("temperature", 1.0, lambda v: _finite(v) and v > 0, "a finite real number > 0"),
+    # DKD: weight of the target-class part (binary KL)
+    _param("dkd_alpha", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
+    # DKD: weight of the non-target part (DISTILL.DIVERGENCE)
+    _param("dkd_beta", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
+    # DKD: the loss ramps as min(epoch / DKD_WARMUP, 1), epochs from 1; 0 = no ramp
+    _param("dkd_warmup", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0 (epochs; 0 = no warm-up)"),
+    # TTM: the teacher's probabilities to this power, renormalised
+    _param("ttm_exponent", 0.1, lambda v: _finite(v) and v > 0, "a finite real number > 0"),
+    # DIST: weight of the inter-class (per sample) correlation term
+    _param("dist_beta", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
+    # DIST: weight of the intra-class (per class, across the batch) term
+    _param("dist_gamma", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
+])
+for _spec in PARAMS.values():
+    setattr(_C.DISTILL, _spec.key.split(".", 1)[1], _spec.default)
+
 # DKD's target class in the transductive protocol: teacher (its argmax; labels unused, clipkd's default) | label
 # (every training image's label, base and new classes: ABKD's CLIP code). The inductive protocol uses the labels.
 _C.DISTILL.DKD_TARGET = "teacher"
-_C.DISTILL.TTM_EXPONENT = 0.1  # TTM: the teacher's probabilities to this power, renormalised
-_C.DISTILL.DIST_BETA = 1.0  # DIST: weight of the inter-class (per sample) correlation term
-_C.DISTILL.DIST_GAMMA = 1.0  # DIST: weight of the intra-class (per class, across the batch) term
 _C.DISTILL.WEIGHT = 1.0
 _C.DISTILL.CE_WEIGHT = 0.0  # optional cross-entropy on labels (inductive protocol only)
 # kd: WEIGHT * LOSS(teacher || student) + CE_WEIGHT * CE; promptsrc: PromptSRC's prompt learning (no teacher):

@@ -72,8 +72,9 @@ class KDObjective:
     A divergence that splits by class (DKD) gets a target per sample: the labels, or with
     ``target_from_teacher`` (the transductive protocol's default, whose labels are then unused) the teacher's
     argmax. ``all_images`` only names the labels in the log: those of every training image, base and new classes
-    (the transductive protocol with DISTILL.DKD_TARGET label, as ABKD's CLIP code). One with a warm-up gets the
-    epoch (1-based), counted here and kept in the checkpoint so resume is exact.
+    (the transductive protocol with DISTILL.DKD_TARGET label, as ABKD's CLIP code). Every call passes the target
+    and the epoch (1-based, counted here and kept in the checkpoint so resume is exact); a loss that uses neither
+    ignores them (:func:`clipkd.losses.build_distill_loss` binds it so).
     """
 
     def __init__(self, divergence: Callable[..., Tensor] | None, weight: float, ce_weight: float = 0.0,
@@ -96,11 +97,8 @@ class KDObjective:
         if self.divergence is not None:
             assert teacher_logits is not None
             s, t = student_logits.float(), teacher_logits.float()
-            if self.needs_target:
-                target = t.argmax(-1) if self.target_from_teacher else labels
-                kd = self.divergence(s, t, target=target, epoch=self.epoch)
-            else:
-                kd = self.divergence(s, t)
+            target = t.argmax(-1) if self.target_from_teacher else labels
+            kd = self.divergence(s, t, target=target, epoch=self.epoch)
             loss = loss + self.weight * kd
             terms["kd"] = kd.detach()
         if self.ce_weight > 0:

@@ -5,66 +5,39 @@ Which parameters a loss takes is read from its registered function (``clipkd.reg
 parameters after the two logit tensors, minus ``target``, ``epoch`` and ``reduction``. A method that takes a
 ``divergence`` uses ``alpha`` and ``beta`` only when that divergence is ``ab``. Anything else is an error that
 names the parameter, its config key and what the loss does take, so a typo or a setting that would be
-silently ignored (DISTILL.TEMPERATURE with TTM, DISTILL.ALPHA with KL) is caught at start-up.
+silently ignored (DISTILL.TEMPERATURE with TTM, DISTILL.ALPHA with KL) is caught at start-up. Their config keys,
+defaults and valid values are one table, :data:`clipkd.config.defaults.PARAMS`.
+
+The loss is bound here, once: looked up, its parameters fixed, and whether it takes ``target`` and ``epoch``
+decided; every call then takes ``(student_logits, teacher_logits, target, epoch)``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 import numbers
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from torch import Tensor
 
 from clipkd.config.checks import check_loss_keys, loss_params
+from clipkd.config.defaults import PARAMS
 from clipkd.errors import ConfigError
-from clipkd.losses.methods import DIVERGENCE_NAMES
 from clipkd.registry import LOSSES
 
-__all__ = ["LOSS_NAMES", "PARAMS", "DistillLoss", "build_distill_loss", "build_distill_loss_from_cfg",
+__all__ = ["LOSS_NAMES", "PARAMS", "DistillLoss", "LossFn", "build_distill_loss", "build_distill_loss_from_cfg",
            "loss_params"]
 
 LOSS_NAMES: tuple[str, ...] = LOSSES.names()  # DISTILL.LOSS's names, from clipkd.registry
 
+class LossFn(Protocol):
+    """What a training step calls: ``target`` and ``epoch`` always passed, used or not."""
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
-@dataclass(frozen=True)
-class Param:
-    key: str  # the config key
-    default: Any
-    ok: Callable[[Any], bool]
-    must: str  # what ok() means, for the error
-
-
-# Every parameter a loss may take, its config key, default and valid range. The config defaults
-# (clipkd/config/defaults.py, DISTILL.*) are the same values (a test keeps them equal).
-PARAMS: dict[str, Param] = {
-    "divergence": Param("DISTILL.DIVERGENCE", "kl", lambda v: v in DIVERGENCE_NAMES,
-                        f"one of {', '.join(DIVERGENCE_NAMES)}"),
-    "alpha": Param("DISTILL.ALPHA", 0.8, _finite, "a finite real number"),
-    "beta": Param("DISTILL.BETA", 0.3, _finite, "a finite real number"),
-    "temperature": Param("DISTILL.TEMPERATURE", 1.0, lambda v: _finite(v) and v > 0, "a finite real number > 0"),
-    "dkd_alpha": Param("DISTILL.DKD_ALPHA", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
-    "dkd_beta": Param("DISTILL.DKD_BETA", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
-    "dkd_warmup": Param("DISTILL.DKD_WARMUP", 1.0, lambda v: _finite(v) and v >= 0,
-                        "a finite real number >= 0 (epochs; 0 = no warm-up)"),
-    "ttm_exponent": Param("DISTILL.TTM_EXPONENT", 0.1, lambda v: _finite(v) and v > 0, "a finite real number > 0"),
-    "dist_beta": Param("DISTILL.DIST_BETA", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
-    "dist_gamma": Param("DISTILL.DIST_GAMMA", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _arguments(fn: Callable[..., Any]) -> tuple[str, ...]:
-    """A loss function's argument names, read once (a loss is called every training step)."""
-    return tuple(inspect.signature(fn).parameters)
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None,
+                 epoch: float | None) -> Tensor: ...
 
 
 def _check_value(param: str, value: Any) -> Any:
@@ -82,30 +55,58 @@ def _check_value(param: str, value: Any) -> Any:
     return value
 
 
+def _with_both(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
+               epoch: float | None) -> Tensor:
+    return call(s, t, target=target, epoch=epoch)
+
+
+def _with_target(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
+                 epoch: float | None) -> Tensor:
+    return call(s, t, target=target)
+
+
+def _with_epoch(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
+                epoch: float | None) -> Tensor:
+    return call(s, t, epoch=epoch)
+
+
+def _with_neither(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
+                  epoch: float | None) -> Tensor:
+    return call(s, t)
+
+
+# (takes target, takes epoch) -> the wrapper that passes what the loss takes and drops the rest
+_WRAPPERS = {(True, True): _with_both, (True, False): _with_target, (False, True): _with_epoch,
+             (False, False): _with_neither}
+
+
+def _bind(fn: Callable[..., Tensor], args: Collection[str], params: tuple[tuple[str, Any], ...]) -> LossFn:
+    """``fn`` (whose arguments are ``args``) with its parameters fixed, called as ``(s, t, target, epoch)``: the
+    data arguments it does not take are dropped by a wrapper chosen here, once, so a training step neither looks
+    the loss up nor reads its signature. Module-level pieces only: a built loss pickles."""
+    wrapper = _WRAPPERS["target" in args, "epoch" in args]
+    return functools.partial(wrapper, functools.partial(fn, **dict(params)))
+
+
 @dataclass(frozen=True)
 class DistillLoss:
-    """A configured loss ``(student_logits, teacher_logits, target=None, epoch=None) -> scalar``.
+    """A configured loss ``(student_logits, teacher_logits, target=None, epoch=None) -> scalar``, bound at build.
 
-    ``target`` (class index per sample) is used by losses that split by class (DKD) and ``epoch`` (1-based)
-    by those with a warm-up; the others ignore both. Its repr is what run logs record.
+    ``target`` (class index per sample) is used by losses that split by class (DKD, ``needs_target``) and
+    ``epoch`` (1-based) by those with a warm-up; the others ignore both. Its repr is what run logs record.
     """
 
     name: str
-    params: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def needs_target(self) -> bool:
-        return "target" in _arguments(LOSSES.get(self.name))
+    params: tuple[tuple[str, Any], ...]
+    needs_target: bool = field(compare=False)
+    fn: LossFn = field(compare=False, repr=False)
 
     def __getitem__(self, param: str) -> Any:
         return dict(self.params)[param]
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None,
                  epoch: float | None = None) -> Tensor:
-        fn = LOSSES.get(self.name)
-        taken = _arguments(fn)
-        extra = {k: v for k, v in (("target", target), ("epoch", epoch)) if k in taken}
-        return fn(student_logits, teacher_logits, **extra, **dict(self.params))
+        return self.fn(student_logits, teacher_logits, target, epoch)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
@@ -138,7 +139,10 @@ def build_distill_loss(name: str, **params: Any) -> DistillLoss:
             values.append((param, _check_value(param, params[param])))
         elif param in PARAMS:
             values.append((param, PARAMS[param].default))
-    return DistillLoss(key, tuple(values))
+    fn = LOSSES.get(key)
+    args = tuple(inspect.signature(fn).parameters)
+    bound = tuple(values)
+    return DistillLoss(key, bound, "target" in args, _bind(fn, args, bound))
 
 
 def build_distill_loss_from_cfg(cfg: Any) -> DistillLoss:
