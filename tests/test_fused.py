@@ -218,3 +218,17 @@ def test_fused_students_share_the_frozen_clip_weights_and_nothing_they_train(syn
     assert all(a[k].data_ptr() != b[k].data_ptr() for k in trained)
     bufs = [dict(s.projector.named_buffers()) for s in students]
     assert bufs[0] and all(bufs[0][k].data_ptr() != bufs[1][k].data_ptr() for k in bufs[0])
+
+
+def test_a_fused_group_opens_its_teacher_cache_entry_once(synth_root, tmp_path, monkeypatch, teacher_calls):
+    """The training stream's cache entry (fingerprints of every teacher weight and every training image) is the
+    same for all cells of a group: it is made once, not once per cell, and every cell logs it."""
+    import clipkd.engine.teacher_cache as tc
+
+    opened, real = [], tc.train_entry
+    monkeypatch.setattr(tc, "train_entry", lambda *a, **k: opened.append(1) or real(*a, **k))
+    grid = build_grid(METHOD, "dtd", "0.5:1.5:0.5", "0:0:1", [1], tmp_path / "sweep",
+                      [*OPTS, "DISTILL.TEACHER_CACHE", str(tmp_path / "cache")])
+    assert run_grid(grid, str(synth_root), fused=True).lines()[0].startswith("sweep: 3 done")
+    assert len(opened) == 1 and len(teacher_calls) == 2 * 4
+    assert all(f"teacher cache {tmp_path / 'cache' / 'train-'}" in (c.out / "log.txt").read_text() for c in grid.cells)

@@ -64,6 +64,8 @@ class Built:
     after_teacher: dict  # RNG state right after building the teacher
     # student_key -> (an untouched copy of the student built for it, the RNG state right after that build)
     students: dict[str, tuple[Any, dict]] = field(default_factory=dict)
+    # the teacher cache's entry of the training stream (DISTILL.TEACHER_CACHE), opened by the first cell needing it
+    train_entry: Any = None
 
 
 def teacher_description(cfg: CfgNode) -> str:
@@ -413,7 +415,12 @@ class Run:
             if cfg.DISTILL.TEACHER_CACHE and objective.needs_teacher:  # checked (maybe refused) before writing
                 from clipkd.engine.teacher_cache import train_entry
 
-                entry = train_entry(cfg, dataset.items, dataset.paths, self.teacher, self.device, dist.world_size())
+                entry = self.built.train_entry if self.built is not None else None  # a fused group's, made once
+                if entry is None:
+                    entry = train_entry(cfg, dataset.items, dataset.paths, self.teacher, self.device,
+                                        dist.world_size())
+                if self.built is not None:
+                    self.built.train_entry = entry
             features = TeacherFeatures(self.teacher, entry, rank=dist.rank())
         self._take_folder(resume)
         log = None
