@@ -232,3 +232,34 @@ def test_a_fused_group_opens_its_teacher_cache_entry_once(synth_root, tmp_path, 
     assert run_grid(grid, str(synth_root), fused=True).lines()[0].startswith("sweep: 3 done")
     assert len(opened) == 1 and len(teacher_calls) == 2 * 4
     assert all(f"teacher cache {tmp_path / 'cache' / 'train-'}" in (c.out / "log.txt").read_text() for c in grid.cells)
+
+
+def test_a_cell_whose_evaluation_fails_fails_alone(synth_root, tmp_path, monkeypatch):
+    """The shared test pass isolates failures as training does: one student that cannot be scored fails its
+    cell (model.pt kept, no results.json) and the others get their results."""
+    grid = build_grid(METHOD, "dtd", "0.5:1.5:0.5", "0:0:1", [1], tmp_path / "sweep", OPTS)
+    real = Run.model
+
+    class Broken:
+        def __init__(self, model):
+            self.model = model
+
+        def eval(self):
+            return self.model.eval()
+
+        def text_features(self, classnames):
+            return self.model.text_features(classnames)
+
+        def image_features(self, images):
+            raise RuntimeError("boom")
+
+    def model(self, which="final"):
+        m = real(self, which)
+        return Broken(m) if self.cfg.DISTILL.ALPHA == 1.0 else m
+
+    monkeypatch.setattr(Run, "model", model)
+    summary = run_grid(grid, str(synth_root), fused=True)
+    broken = next(c.out for c in grid.cells if c.out.parent.name == "a1_b0")
+    assert dict(summary.failed) == {broken: "RuntimeError: boom"} and len(summary.done) == 2
+    assert (broken / "model.pt").is_file() and not (broken / "results.json").exists()
+    assert all((p / "results.json").is_file() for p in summary.done)

@@ -69,7 +69,7 @@ def predict_many(
         try:
             model.eval()
             with autocast():
-                class_features[k] = model.text_features(split.classnames).float().to(device).float()
+                class_features[k] = model.text_features(split.classnames).float().to(device)
         except Exception as exc:  # noqa: BLE001 - this model cannot be scored; the others can
             out[k] = exc
     dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))

@@ -136,6 +136,8 @@ def _predict_group(runs: Sequence[Any]) -> list[dict | Exception | None]:
         autocast, _ = autocast_for(first.cfg.OPTIM.PRECISION, first.device)
         for name, split in first.data.halves.items():
             live = [k for k, o in enumerate(out) if isinstance(o, dict)]
+            if not live:
+                break
             for k, result in zip(live, predict_many([models[k] for k in live], split, first.cfg, first.device,
                                                     autocast)):
                 if isinstance(result, Exception):
