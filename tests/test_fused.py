@@ -167,9 +167,9 @@ def test_fit_fused_refuses_runs_of_different_streams(synth_root, tmp_path):
 
 
 def test_a_fused_group_evaluates_in_one_pass_over_each_test_split(synth_root, tmp_path, monkeypatch, teacher_calls):
-    """Each test image of a group is decoded and transformed once for all K students (not once per cell), the
-    teacher's test forward is not run at all (a PromptKD student's classifier is the teacher's class embeddings),
-    and the cells still score exactly as alone."""
+    """The group's lists are prepared once and each test image decoded and transformed once for all K students
+    (not once per cell), the teacher's test forward is not run at all (a PromptKD student's classifier is the
+    teacher's class embeddings), and the cells still score exactly as alone."""
     import clipkd.data.loaders as loaders
     from clipkd.engine.run import prepare_data
 
@@ -181,9 +181,14 @@ def test_a_fused_group_evaluates_in_one_pass_over_each_test_split(synth_root, tm
     data = prepare_data(grid.config(grid.cells[0], str(synth_root)))
     test_paths = [str(Path(split.dataset_dir) / d.relpath) for split in data.halves.values() for d in split.test]
     assert test_paths and len(set(test_paths)) == len(test_paths)
+    import clipkd.engine.run as run_mod
+
+    prepared = []
+    monkeypatch.setattr(run_mod, "prepare_data", lambda cfg: prepared.append(1) or prepare_data(cfg))
     summary = run_grid(grid, str(synth_root), fused=True)
     assert len(summary.done) == 3, summary.lines()
     assert sorted(p for p in loaded if p in set(test_paths)) == sorted(test_paths)  # each test image once
+    assert len(prepared) == 1  # the group's lists, prepared once
     assert len(teacher_calls) == 2 * 4  # the training batches only
     cell = grid.cells[1]
     single = tmp_path / "alone" / cell.out.name
