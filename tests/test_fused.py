@@ -164,3 +164,107 @@ def test_fit_fused_refuses_runs_of_different_streams(synth_root, tmp_path):
     with pytest.raises(ValueError, match="do not share one data stream"):
         fit_fused(runs, [False, False])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_fused_group_evaluates_in_one_pass_over_each_test_split(synth_root, tmp_path, monkeypatch, teacher_calls):
+    """The group's lists are prepared once and each test image decoded and transformed once for all K students
+    (not once per cell), the teacher's test forward is not run at all (a PromptKD student's classifier is the
+    teacher's class embeddings), and the cells still score exactly as alone."""
+    import clipkd.data.loaders as loaders
+    from clipkd.engine.run import prepare_data
+
+    loaded: list[str] = []
+    real = loaders.load_image
+    monkeypatch.setattr(loaders, "load_image", lambda path: loaded.append(path) or real(path))
+    grid = build_grid(METHOD, "dtd", "0.5:1.5:0.5", "0:0:1", [1], tmp_path / "sweep", OPTS)
+    assert len(grid.cells) == 3
+    data = prepare_data(grid.config(grid.cells[0], str(synth_root)))
+    test_paths = [str(Path(split.dataset_dir) / d.relpath) for split in data.halves.values() for d in split.test]
+    assert test_paths and len(set(test_paths)) == len(test_paths)
+    import clipkd.engine.run as run_mod
+
+    prepared = []
+    monkeypatch.setattr(run_mod, "prepare_data", lambda cfg: prepared.append(1) or prepare_data(cfg))
+    summary = run_grid(grid, str(synth_root), fused=True)
+    assert len(summary.done) == 3, summary.lines()
+    assert sorted(p for p in loaded if p in set(test_paths)) == sorted(test_paths)  # each test image once
+    assert len(prepared) == 1  # the group's lists, prepared once
+    assert len(teacher_calls) == 2 * 4  # the training batches only
+    cell = grid.cells[1]
+    single = tmp_path / "alone" / cell.out.name
+    alone(grid, cell, synth_root, single)
+    assert json.loads((cell.out / "results.json").read_text()) == json.loads((single / "results.json").read_text())
+
+
+def test_fused_students_share_the_frozen_clip_weights_and_nothing_they_train(synth_root, tmp_path, monkeypatch):
+    """A fused cell's student is a copy of the group's first one: its frozen CLIP tensors are the same tensors
+    (K students of a ViT-B/16 do not hold K copies of it, nor pay K copies' time), its prompts and projector
+    (weights and BatchNorm statistics) are its own."""
+    from clipkd.engine.fused import fit_fused
+
+    grid = build_grid(METHOD, "dtd", "0.5:1:0.5", "0:0:1", [1], tmp_path / "sweep", OPTS)
+    runs = [Run(grid.config(c, str(synth_root)), c.out, echo=False) for c in grid.cells]
+    students = []
+    real = Run.start_training
+
+    def spy(self, *a, **k):
+        training = real(self, *a, **k)
+        students.append(self.student)
+        return training
+
+    monkeypatch.setattr(Run, "start_training", spy)
+    outcomes = fit_fused(runs, [False, False])
+    assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+    a, b = (dict(s.named_parameters()) for s in students)
+    frozen = [k for k, p in a.items() if not p.requires_grad]
+    trained = [k for k, p in a.items() if p.requires_grad]
+    assert frozen and trained
+    assert all(a[k] is b[k] for k in frozen)
+    assert all(a[k].data_ptr() != b[k].data_ptr() for k in trained)
+    bufs = [dict(s.projector.named_buffers()) for s in students]
+    assert bufs[0] and all(bufs[0][k].data_ptr() != bufs[1][k].data_ptr() for k in bufs[0])
+
+
+def test_a_fused_group_opens_its_teacher_cache_entry_once(synth_root, tmp_path, monkeypatch, teacher_calls):
+    """The training stream's cache entry (fingerprints of every teacher weight and every training image) is the
+    same for all cells of a group: it is made once, not once per cell, and every cell logs it."""
+    import clipkd.engine.teacher_cache as tc
+
+    opened, real = [], tc.train_entry
+    monkeypatch.setattr(tc, "train_entry", lambda *a, **k: opened.append(1) or real(*a, **k))
+    grid = build_grid(METHOD, "dtd", "0.5:1.5:0.5", "0:0:1", [1], tmp_path / "sweep",
+                      [*OPTS, "DISTILL.TEACHER_CACHE", str(tmp_path / "cache")])
+    assert run_grid(grid, str(synth_root), fused=True).lines()[0].startswith("sweep: 3 done")
+    assert len(opened) == 1 and len(teacher_calls) == 2 * 4
+    assert all(f"teacher cache {tmp_path / 'cache' / 'train-'}" in (c.out / "log.txt").read_text() for c in grid.cells)
+
+
+def test_a_cell_whose_evaluation_fails_fails_alone(synth_root, tmp_path, monkeypatch):
+    """The shared test pass isolates failures as training does: one student that cannot be scored fails its
+    cell (model.pt kept, no results.json) and the others get their results."""
+    grid = build_grid(METHOD, "dtd", "0.5:1.5:0.5", "0:0:1", [1], tmp_path / "sweep", OPTS)
+    real = Run.model
+
+    class Broken:
+        def __init__(self, model):
+            self.model = model
+
+        def eval(self):
+            return self.model.eval()
+
+        def text_features(self, classnames):
+            return self.model.text_features(classnames)
+
+        def image_features(self, images):
+            raise RuntimeError("boom")
+
+    def model(self, which="final"):
+        m = real(self, which)
+        return Broken(m) if self.cfg.DISTILL.ALPHA == 1.0 else m
+
+    monkeypatch.setattr(Run, "model", model)
+    summary = run_grid(grid, str(synth_root), fused=True)
+    broken = next(c.out for c in grid.cells if c.out.parent.name == "a1_b0")
+    assert dict(summary.failed) == {broken: "RuntimeError: boom"} and len(summary.done) == 2
+    assert (broken / "model.pt").is_file() and not (broken / "results.json").exists()
+    assert all((p / "results.json").is_file() for p in summary.done)

@@ -8,7 +8,7 @@ images and the shares are put back in order, so every image counts once.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -21,8 +21,8 @@ from clipkd.data.transforms import build_transform
 from clipkd.engine import distributed as dist
 from clipkd.engine.metrics import harmonic_mean
 
-__all__ = ["harmonic_mean", "predict", "predict_half", "evaluate_half", "evaluate_halves",
-           "classification_metrics", "results_payload", "format_dassl_lines", "dassl_log_lines"]
+__all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate_half", "evaluate_halves",
+           "score_halves", "classification_metrics", "results_payload", "format_dassl_lines", "dassl_log_lines"]
 
 
 @torch.no_grad()
@@ -37,13 +37,57 @@ def predict(
     preds, labels = [], []
     class_features = class_features.to(device).float()
     for images, y, _ in loader:
-        with autocast():
-            feats = image_features(images.to(device, non_blocking=True))
-        preds.append((feats.float() @ class_features.t()).argmax(dim=-1).cpu())
+        preds.append(_predict_batch(image_features, class_features, images.to(device, non_blocking=True), autocast))
         labels.append(y)
-    if not preds:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    return torch.cat(preds), torch.cat(labels)
+    return _joined(preds), _joined(labels)
+
+
+def _predict_batch(image_features: Callable[[torch.Tensor], torch.Tensor], class_features: torch.Tensor,
+                   images: torch.Tensor, autocast: Callable[[], Any]) -> torch.Tensor:
+    """One batch's predicted labels: every path that predicts goes through here, so all agree bit for bit."""
+    with autocast():
+        feats = image_features(images)
+    return (feats.float() @ class_features.t()).argmax(dim=-1).cpu()
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def predict_many(
+    models: Sequence[Any], split: ResolvedSplit, cfg: CfgNode, device: torch.device,
+    autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test",
+) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
+    """:func:`predict_half` for several models in one pass over the list (single process): each image is
+    decoded and transformed once and each batch goes to every model, which sees the batches it would see
+    alone. A model that fails gets its exception in its place and the others go on; a failure to read the
+    list (e.g. a missing image) is raised."""
+    out: list[Any] = [None] * len(models)
+    class_features: list[Any] = [None] * len(models)
+    for k, model in enumerate(models):
+        try:
+            model.eval()
+            with autocast():
+                class_features[k] = model.text_features(split.classnames).float().to(device)
+        except Exception as exc:  # noqa: BLE001 - this model cannot be scored; the others can
+            out[k] = exc
+    dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))
+    loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
+                          num_workers=cfg.DATALOADER.NUM_WORKERS)
+    preds: list[list[torch.Tensor]] = [[] for _ in models]
+    labels = []
+    for images, y, _ in loader:
+        images = images.to(device, non_blocking=True)
+        for k, model in enumerate(models):
+            if out[k] is None:
+                try:
+                    preds[k].append(_predict_batch(model.image_features, class_features[k], images, autocast))
+                except Exception as exc:  # noqa: BLE001 - as above
+                    out[k] = exc
+        labels.append(y)
+    true = _joined(labels)
+    return [o if o is not None else (_joined(p), true) for o, p in zip(out, preds)]
 
 
 def classification_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> dict:
@@ -133,6 +177,11 @@ def predict_half(
     """Predicted and true labels of ``model`` on one half's ``items`` list, among that half's classes only.
     ``feature_cache`` (single process; :class:`clipkd.engine.teacher_cache.EvalFeatureCache`): the model's image
     features of the list are read from it or computed once and stored, then scored batch by batch as below."""
+    if feature_cache is None and not dist.is_initialized():
+        result = predict_many([model], split, cfg, device, autocast, items)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
     model.eval()
     with torch.no_grad(), autocast():
         class_features = model.text_features(split.classnames).float()
@@ -173,9 +222,17 @@ def evaluate_halves(
 ) -> dict:
     """``{"base": {...}, "new": {...}, "hm": ...}`` (or ``{"all": ...}``) on the halves' test lists; the Dassl
     result lines go to ``log``; ``feature_cache`` as in :func:`predict_half`."""
+    predictions = {name: predict_half(model, split, cfg, device, autocast, feature_cache=feature_cache)
+                   for name, split in halves.items()}
+    return score_halves(predictions, halves, log)
+
+
+def score_halves(predictions: dict[str, tuple[torch.Tensor, torch.Tensor]], halves: dict[str, ResolvedSplit],
+                 log: Callable[[str], None] | None = None) -> dict:
+    """:func:`evaluate_halves`' results from each half's (predicted, true) labels, e.g. :func:`predict_many`'s."""
     metrics = {}
     for name, split in halves.items():
-        metrics[name] = evaluate_half(model, split, cfg, device, autocast, feature_cache=feature_cache)
+        metrics[name] = classification_metrics(*predictions[name], len(split.classnames))
         if log is not None:
             for line in format_dassl_lines(name, metrics[name]):
                 log(line)

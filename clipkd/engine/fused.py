@@ -15,6 +15,11 @@ finished cells are skipped and unfinished ones restart from their own ``last.pt`
 config is the cell's (:meth:`clipkd.engine.rundir.RunDir.plan`); cells at different epochs train in one group,
 each joining when the group's epoch reaches its own. A cell that fails (a non-finite
 loss, a folder in use) drops out and the others go on. The epoch ``time`` a fused cell logs is the group's.
+
+Set-up and evaluation are shared too: the group's data lists are prepared once, the students share their frozen
+CLIP weights (only prompts, projector and buffers are copied: :func:`clipkd.engine.run.copy_student`), and the
+final evaluation reads each test split once, decoding each image once and handing each batch to every student
+(:func:`clipkd.engine.evaluate.predict_many`), whose scores are those of its evaluation alone.
 """
 
 from __future__ import annotations
@@ -62,14 +67,19 @@ def fit_fused(runs: Sequence[Any], resume: Sequence[bool]) -> list[dict | Except
     outcomes: list[Any] = [None] * len(runs)
     trainings: dict[int, Any] = {}
     shared = None  # the teacher and student built by the first cell that got that far (Run.build)
+    data = None  # the lists (dataset, shots, seed, protocol are stream keys): prepared once for the group
     try:
         for i, run in enumerate(runs):
+            if data is not None:
+                run.data = data
             try:
                 trainings[i] = run.start_training(resume[i], shared=shared, keep=shared is None)
             except Exception as exc:  # noqa: BLE001 - this cell cannot run; the others can
                 outcomes[i] = exc
             if shared is None:
                 shared = run.built
+            if data is None and run.has_data:
+                data = run.data
         for run in runs:  # the untouched student copies are not needed any more: free their memory
             run.built = None
         shared = None
@@ -84,15 +94,57 @@ def fit_fused(runs: Sequence[Any], resume: Sequence[bool]) -> list[dict | Except
                     t.teacher_features = features  # so each cell's log reports the cache it used
             train_epochs([t.trainee for t in trainings.values()], first.dataset, runs[min(trainings)].device,
                          features)
+            finished = []
             for i, t in trainings.items():
                 if t.trainee.error is not None:
                     outcomes[i] = t.trainee.error
                     continue
                 try:
-                    outcomes[i] = runs[i].finish_training(t)
+                    runs[i].save_final_model(t)
+                    finished.append(i)
+                except Exception as exc:  # noqa: BLE001 - e.g. a full disk for one cell's model.pt
+                    outcomes[i] = exc
+            predictions = _predict_group([runs[i] for i in finished])
+            for i, predicted in zip(finished, predictions):
+                try:
+                    if isinstance(predicted, Exception):
+                        raise predicted
+                    t = trainings[i]
+                    outcomes[i] = runs[i].write_results(t, runs[i].evaluate(log=t.trainee.log, predictions=predicted))
                 except Exception as exc:  # noqa: BLE001 - e.g. a full disk for one cell's results
                     outcomes[i] = exc
     finally:
         for i, t in trainings.items():
             runs[i].close_training(t)
     return outcomes
+
+
+def _predict_group(runs: Sequence[Any]) -> list[dict | Exception | None]:
+    """Each run's final student's (predicted, true) labels per half, from one pass over each half's test list for
+    all of them (:func:`~clipkd.engine.evaluate.predict_many`: every image decoded and transformed once, every
+    student given the batches it gets alone). None for each run under torchrun: each then evaluates alone,
+    sharing its test images among the processes as a run alone does."""
+    from clipkd.engine import distributed as dist
+    from clipkd.engine.evaluate import predict_many
+    from clipkd.engine.train import autocast_for
+
+    if not runs or dist.is_initialized():
+        return [None] * len(runs)
+    first = runs[0]
+    out: list[Any] = [{} for _ in runs]
+    try:
+        models = [run.model() for run in runs]
+        autocast, _ = autocast_for(first.cfg.OPTIM.PRECISION, first.device)
+        for name, split in first.data.halves.items():
+            live = [k for k, o in enumerate(out) if isinstance(o, dict)]
+            if not live:
+                break
+            for k, result in zip(live, predict_many([models[k] for k in live], split, first.cfg, first.device,
+                                                    autocast)):
+                if isinstance(result, Exception):
+                    out[k] = result
+                else:
+                    out[k][name] = result
+    except Exception as exc:  # noqa: BLE001 - the test list cannot be read (e.g. a missing image): every cell
+        return [exc] * len(runs)
+    return out

@@ -28,7 +28,7 @@ from clipkd.data.splits import ResolvedSplit, resolve_split
 from clipkd.engine import distributed as dist
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.distiller import Distiller, build_objective
-from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half
+from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half, score_halves
 from clipkd.engine.inputs import record_inputs
 from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
 from clipkd.engine.runlog import RunLog, require_tensorboard
@@ -52,6 +52,13 @@ def student_key(cfg: CfgNode) -> str:
                       sort_keys=True, default=str)
 
 
+def copy_student(student: torch.nn.Module) -> Any:
+    """A copy that trains on its own (prompts, projector, buffers) over the *same* frozen CLIP tensors: nothing
+    writes them, so a fused group's K students hold one ViT, not K, and a copy does not clone ~100M weights."""
+    memo: dict[int, Any] = {id(p): p for p in student.parameters() if not p.requires_grad}
+    return copy.deepcopy(student, memo)
+
+
 @dataclass
 class Built:
     """The models a fused sweep's cells share (:meth:`Run.build`): one teacher, one student per student config."""
@@ -60,6 +67,8 @@ class Built:
     after_teacher: dict  # RNG state right after building the teacher
     # student_key -> (an untouched copy of the student built for it, the RNG state right after that build)
     students: dict[str, tuple[Any, dict]] = field(default_factory=dict)
+    # the teacher cache's entry of the training stream (DISTILL.TEACHER_CACHE), opened by the first cell needing it
+    train_entry: Any = None
 
 
 def teacher_description(cfg: CfgNode) -> str:
@@ -214,6 +223,15 @@ class Run:
             self._data = prepare_data(self.cfg)
         return self._data
 
+    @data.setter
+    def data(self, data: RunData) -> None:
+        """Lists another run prepared from the same DATASET.*, SEED and DISTILL.PROTOCOL (a fused group's)."""
+        self._data = data
+
+    @property
+    def has_data(self) -> bool:
+        return self._data is not None
+
     def build(self, shared: Built | None = None, keep: bool = False) -> None:
         """Seed, then build teacher and student (in that order: both consume the RNG).
 
@@ -236,13 +254,13 @@ class Run:
         key = student_key(self.cfg)
         if shared is not None and key in shared.students:
             student, after_student = shared.students[key]
-            self.student = copy.deepcopy(student)
+            self.student = copy_student(student)
             restore_rng(after_student)
         else:
             self.student = build_student(self.cfg, self.teacher, device=self.device)
             if keep or shared is not None:
                 shared = shared or Built(self.teacher, after_teacher)
-                shared.students[key] = (copy.deepcopy(self.student), rng_snapshot())
+                shared.students[key] = (copy_student(self.student), rng_snapshot())
         self.built = shared
 
     def model(self, which: str = "final") -> Any:
@@ -289,13 +307,19 @@ class Run:
         return self.student
 
     # ------------------------------------------------------------------------------------ evaluation
-    def evaluate(self, halves: Sequence[str] | None = None, which: str = "final", log: RunLog | None = None) -> dict:
+    def evaluate(self, halves: Sequence[str] | None = None, which: str = "final", log: RunLog | None = None,
+                 predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
+        """Base/New/HM (or all) of ``which`` model; ``predictions``: each half's (predicted, true) labels of
+        that model, already made (a fused group predicts for all its cells in one pass: :mod:`clipkd.engine.fused`)."""
         data = self.data
         names = tuple(halves or data.halves)
         for half in names:
             if half not in data.halves:
                 raise ConfigError(f"this run evaluates {', '.join(data.halves)}, not {half} "
                                   "(DATASET.SUBSAMPLE_CLASSES base gives base and new, all gives all)")
+        if predictions is not None:
+            return score_halves(predictions, {h: data.halves[h] for h in names},
+                                log=log.info if log is not None else None)
         autocast, _ = autocast_for(self.cfg.OPTIM.PRECISION, self.device)
         return evaluate_halves(self.model(which), {h: data.halves[h] for h in names}, self.cfg, self.device,
                                autocast, log=log.info if log is not None else None,
@@ -398,7 +422,12 @@ class Run:
             if cfg.DISTILL.TEACHER_CACHE and objective.needs_teacher:  # checked (maybe refused) before writing
                 from clipkd.engine.teacher_cache import train_entry
 
-                entry = train_entry(cfg, dataset.items, dataset.paths, self.teacher, self.device, dist.world_size())
+                entry = self.built.train_entry if self.built is not None else None  # a fused group's, made once
+                if entry is None:
+                    entry = train_entry(cfg, dataset.items, dataset.paths, self.teacher, self.device,
+                                        dist.world_size())
+                if self.built is not None:
+                    self.built.train_entry = entry
             features = TeacherFeatures(self.teacher, entry, rank=dist.rank())
         self._take_folder(resume)
         log = None
@@ -439,7 +468,13 @@ class Run:
 
     def finish_training(self, training: Training) -> dict:
         """After the last epoch: the final model (objective's, best or last), ``model.pt``, the evaluation and
-        ``results.json``; returns the results."""
+        ``results.json``; returns the results. A fused group runs the three steps itself, the evaluation once
+        for all its cells."""
+        self.save_final_model(training)
+        return self.write_results(training, self.evaluate(log=training.trainee.log))
+
+    def save_final_model(self, training: Training) -> None:
+        """The final model (the objective's, the best epoch's or the last) into the student, and ``model.pt``."""
         cfg, out, main = self.cfg, self.dir, dist.is_main()
         assert out is not None
         state, log, student = training.trainee.state, training.trainee.log, self.student
@@ -459,12 +494,18 @@ class Run:
         if features is not None and features.entry is not None:
             log.info(f"teacher cache {features.entry.describe()} after this run ({features.read} batches read, "
                      f"{features.computed} computed; delete the folder to free it)")
-        results = self.evaluate(log=log)
+        training.final_epoch = final_epoch
+
+    def write_results(self, training: Training, results: dict) -> dict:
+        """The evaluation's Dassl lines, ``results.json`` and its metrics line; returns the results."""
+        cfg, out, log = self.cfg, self.dir, training.trainee.log
+        assert out is not None
+        final_epoch = training.final_epoch
         for line in dassl_log_lines(results):  # what Dassl's tools/parse_test_res.py reads
             log.info(line)
         results.update(epoch=final_epoch, selected_on=SELECTED_ON[cfg.TEST.FINAL_MODEL],
                        teacher=teacher_description(cfg) if self.teacher is not None else "none")
-        if main:
+        if dist.is_main():
             atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
         log.metrics("results", **results)
         dist.barrier()
@@ -484,3 +525,4 @@ class Training:
     trainee: Trainee
     dataset: Any  # ImageListDataset of the training list
     teacher_features: TeacherFeatures | None  # None when the run has no teacher
+    final_epoch: int | None = None  # the epoch of the final model (:meth:`Run.save_final_model`)
