@@ -74,6 +74,7 @@ class Bench:
         run = Run(self.cfg)
         run.build()  # the models exactly as a training run builds them
         self.teacher, self.student = run.teacher, run.student
+        self.device = run.device
         self.build_s = time.perf_counter() - t0
         self.student.train()
         o = self.cfg.OPTIM
@@ -82,12 +83,12 @@ class Bench:
         self.objective = KDObjective(build_distill_loss("ab", alpha=0.8, beta=0.3), KD_WEIGHT, CE_WEIGHT)
         self.floor_objective = KDObjective(None, 0.0, ce_weight=1.0)  # student only: CE, no teacher forward
         g = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(batch, 3, self.size, self.size, generator=g)
+        self.images = torch.randn(batch, 3, self.size, self.size, generator=g).to(self.device)
         self.batch = batch
         self.gen = g
 
     def labels(self, classes: int) -> torch.Tensor:
-        return torch.randint(0, classes, (self.batch,), generator=self.gen)
+        return torch.randint(0, classes, (self.batch,), generator=self.gen).to(self.device)
 
     def _update(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
