@@ -17,7 +17,7 @@ from clipkd.cli.main import main
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.distiller import Distiller, KDObjective
 from clipkd.engine.run import Run
-from clipkd.engine.rundir import RunDir
+from clipkd.rundir import RunDir
 from clipkd.errors import ConfigError, TrainingError
 from clipkd.fileio import OutputError, atomic_write_text, stale_temp_files
 from clipkd.losses import build_distill_loss

@@ -111,7 +111,7 @@ def train_config(args: argparse.Namespace) -> "object":
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from clipkd.engine.rundir import RunDir
+    from clipkd.rundir import RunDir
 
     cfg = train_config(args)
     if args.resume and RunDir(args.output_dir).plan(cfg) == "finished":
@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from clipkd.engine.run import Run
-    from clipkd.engine.rundir import RunDir, check_evaluation_file
+    from clipkd.rundir import RunDir, check_evaluation_file
     from clipkd.errors import ClipkdError
 
     if sum(bool(a) for a in (args.run, args.zero_shot, args.checkpoint)) != 1:

@@ -19,7 +19,7 @@ from clipkd.data.loaders import ImageListDataset, build_loader
 from clipkd.data.splits import ResolvedSplit
 from clipkd.data.transforms import build_transform
 from clipkd.engine import distributed as dist
-from clipkd.engine.metrics import harmonic_mean
+from clipkd.metrics import harmonic_mean
 
 __all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate_half", "evaluate_halves",
            "score_halves", "classification_metrics", "results_payload", "format_dassl_lines", "dassl_log_lines"]

@@ -12,7 +12,7 @@ trains on the same batches with the same teacher outputs, and it writes its own 
 (config.yaml, log.txt, metrics.jsonl, checkpoints, model.pt, results.json) through the same code as
 ``clipkd train`` (:meth:`clipkd.engine.run.Run.start_training` / ``finish_training``). Resume is per cell:
 finished cells are skipped and unfinished ones restart from their own ``last.pt``, each only when its folder's
-config is the cell's (:meth:`clipkd.engine.rundir.RunDir.plan`); cells at different epochs train in one group,
+config is the cell's (:meth:`clipkd.rundir.RunDir.plan`); cells at different epochs train in one group,
 each joining when the group's epoch reaches its own. A cell that fails (a non-finite
 loss, a folder in use) drops out and the others go on. The epoch ``time`` a fused cell logs is the group's.
 

@@ -30,7 +30,7 @@ from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.distiller import Distiller, build_objective
 from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half, score_halves
 from clipkd.engine.inputs import record_inputs
-from clipkd.engine.rundir import BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
+from clipkd.rundir import BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
 from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.teacher_cache import TeacherFeatures
 from clipkd.engine.train import (Trainee, TrainState, autocast_for, restore_rng, rng_snapshot, seed_everything,

@@ -8,7 +8,7 @@ a method of its own to ``clipkd report`` (a row, or a sweep of its own when alph
 A cell is described once (its folder and its config overrides) and turned either into a config for an
 in-process Run or, for ``--dry-run``, into the equivalent ``clipkd train`` command line, so the two never
 drift apart. Finished cells are skipped, interrupted ones resumed (both only when their folder's config.yaml
-is the cell's config: :meth:`~clipkd.engine.rundir.RunDir.plan`), failed ones reported at the end.
+is the cell's config: :meth:`~clipkd.rundir.RunDir.plan`), failed ones reported at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from clipkd.errors import ClipkdError, ConfigError
+from clipkd.rundir import cell_dir, seed_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,6 @@ def check_size(n: int, max_cells: int = MAX_CELLS) -> None:
         count = f"{n:,}" if n < 10**15 else f"about {Decimal(n):.2E}"
         raise ConfigError(f"this sweep has {count} cells, more than --max-cells {max_cells:,}; use larger steps "
                           "or fewer values, or raise --max-cells if you mean it")
-
-
-def cell_name(alpha: float, beta: float) -> str:
-    return f"a{format(alpha, 'g')}_b{format(beta, 'g')}"
 
 
 @dataclass(frozen=True)
@@ -226,10 +223,10 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
             folder = Path(output) / name / dataset
             extra: list[str] = []
             if point is not None:
-                folder = folder / cell_name(*point)
+                folder = folder / cell_dir(*point)
                 extra = [*ab, "DISTILL.ALPHA", repr(point[0]), "DISTILL.BETA", repr(point[1])]
             overrides = (*extra, *over, *opts)
-            cells += [Cell(folder / f"seed{seed}", seed, overrides) for seed in seeds]
+            cells += [Cell(folder / seed_dir(seed), seed, overrides) for seed in seeds]
         _check_loss(build_config(files, list(overrides)))
     folders: dict[Path, Cell] = {}
     for cell in cells:
@@ -266,7 +263,7 @@ def run_grid(grid: Grid, root: str, *, echo: bool = False, fused: bool = False) 
     that share a data stream train together, one loader and one teacher forward per batch for all of them
     (:mod:`clipkd.engine.fused`); each still writes exactly its own folder."""
     from clipkd.engine.fused import fit_fused, group_cells
-    from clipkd.engine.rundir import RunDir
+    from clipkd.rundir import RunDir
     from clipkd.engine.run import Run
 
     configs = [grid.config(cell, root) for cell in grid.cells]  # a bad override or root fails the sweep now

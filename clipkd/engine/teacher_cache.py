@@ -45,7 +45,7 @@ last rename wins. A run interrupted mid-epoch leaves nothing of that epoch but, 
 temp file; those are removed by the next run that opens the entry while no other run holds it: each run holds
 a shared ``flock`` on the entry's folder from opening it to its end (the kernel drops it when a process dies),
 and only a run that gets the lock exclusively, i.e. while no live process can be writing there, removes temp
-files (the rule of run folders, :mod:`clipkd.engine.rundir`; where the file system cannot lock, none are).
+files (the rule of run folders, :mod:`clipkd.rundir`; where the file system cannot lock, none are).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from clipkd.data.loaders import ImageListDataset, build_loader
 from clipkd.engine import distributed as dist
 from clipkd.engine.checkpoint import save_checkpoint
 from clipkd.engine.distiller import Distiller
-from clipkd.engine.rundir import BEST_CKPT, LAST_CKPT, RunDir
+from clipkd.rundir import BEST_CKPT, LAST_CKPT, RunDir
 from clipkd.engine.runlog import RunLog
 from clipkd.engine.teacher_cache import TeacherFeatures
 from clipkd.errors import ConfigError, TrainingError

@@ -20,20 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from clipkd.data.specs import get_spec
-from clipkd.engine.rundir import MODEL_FILE, RunDir
+from clipkd.rundir import MODEL_FILE, RunDir, eval_results_path
 from clipkd.errors import TrainingError
 from clipkd.fileio import atomic_write_text
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
 
-EVAL_DIR = "eval"  # inside a run folder: eval/<stem>/results.json per target
-RESULTS_FILE = "results.json"
 
 
 def transfer_results_path(run_dir: str | Path, dataset: str) -> Path:
     """Where the evaluation of the run in ``run_dir`` on ``dataset`` (stem or Dassl name) is written."""
-    return Path(run_dir) / EVAL_DIR / get_spec(dataset).stem / RESULTS_FILE
+    return eval_results_path(run_dir, get_spec(dataset).stem)
 
 
 def target_overrides(cfg: CfgNode, dataset: str) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 
 from clipkd.config import build_config
 from clipkd.data.cache import default_cache_dir
-from clipkd.engine.metrics import harmonic_mean
+from clipkd.metrics import harmonic_mean
 from clipkd.errors import ClipkdError
 from clipkd.fileio import atomic_write_text
 
