@@ -30,7 +30,7 @@ import torch
 from clipkd.config import build_config
 from clipkd.engine.distiller import Distiller, build_objective
 from clipkd.engine.run import Run
-from clipkd.engine.train import autocast_for
+from clipkd.engine.runtime import autocast_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from clipkd.config import build_config
 from clipkd.engine.checkpoint import load_checkpoint
 from clipkd.engine.distiller import StudentFeatures, build_objective
 from clipkd.engine.run import Run, needs_teacher
-from clipkd.engine.train import seed_everything
+from clipkd.engine.runtime import seed_everything
 from clipkd.errors import ConfigError, TrainingError
 from test_train import DATASET_CFG, ROOT, check_results, config, fit, interrupt_after_checkpoint
 

@@ -124,11 +124,11 @@ def _predict_group(runs: Sequence[Any]) -> list[dict | Exception | None]:
     all of them (:func:`~clipkd.engine.evaluate.predict_many`: every image decoded and transformed once, every
     student given the batches it gets alone). None for each run under torchrun: each then evaluates alone,
     sharing its test images among the processes as a run alone does."""
-    from clipkd.engine import distributed as dist
+    from clipkd.engine import runtime
     from clipkd.engine.evaluate import predict_many
-    from clipkd.engine.train import autocast_for
+    from clipkd.engine.runtime import autocast_for
 
-    if not runs or dist.is_initialized():
+    if not runs or runtime.is_initialized():
         return [None] * len(runs)
     first = runs[0]
     out: list[Any] = [{} for _ in runs]

@@ -25,7 +25,7 @@ from clipkd.config import build_config, flatten
 from clipkd.config.checks import check_config
 from clipkd.data.specs import DatasetSpec, get_spec
 from clipkd.data.splits import ResolvedSplit, resolve_split
-from clipkd.engine import distributed as dist
+from clipkd.engine import runtime
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.distiller import Distiller, build_objective
 from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half, score_halves
@@ -33,8 +33,8 @@ from clipkd.engine.inputs import record_inputs
 from clipkd.rundir import BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
 from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.teacher_cache import TeacherFeatures
-from clipkd.engine.train import (Trainee, TrainState, autocast_for, restore_rng, rng_snapshot, seed_everything,
-                                 train_epochs)
+from clipkd.engine.runtime import autocast_for, restore_rng, rng_snapshot, seed_everything
+from clipkd.engine.train import Trainee, TrainState, train_epochs
 from clipkd.errors import ConfigError, TrainingError
 from clipkd.fileio import atomic_write_text
 from clipkd.models.teacher import ZERO_SHOT
@@ -177,7 +177,7 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
             raise ConfigError(
                 f"INPUT.SIZE {size} does not fit {key} {name}, which takes {wants[0]}x{wants[1]} images; "
                 f"set INPUT.SIZE \"({wants[0]}, {wants[1]})\" (teacher and student must take the same size)")
-    autocast_for(cfg.OPTIM.PRECISION, dist.pick_device())  # fp16 without CUDA
+    autocast_for(cfg.OPTIM.PRECISION, runtime.pick_device())  # fp16 without CUDA
 
 
 class Run:
@@ -189,7 +189,7 @@ class Run:
         self.dir = RunDir(output_dir) if output_dir is not None else None
         self.echo = echo
         self.tensorboard = tensorboard
-        self.device = dist.pick_device()
+        self.device = runtime.pick_device()
         self._data: RunData | None = None
         self.teacher: Any = None
         self.student: Any = None
@@ -334,7 +334,7 @@ class Run:
     def teacher_eval_cache(self, which: str) -> Any:
         """With DISTILL.TEACHER_CACHE, where the teacher's test-set features are kept (``which`` teacher only;
         single process only: under torchrun each rank predicts a share and the shares are merged instead)."""
-        if which != "teacher" or not self.cfg.DISTILL.TEACHER_CACHE or dist.is_initialized():
+        if which != "teacher" or not self.cfg.DISTILL.TEACHER_CACHE or runtime.is_initialized():
             return None
         if self._eval_cache is None:
             from clipkd.engine.teacher_cache import EvalFeatureCache, eval_entry
@@ -355,14 +355,14 @@ class Run:
         """Rank 0 locks the folder and re-checks it under the lock; every rank learns the outcome."""
         assert self.dir is not None
         error = None
-        if dist.is_main():
+        if runtime.is_main():
             try:
                 self.dir.acquire()
                 self._check_folder(resume)  # again: another process may have written meanwhile
             except Exception as exc:  # noqa: BLE001 - reported on every rank below
                 self.dir.release()
                 error = exc
-        error = dist.broadcast_object(error)
+        error = runtime.broadcast_object(error)
         if error is not None:
             raise error
 
@@ -384,14 +384,14 @@ class Run:
         if self.dir is None:
             raise TrainingError("a run needs an output folder to train into")
         cfg, out = self.cfg, self.dir
-        distributed = dist.init(self.device)
-        main = dist.is_main()
+        distributed = runtime.init(self.device)
+        main = runtime.is_main()
         self._check_folder(resume)
         if self.tensorboard:
             require_tensorboard()
         check_config(cfg)  # what the config alone decides (clipkd config show runs the same)
         check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
-        check_setup(cfg, self.data, dist.world_size())
+        check_setup(cfg, self.data, runtime.world_size())
         if resume:
             self.check_inputs()
         inputs = None  # what this run reads, recorded once (also when a run killed before recording resumes)
@@ -425,10 +425,10 @@ class Run:
                 entry = self.built.train_entry if self.built is not None else None  # a fused group's, made once
                 if entry is None:
                     entry = train_entry(cfg, dataset.items, dataset.paths, self.teacher, self.device,
-                                        dist.world_size())
+                                        runtime.world_size())
                 if self.built is not None:
                     self.built.train_entry = entry
-            features = TeacherFeatures(self.teacher, entry, rank=dist.rank())
+            features = TeacherFeatures(self.teacher, entry, rank=runtime.rank())
         self._take_folder(resume)
         log = None
         try:
@@ -475,7 +475,7 @@ class Run:
 
     def save_final_model(self, training: Training) -> None:
         """The final model (the objective's, the best epoch's or the last) into the student, and ``model.pt``."""
-        cfg, out, main = self.cfg, self.dir, dist.is_main()
+        cfg, out, main = self.cfg, self.dir, runtime.is_main()
         assert out is not None
         state, log, student = training.trainee.state, training.trainee.log, self.student
         final_epoch = cfg.OPTIM.MAX_EPOCH
@@ -505,16 +505,16 @@ class Run:
             log.info(line)
         results.update(epoch=final_epoch, selected_on=SELECTED_ON[cfg.TEST.FINAL_MODEL],
                        teacher=teacher_description(cfg) if self.teacher is not None else "none")
-        if dist.is_main():
+        if runtime.is_main():
             atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
         log.metrics("results", **results)
-        dist.barrier()
+        runtime.barrier()
         return results
 
     def close_training(self, training: Training) -> None:
         """Close the log and unlock the folder (whatever happened in between)."""
         training.trainee.log.close()
-        if dist.is_main() and self.dir is not None:
+        if runtime.is_main() and self.dir is not None:
             self.dir.release()
 
 

@@ -141,7 +141,7 @@ def teacher_identity(cfg: CfgNode) -> dict[str, Any]:
 
 
 def _environment(cfg: CfgNode, device: torch.device) -> dict[str, Any]:
-    from clipkd.engine.train import resolve_precision
+    from clipkd.engine.runtime import resolve_precision
 
     return {"device": device.type, "precision": resolve_precision(cfg.OPTIM.PRECISION, device)}
 

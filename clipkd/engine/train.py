@@ -13,8 +13,6 @@ teacher cache filled by an earlier run (:mod:`clipkd.engine.teacher_cache`).
 
 from __future__ import annotations
 
-import contextlib
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,65 +24,14 @@ from torch.utils.data.distributed import DistributedSampler
 from yacs.config import CfgNode
 
 from clipkd.data.loaders import ImageListDataset, build_loader
-from clipkd.engine import distributed as dist
+from clipkd.engine import runtime
+from clipkd.engine.runtime import autocast_for, epoch_seed
 from clipkd.engine.checkpoint import save_checkpoint
 from clipkd.engine.distiller import Distiller
 from clipkd.rundir import BEST_CKPT, LAST_CKPT, RunDir
 from clipkd.engine.runlog import RunLog
 from clipkd.engine.teacher_cache import TeacherFeatures
-from clipkd.errors import ConfigError, TrainingError
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_snapshot() -> dict[str, Any]:
-    """Every generator a model build draws from (Python, NumPy, torch CPU and CUDA), to rewind to later: a
-    fused sweep builds the teacher once and each student from the state right after it, as a run alone does."""
-    import numpy as np
-
-    snap: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                            "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        snap["cuda"] = torch.cuda.get_rng_state_all()
-    return snap
-
-
-def restore_rng(snap: dict[str, Any]) -> None:
-    import numpy as np
-
-    random.setstate(snap["python"])
-    np.random.set_state(snap["numpy"])
-    torch.set_rng_state(snap["torch"])
-    if "cuda" in snap:
-        torch.cuda.set_rng_state_all(snap["cuda"])
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """OPTIM.PRECISION with ``auto`` made concrete: bf16 on CUDA, fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], Any], bool]:
-    """The autocast context for OPTIM.PRECISION, and whether fp16 loss scaling is needed."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext, False
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if dtype == torch.float16 and device.type != "cuda":
-        raise ConfigError("OPTIM.PRECISION fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype == torch.float16
+from clipkd.errors import TrainingError
 
 
 @dataclass
@@ -141,7 +88,7 @@ def train_epochs(trainees: Sequence[Trainee], dataset: ImageListDataset, device:
 
     cfg = trainees[0].cfg
     autocast, _ = autocast_for(cfg.OPTIM.PRECISION, device)
-    world, batch_size = dist.world_size(), cfg.DATALOADER.TRAIN_X.BATCH_SIZE  # the global batch
+    world, batch_size = runtime.world_size(), cfg.DATALOADER.TRAIN_X.BATCH_SIZE  # the global batch
     full_batches = len(dataset) >= batch_size
     steps_per_epoch = len(dataset) // batch_size if full_batches else 1
     for epoch in range(min(t.state.epoch for t in trainees), max(t.cfg.OPTIM.MAX_EPOCH for t in trainees)):
@@ -152,7 +99,7 @@ def train_epochs(trainees: Sequence[Trainee], dataset: ImageListDataset, device:
         torch.manual_seed(seed)
         # One permutation per epoch, the same in every process; process r takes items r, r+W, ...: the union
         # of the processes' k-th batches is the single-process k-th batch.
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=dist.rank(), shuffle=True, seed=seed,
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=runtime.rank(), shuffle=True, seed=seed,
                                      drop_last=True)
         dataset.aug_seed = seed
         loader = build_loader(dataset, max(batch_size // world, 1), shuffle=False, sampler=sampler,
@@ -190,7 +137,7 @@ def train_epochs(trainees: Sequence[Trainee], dataset: ImageListDataset, device:
         for k, t in enumerate(active):
             if t.error is None:
                 _end_epoch(t, epoch, lrs[k], totals[k] / max(step + 1, 1), started)
-        dist.barrier()
+        runtime.barrier()
 
 
 def _step(t: Trainee, images: torch.Tensor, labels: torch.Tensor, teacher_features: torch.Tensor | None,
@@ -199,7 +146,7 @@ def _step(t: Trainee, images: torch.Tensor, labels: torch.Tensor, teacher_featur
     state, cfg = t.state, t.cfg
     with autocast():
         loss = state.model(images, labels, teacher_features=teacher_features).loss
-    if dist.any_rank(not bool(torch.isfinite(loss))):
+    if runtime.any_rank(not bool(torch.isfinite(loss))):
         kept = f"{t.rundir / LAST_CKPT} (after epoch {epoch})" if epoch > 0 else "none (first epoch)"
         raise TrainingError(
             f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} (global step "
@@ -212,7 +159,7 @@ def _step(t: Trainee, images: torch.Tensor, labels: torch.Tensor, teacher_featur
         torch.nn.utils.clip_grad_norm_(state.distiller.student.trainable_parameters(), cfg.OPTIM.GRAD_CLIP)
     state.scaler.step(state.optimizer)
     state.scaler.update()
-    step_loss = dist.mean(loss.item())  # the global batch's loss
+    step_loss = runtime.mean(loss.item())  # the global batch's loss
     t.log.metrics("step", epoch=epoch + 1, step=step + 1, global_step=global_step, loss=step_loss, lr=lr)
     return step_loss
 
@@ -228,12 +175,12 @@ def _end_epoch(t: Trainee, epoch: int, lr: float, loss: float, started: float) -
         epoch_metrics[t.select_metric] = accuracy = t.validate()
         if accuracy > state.best["accuracy"]:
             state.best = {"accuracy": accuracy, "epoch": epoch + 1}
-            if dist.is_main():
+            if runtime.is_main():
                 save_checkpoint(t.rundir / BEST_CKPT, student.trainable_state_dict(), epoch=epoch + 1)
     t.log.metrics("epoch", epoch=epoch + 1, lr=lr, time=round(time.time() - started, 3), **epoch_metrics)
     t.log.info(f"epoch [{epoch + 1}/{cfg.OPTIM.MAX_EPOCH}] loss {epoch_metrics['loss']:.4f} lr {lr:.3e}"
                + (f" {t.select_metric.replace('_', ' ')} {epoch_metrics[t.select_metric]:.2f}%"
                   if t.validate is not None else "")
                + f" ({time.time() - started:.1f}s)")
-    if dist.is_main():
+    if runtime.is_main():
         save_checkpoint(t.rundir / LAST_CKPT, student.trainable_state_dict(), **state.checkpoint())
