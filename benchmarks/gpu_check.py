@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from clipkd.config import build_config
-from clipkd.engine.distiller import Distiller, build_objective
+from clipkd.methods.distiller import Distiller, build_objective
 from clipkd.engine.run import Run
 from clipkd.engine.runtime import autocast_for
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F  # noqa: N812
 import clipkd.engine.train as train_mod
 from clipkd.cli.main import main
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
-from clipkd.engine.distiller import Distiller, KDObjective
+from clipkd.methods.distiller import Distiller
+from clipkd.methods.kd import KDObjective
 from clipkd.engine.run import Run
 from clipkd.rundir import RunDir
 from clipkd.errors import ConfigError, TrainingError

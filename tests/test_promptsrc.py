@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import clipkd.engine.promptsrc as psrc
+import clipkd.methods.promptsrc as psrc
 from clipkd.config import build_config
 from clipkd.engine.checkpoint import load_checkpoint
-from clipkd.engine.distiller import StudentFeatures, build_objective
+from clipkd.methods.distiller import StudentFeatures, build_objective
 from clipkd.engine.run import Run, needs_teacher
 from clipkd.engine.runtime import seed_everything
 from clipkd.errors import ConfigError, TrainingError

@@ -27,7 +27,7 @@ from clipkd.data.specs import DatasetSpec, get_spec
 from clipkd.data.splits import ResolvedSplit, resolve_split
 from clipkd.engine import runtime
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
-from clipkd.engine.distiller import Distiller, build_objective
+from clipkd.methods.distiller import Distiller, build_objective
 from clipkd.engine.evaluate import dassl_log_lines, evaluate_half, evaluate_halves, predict_half, score_halves
 from clipkd.engine.inputs import record_inputs
 from clipkd.rundir import BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir

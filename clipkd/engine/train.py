@@ -27,7 +27,7 @@ from clipkd.data.loaders import ImageListDataset, build_loader
 from clipkd.engine import runtime
 from clipkd.engine.runtime import autocast_for, epoch_seed
 from clipkd.engine.checkpoint import save_checkpoint
-from clipkd.engine.distiller import Distiller
+from clipkd.methods.distiller import Distiller
 from clipkd.rundir import BEST_CKPT, LAST_CKPT, RunDir
 from clipkd.engine.runlog import RunLog
 from clipkd.engine.teacher_cache import TeacherFeatures
