@@ -29,7 +29,7 @@ import torch
 
 from clipkd.config import build_config
 from clipkd.methods.distiller import Distiller, build_objective
-from clipkd.engine.run import Run
+from clipkd.runs.run import Run
 from clipkd.engine.runtime import autocast_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ import torch
 from clipkd.config import build_config
 from clipkd.methods.distiller import Distiller
 from clipkd.methods.kd import KDObjective
-from clipkd.engine.run import Run
+from clipkd.runs.run import Run
 from clipkd.losses import build_distill_loss
 
 HERE = Path(__file__).resolve().parent

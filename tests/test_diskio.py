@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import clipkd.engine.train as train_mod
+import clipkd.engine.trainer as train_mod
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.runlog import RunLog
 from clipkd.errors import ModelError

@@ -175,7 +175,7 @@ def predict_half(
     autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test", feature_cache: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true labels of ``model`` on one half's ``items`` list, among that half's classes only.
-    ``feature_cache`` (single process; :class:`clipkd.engine.teacher_cache.EvalFeatureCache`): the model's image
+    ``feature_cache`` (single process; :class:`clipkd.engine.teacher_features.EvalFeatureCache`): the model's image
     features of the list are read from it or computed once and stored, then scored batch by batch as below."""
     if feature_cache is None and not runtime.is_initialized():
         result = predict_many([model], split, cfg, device, autocast, items)[0]

@@ -90,7 +90,8 @@ class _MetricsFile:
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
-    """Console output for the ``clipkd`` command: messages on stderr, warnings routed through logging.
+    """Console output for the ``clipkd`` command: messages on stderr, and the ``py.warnings`` logger's (where
+    the command sends warnings while it runs) on the same handler.
     Idempotent; library users who never call it get no console output from clipkd below WARNING."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
@@ -102,7 +103,6 @@ def setup_console_logging(level: int = logging.INFO) -> None:
         warnings_logger = logging.getLogger("py.warnings")
         warnings_logger.addHandler(handler)
         warnings_logger.propagate = False
-    logging.captureWarnings(True)
 
 
 def require_tensorboard() -> None:

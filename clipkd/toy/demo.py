@@ -3,7 +3,7 @@
 For each seed: the zero-shot teacher and zero-shot student (each CLIP with its own text tower), then the
 PromptKD student distilled with KD (forward KL) and with ABKD (alpha-beta divergence), in the inductive
 protocol (K-shot base classes) and, unless ``--no-transductive``, the transductive one. KD and ABKD of one
-protocol train fused (:mod:`clipkd.engine.fused`: one loader and teacher forward for both, results as alone).
+protocol train fused (:mod:`clipkd.runs.fused`: one loader and teacher forward for both, results as alone).
 Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON. While it runs, a
 line per stage and its elapsed time go to stderr (flushed, so a log file shows where a run is without a terminal).
 """
@@ -69,8 +69,8 @@ def run_demo(
 
     ``overrides`` (KEY VALUE pairs) change the distillation runs' config, e.g. a shorter schedule in tests.
     """
-    from clipkd.engine.fused import fit_fused
-    from clipkd.engine.run import Run
+    from clipkd.runs.fused import fit_fused
+    from clipkd.runs.run import Run
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):

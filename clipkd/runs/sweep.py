@@ -1,5 +1,5 @@
 """Sweeps: the ABKD alpha-beta grid and any other DISTILL.* / OPTIM.* values, one :class:`Cell` per point and
-seed, each a :class:`~clipkd.engine.run.Run`.
+seed, each a :class:`~clipkd.runs.run.Run`.
 
 Folders: the alpha-beta grid writes ``OUTPUT/METHOD/STEM/a<A>_b<B>/seed<S>`` (what ``clipkd report --sweep``
 reads); every other swept value goes into the method's folder name, ``METHOD+dkd_beta0.5``, so each value is
@@ -24,8 +24,11 @@ from pathlib import Path
 
 from yacs.config import CfgNode
 
+from clipkd.config import build_config
+from clipkd.config.checks import loss_params
+from clipkd.config.recipes import recipe_files
 from clipkd.errors import ClipkdError, ConfigError
-from clipkd.rundir import cell_dir, seed_dir
+from clipkd.rundir import RunDir, cell_dir, seed_dir
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +134,6 @@ class Grid:
         return self.files[1]
 
     def config(self, cell: Cell, root: str) -> CfgNode:
-        from clipkd.config import build_config
-
         cfg = build_config(self.files,
                            ["DATASET.ROOT", root, "SEED", str(cell.seed), *cell.overrides], freeze=False)
         cfg.OUTPUT_DIR = str(cell.out)
@@ -175,8 +176,6 @@ def vary_values(key: str, text: str) -> list[str]:
 
 def _ab_overrides(cfg: CfgNode, method: str) -> list[str]:
     """How a cell sets the alpha-beta divergence: as the loss (DISTILL.LOSS ab), or inside a method."""
-    from clipkd.losses import loss_params
-
     if cfg.DISTILL.LOSS == "ab":
         return []
     if "divergence" in loss_params(cfg.DISTILL.LOSS, "ab"):
@@ -193,9 +192,6 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
     :func:`clipkd.config.recipes.recipe_files`, as ``clipkd train --method`` and the scripts merge it).
     ``vary``: (config key, values) pairs, e.g. ("DISTILL.DKD_BETA", "0.5,1"). More than ``max_cells`` cells is
     an error, found by counting before any list is built."""
-    from clipkd.config import build_config
-    from clipkd.config.recipes import recipe_files
-
     check_size(count_cells(alpha, beta, alpha_plus_beta, vary, seeds), max_cells)
     points = grid_points(alpha, beta, alpha_plus_beta)
     files = recipe_files(method_config, dataset)
@@ -239,7 +235,7 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
 
 def _check_loss(cfg: CfgNode) -> None:
     """A swept key the loss does not take fails the sweep now, not once per cell."""
-    from clipkd.losses import build_distill_loss_from_cfg
+    from clipkd.losses import build_distill_loss_from_cfg  # torch: only when a sweep is built
 
     if cfg.DISTILL.OBJECTIVE == "kd" and cfg.DISTILL.WEIGHT > 0:
         build_distill_loss_from_cfg(cfg)
@@ -261,10 +257,9 @@ class SweepSummary:
 def run_grid(grid: Grid, root: str, *, echo: bool = False, fused: bool = False) -> SweepSummary:
     """Run every cell in this process; a failed cell is recorded and the sweep goes on. ``fused``: the cells
     that share a data stream train together, one loader and one teacher forward per batch for all of them
-    (:mod:`clipkd.engine.fused`); each still writes exactly its own folder."""
-    from clipkd.engine.fused import fit_fused, group_cells
-    from clipkd.rundir import RunDir
-    from clipkd.engine.run import Run
+    (:mod:`clipkd.runs.fused`); each still writes exactly its own folder."""
+    from clipkd.runs.fused import fit_fused, group_cells  # torch and open_clip: only when a sweep runs
+    from clipkd.runs.run import Run
 
     configs = [grid.config(cell, root) for cell in grid.cells]  # a bad override or root fails the sweep now
     summary = SweepSummary()
