@@ -12,6 +12,7 @@ from clipkd.data.fewshot import classnames_for_prompts, sample_few_shot, subsamp
 from clipkd.data.readers import read_dataset
 from clipkd.data.records import Datum
 from clipkd.data.specs import LAYOUT_IMAGENET, DatasetSpec, get_spec
+from clipkd.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,6 @@ def resolve_split(
 def _resolve_test_only(root: str | os.PathLike, spec: DatasetSpec, subsample: str) -> ResolvedSplit:
     """An evaluation set: its test images over all its classes (no draw: there is no train list to draw from;
     class names come from the test list)."""
-    from clipkd.errors import DataError
-
     if subsample != "all":
         raise DataError(f"{spec.name} is an evaluation set (test images only): it has no base/new halves; use "
                         "all classes (--subsample all, DATASET.SUBSAMPLE_CLASSES all)")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clipkd.errors import ConfigError
 from clipkd.fileio import OutputError, os_error_message, write_failure
 
 LOGGER = "clipkd"
@@ -108,8 +109,6 @@ def setup_console_logging(level: int = logging.INFO) -> None:
 def require_tensorboard() -> None:
     """Fail before a run writes anything when TensorBoard logging was asked for but is not installed."""
     import importlib.util
-
-    from clipkd.errors import ConfigError
 
     if importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'clipkd[tensorboard]'")

@@ -65,6 +65,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from clipkd.config.paths import ZERO_SHOT
+from clipkd.engine.runtime import resolve_precision
 from clipkd.errors import ConfigError
 from clipkd.fileio import OutputError, atomic_write, atomic_write_text, stale_temp_files
 
@@ -130,8 +132,6 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 def teacher_identity(cfg: CfgNode) -> dict[str, Any]:
     """The config keys that choose the teacher's image tower (its templates only change the text side)."""
-    from clipkd.models.teacher import ZERO_SHOT
-
     t = cfg.MODEL.TEACHER
     ident: dict[str, Any] = {"name": t.NAME, "pretrained": t.PRETRAINED, "quick_gelu": bool(t.QUICK_GELU),
                              "checkpoint": t.CHECKPOINT if t.CHECKPOINT not in ("", ZERO_SHOT) else ZERO_SHOT}
@@ -141,8 +141,6 @@ def teacher_identity(cfg: CfgNode) -> dict[str, Any]:
 
 
 def _environment(cfg: CfgNode, device: torch.device) -> dict[str, Any]:
-    from clipkd.engine.runtime import resolve_precision
-
     return {"device": device.type, "precision": resolve_precision(cfg.OPTIM.PRECISION, device)}
 
 

@@ -54,7 +54,6 @@ STREAM_KEYS = ("DISTILL.PROTOCOL", "DISTILL.TEACHER_CACHE", "OPTIM.PRECISION")
 
 def stream_key(cfg: CfgNode) -> str:
     """Cells with equal keys can be trained together: same images, order, augmentation, teacher and precision."""
-    from clipkd.config import flatten
     flat = flatten(cfg)
     shared = {k: v for k, v in flat.items() if k in STREAM_KEYS or not k.startswith(PER_STUDENT)}
     shared["needs_teacher"] = needs_teacher(cfg)  # whether a run alone builds a teacher before its student
