@@ -253,7 +253,7 @@ def check_evaluation_file(path: str | os.PathLike) -> None:
                             f"run's {RESULTS_FILE}; pass --output FILE outside the run folder")
 
 
-# The line the training loop writes as an epoch ends, just before that epoch's last.pt: "epoch [3/20] loss ...".
+# The line Trainer.end_epoch writes as an epoch ends, just before that epoch's last.pt: "epoch [3/20] loss ...".
 _EPOCH_LINE = re.compile(rb"epoch \[(\d+)/\d+\] ")
 
 

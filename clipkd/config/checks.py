@@ -1,5 +1,5 @@
 """The checks a run makes on its config alone, across keys: one function, :func:`check_config`, that
-``clipkd train`` (and every run, through :meth:`clipkd.runs.run.Run.start_training`) and ``clipkd config show``
+``clipkd train`` (and every run, through :meth:`clipkd.runs.run.Run.prepare`) and ``clipkd config show``
 both call, so that a config one refuses the other refuses too, with the same words.
 
 :func:`clipkd.config.validate` checks each value by itself (types, ranges, choices) and runs on every merge;

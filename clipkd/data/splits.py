@@ -26,8 +26,12 @@ class ResolvedSplit:
     val: list[Datum]
     test: list[Datum]
 
+    def impaths(self, items: list[Datum]) -> list[str]:
+        """The image files of ``items`` (Datums of this split)."""
+        return [os.path.join(self.dataset_dir, item.relpath) for item in items]
+
     def impath(self, item: Datum) -> str:
-        return os.path.join(self.dataset_dir, item.relpath)
+        return self.impaths([item])[0]
 
     def to_json(self) -> dict:
         """The shape ``clipkd data split --json`` prints: paths relative to the dataset folder."""

@@ -1,7 +1,7 @@
 """Pay for the teacher once: its image features for every (epoch, index) of a run's data stream, kept on disk.
 
 Why this is exact: the trainer orders each epoch from (SEED, epoch) and augments each image from (SEED, epoch,
-index) (:mod:`clipkd.engine.train`), so what the frozen teacher sees at a step, and so what it outputs, is a pure
+index) (:mod:`clipkd.engine.loop`), so what the frozen teacher sees at a step, and so what it outputs, is a pure
 function of the teacher, the training images, the seed, the epoch and the index. A second run of the same
 stream (another alpha-beta cell, a rerun, a resumed run) can read the features instead of running the teacher.
 Only the image features are stored: the logits are ``logit_scale * features @ class embeddings`` as always,

@@ -95,7 +95,7 @@ class Distiller(nn.Module):
         self.classnames = list(classnames)
         self.objective = objective
         self.teacher_text = teacher.text_features(self.classnames) if objective.needs_teacher else None
-        self.needs_features = bool(getattr(objective, "needs_features", False))  # absent in older objectives
+        self.needs_features = bool(getattr(objective, "needs_features", False))  # optional in the Objective protocol
 
     def train(self, mode: bool = True) -> Distiller:
         self.student.train(mode)  # the teacher stays in eval mode

@@ -10,7 +10,8 @@ A fused cell is the run it replaces: its student is the one it would build alone
 copied, with the RNG state a build leaves, when the student configs agree: building a ViT-B/16 costs seconds), it
 trains on the same batches with the same teacher outputs, and it writes its own folder
 (config.yaml, log.txt, metrics.jsonl, checkpoints, model.pt, results.json) through the same code as
-``clipkd train`` (:meth:`clipkd.runs.run.Run.start_training` / ``finish_training``). Resume is per cell:
+``clipkd train`` (:meth:`clipkd.runs.run.Run.prepare`, ``trainer``, ``open``, and the cell's
+:class:`~clipkd.engine.trainer.Trainer`). Resume is per cell:
 finished cells are skipped and unfinished ones restart from their own ``last.pt``, each only when its folder's
 config is the cell's (:meth:`clipkd.rundir.RunDir.plan`); cells at different epochs train in one group,
 each joining when the group's epoch reaches its own. A cell that fails (a non-finite

@@ -39,9 +39,10 @@ LISTS = ("train", "val", "test")
 def _list_record(split: ResolvedSplit) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(split.classnames).encode())
     for name in LISTS:
-        for item in getattr(split, name):
+        items = getattr(split, name)
+        for item, path in zip(items, split.impaths(items)):
             try:
-                size = os.stat(split.impath(item)).st_size
+                size = os.stat(path).st_size
             except OSError:
                 size = -1
             digest.update(f"{name}\0{item.relpath}\0{item.label}\0{size}\n".encode())
