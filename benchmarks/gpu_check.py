@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 from clipkd.config import build_config
-from clipkd.engine.distiller import Distiller, build_objective
-from clipkd.engine.run import Run
-from clipkd.engine.train import autocast_for
+from clipkd.methods.distiller import Distiller, build_objective
+from clipkd.runs.run import Run
+from clipkd.engine.runtime import autocast_for
 
 ROOT = Path(__file__).resolve().parents[1]
 

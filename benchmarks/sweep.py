@@ -76,7 +76,7 @@ def alphas(k: int) -> str:
 
 
 def time_sweep(k: int, fused: bool, data: Path, out: Path, cell_opts: list[str]) -> dict:
-    from clipkd.engine.sweep import build_grid, run_grid
+    from clipkd.runs.sweep import build_grid, run_grid
 
     grid = build_grid(METHOD, DATASET, alphas(k), "0.3:0.3:1", [1], out, cell_opts)
     assert len(grid.cells) == k
@@ -107,7 +107,7 @@ def step_intervals(folder: Path) -> list[float]:
 
 def time_run(data: Path, out: Path, run_opts: list[str]) -> dict:
     from clipkd.config import build_config
-    from clipkd.engine.run import Run
+    from clipkd.runs.run import Run
 
     cfg = build_config([ROOT / "configs" / "datasets" / f"{DATASET}.yaml", METHOD],
                        ["DATASET.ROOT", str(data), *run_opts])

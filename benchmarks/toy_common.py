@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from clipkd.data.cache import default_cache_dir
-from clipkd.engine.metrics import harmonic_mean
+from clipkd.metrics import harmonic_mean
 from clipkd.toy.demo import prepare_assets
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from clipkd.engine.run import Run
+from clipkd.runs.run import Run
 from clipkd.toy.demo import METHODS, demo_config
 from toy_common import seed_table, toy_assets  # benchmarks/toy_common.py (scripts run from benchmarks/)
 

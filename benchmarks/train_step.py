@@ -3,7 +3,7 @@
 PromptKD's reference code runs the frozen teacher's text encoder over every class prompt on every training
 batch (PromptKD issue #33), although the teacher never changes. clipkd computes the teacher's class
 embeddings once per run (``Teacher.text_features`` caches them) and passes them to
-the Distiller (``clipkd.engine.distiller``). This script times both at real sizes (teacher open_clip ViT-L-14,
+the Distiller (``clipkd.methods.distiller``). This script times both at real sizes (teacher open_clip ViT-L-14,
 PromptKD student on ViT-B-16, random weights, fp32, batch 8 at 224 px) for several class counts, plus the
 student-only floor (student forward + backward + SGD step, no teacher at all), and then prints the AB-loss
 table of ``benchmarks/ab_loss.py``.
@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from clipkd.config import build_config
-from clipkd.engine.distiller import Distiller, KDObjective
-from clipkd.engine.run import Run
+from clipkd.methods.distiller import Distiller
+from clipkd.methods.kd import KDObjective
+from clipkd.runs.run import Run
 from clipkd.losses import build_distill_loss
 
 HERE = Path(__file__).resolve().parent

@@ -250,10 +250,10 @@ DIVERGENCES = Registry("DISTILL.DIVERGENCE", {
     name: LOSSES._targets[name] for name in ("kl", "ab", "rkl", "js", "skl")
 })
 
-# Builders (cfg, student, classnames) -> objective: what a training step's loss is (clipkd.engine.distiller).
+# Builders (cfg, student, classnames) -> objective: what a training step's loss is (clipkd.methods.distiller).
 OBJECTIVES = Registry("DISTILL.OBJECTIVE", {
-    "kd": "clipkd.engine.distiller:build_kd_objective",
-    "promptsrc": "clipkd.engine.promptsrc:build_promptsrc_objective",
+    "kd": "clipkd.methods.kd:build_kd_objective",
+    "promptsrc": "clipkd.methods.promptsrc:build_promptsrc_objective",
 })
 
 OPTIMIZERS = Registry("OPTIM.NAME", {

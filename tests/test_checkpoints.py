@@ -19,7 +19,7 @@ from torch import nn
 
 from clipkd.cli.main import main
 from clipkd.engine.checkpoint import save_checkpoint
-from clipkd.engine.run import Run
+from clipkd.runs.run import Run
 from clipkd.errors import ModelError
 from clipkd.models.state import _load_tolerant, read_prompt_checkpoint
 from clipkd.models.teacher import build_teacher

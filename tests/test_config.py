@@ -277,7 +277,7 @@ def test_seed_range_is_what_every_generator_takes():
     import torch
 
     from clipkd.config.merge import SEED_MAX
-    from clipkd.engine.train import epoch_seed, seed_everything
+    from clipkd.engine.runtime import epoch_seed, seed_everything
 
     assert build_config([], ["SEED", str(SEED_MAX)]).SEED == SEED_MAX
     seed_everything(SEED_MAX)

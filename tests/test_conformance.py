@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("open_clip")
 
 from clipkd.config import build_config, check_config, get_cfg_defaults  # noqa: E402
-from clipkd.engine.distiller import Distiller, build_objective  # noqa: E402
+from clipkd.methods.distiller import Distiller, build_objective  # noqa: E402
 from clipkd.errors import ConfigError  # noqa: E402
 from clipkd.losses import build_distill_loss  # noqa: E402
 from clipkd.models import build_student, build_teacher, templates_for  # noqa: E402

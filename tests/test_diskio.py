@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import clipkd.engine.train as train_mod
+import clipkd.engine.trainer as train_mod
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
 from clipkd.engine.runlog import RunLog
 from clipkd.errors import ModelError
@@ -282,7 +282,7 @@ def test_damaged_toy_weights_never_suggest_unsafe_loading(tmp_path):
 
 
 def test_trim_log_edge_cases(tmp_path):
-    from clipkd.engine.runlog import trim_log
+    from clipkd.rundir import trim_log
 
     log = tmp_path / "log.txt"
     body = b"clipkd run: ...\nepoch [1/3] loss 1 (0.1s)\nepoch [2/3] loss \xff (0.1s)\nwarning\n"
@@ -297,7 +297,7 @@ def test_trim_log_edge_cases(tmp_path):
 
 @pytest.mark.parametrize("line", [b"3", b'{"kind": "step", "epoch": "one"}', b'["step", 1]'])
 def test_metrics_line_that_is_no_record_is_refused_before_anything_changes(tmp_path, line):
-    from clipkd.engine.rundir import RunDir
+    from clipkd.rundir import RunDir
     from clipkd.errors import TrainingError
 
     metrics = tmp_path / "metrics.jsonl"

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-import clipkd.engine.train as train_mod
+import clipkd.engine.trainer as train_mod
 from clipkd.cli.main import main
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
-from clipkd.engine.distiller import Distiller, KDObjective
-from clipkd.engine.run import Run
-from clipkd.engine.rundir import RunDir
+from clipkd.methods.distiller import Distiller
+from clipkd.methods.kd import KDObjective
+from clipkd.runs.run import Run
+from clipkd.rundir import RunDir
 from clipkd.errors import ConfigError, TrainingError
 from clipkd.fileio import OutputError, atomic_write_text, stale_temp_files
 from clipkd.losses import build_distill_loss

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from clipkd.cli.main import main
-from clipkd.engine.fused import group_cells, stream_key
-from clipkd.engine.run import Run
-from clipkd.engine.sweep import build_grid, run_grid
+from clipkd.runs.fused import group_cells, stream_key
+from clipkd.runs.run import Run
+from clipkd.runs.sweep import build_grid, run_grid
 from test_train import ROOT, TINY, interrupt_after_checkpoint
 
 METHOD = str(ROOT / "configs/methods/abkd_promptkd.yaml")
@@ -50,7 +50,7 @@ def assert_same_cell(fused: Path, single: Path) -> None:
 def test_fused_cells_equal_the_cells_alone_and_share_one_teacher_forward(synth_root, tmp_path, monkeypatch,
                                                                           teacher_calls):
     calls = teacher_calls
-    import clipkd.models.student as student_mod
+    import clipkd.runs.fused as student_mod  # where the fused sweep looks build_student up
 
     builds, real_build = [], student_mod.build_student
     monkeypatch.setattr(student_mod, "build_student", lambda cfg, *a, **k: builds.append(1) or real_build(cfg, *a, **k))
@@ -124,9 +124,9 @@ def test_fused_sweep_resumes_each_cell_from_its_own_epoch(synth_root, tmp_path, 
 
 def test_a_failing_cell_drops_out_of_the_group_and_the_others_finish(synth_root, tmp_path, monkeypatch):
     """A cell whose folder is taken and cells whose loss turns non-finite fail alone; the sweep names them."""
-    import clipkd.losses
+    import clipkd.methods.kd  # where the KD objective looks its loss builder up
 
-    real = clipkd.losses.build_distill_loss_from_cfg
+    real = clipkd.methods.kd.build_distill_loss_from_cfg
 
     def poisoned(cfg):  # the DISTILL.TEMPERATURE 2 cells' loss turns NaN in epoch 2
         fn, calls = real(cfg), []
@@ -136,7 +136,7 @@ def test_a_failing_cell_drops_out_of_the_group_and_the_others_finish(synth_root,
             return fn(s, t, **kw) * (float("nan") if cfg.DISTILL.TEMPERATURE == 2 and len(calls) > 5 else 1.0)
         return loss
 
-    monkeypatch.setattr(clipkd.losses, "build_distill_loss_from_cfg", poisoned)
+    monkeypatch.setattr(clipkd.methods.kd, "build_distill_loss_from_cfg", poisoned)
     out = tmp_path / "sweep"
     grid = build_grid(METHOD, "dtd", "0.5:1:0.5", "0:0:1", [1], out, OPTS, vary=[("DISTILL.TEMPERATURE", "1,2")])
     blocked = grid.cells[1].out
@@ -157,7 +157,7 @@ def test_a_failing_cell_drops_out_of_the_group_and_the_others_finish(synth_root,
 
 
 def test_fit_fused_refuses_runs_of_different_streams(synth_root, tmp_path):
-    from clipkd.engine.fused import fit_fused
+    from clipkd.runs.fused import fit_fused
 
     grid = build_grid(METHOD, "dtd", "0.5:0.5:1", "0:0:1", [1, 2], tmp_path, OPTS)
     runs = [Run(grid.config(c, str(synth_root)), c.out) for c in grid.cells]
@@ -171,7 +171,7 @@ def test_a_fused_group_evaluates_in_one_pass_over_each_test_split(synth_root, tm
     (not once per cell), the teacher's test forward is not run at all (a PromptKD student's classifier is the
     teacher's class embeddings), and the cells still score exactly as alone."""
     import clipkd.data.loaders as loaders
-    from clipkd.engine.run import prepare_data
+    from clipkd.data.rundata import prepare_data
 
     loaded: list[str] = []
     real = loaders.load_image
@@ -181,7 +181,7 @@ def test_a_fused_group_evaluates_in_one_pass_over_each_test_split(synth_root, tm
     data = prepare_data(grid.config(grid.cells[0], str(synth_root)))
     test_paths = [str(Path(split.dataset_dir) / d.relpath) for split in data.halves.values() for d in split.test]
     assert test_paths and len(set(test_paths)) == len(test_paths)
-    import clipkd.engine.run as run_mod
+    import clipkd.runs.run as run_mod
 
     prepared = []
     monkeypatch.setattr(run_mod, "prepare_data", lambda cfg: prepared.append(1) or prepare_data(cfg))
@@ -200,19 +200,19 @@ def test_fused_students_share_the_frozen_clip_weights_and_nothing_they_train(syn
     """A fused cell's student is a copy of the group's first one: its frozen CLIP tensors are the same tensors
     (K students of a ViT-B/16 do not hold K copies of it, nor pay K copies' time), its prompts and projector
     (weights and BatchNorm statistics) are its own."""
-    from clipkd.engine.fused import fit_fused
+    from clipkd.runs.fused import fit_fused
 
     grid = build_grid(METHOD, "dtd", "0.5:1:0.5", "0:0:1", [1], tmp_path / "sweep", OPTS)
     runs = [Run(grid.config(c, str(synth_root)), c.out, echo=False) for c in grid.cells]
     students = []
-    real = Run.start_training
+    real = Run.open
 
     def spy(self, *a, **k):
         training = real(self, *a, **k)
         students.append(self.student)
         return training
 
-    monkeypatch.setattr(Run, "start_training", spy)
+    monkeypatch.setattr(Run, "open", spy)
     outcomes = fit_fused(runs, [False, False])
     assert not any(isinstance(o, Exception) for o in outcomes), outcomes
     a, b = (dict(s.named_parameters()) for s in students)
@@ -228,7 +228,7 @@ def test_fused_students_share_the_frozen_clip_weights_and_nothing_they_train(syn
 def test_a_fused_group_opens_its_teacher_cache_entry_once(synth_root, tmp_path, monkeypatch, teacher_calls):
     """The training stream's cache entry (fingerprints of every teacher weight and every training image) is the
     same for all cells of a group: it is made once, not once per cell, and every cell logs it."""
-    import clipkd.engine.teacher_cache as tc
+    import clipkd.runs.run as tc  # where a run looks train_entry up
 
     opened, real = [], tc.train_entry
     monkeypatch.setattr(tc, "train_entry", lambda *a, **k: opened.append(1) or real(*a, **k))

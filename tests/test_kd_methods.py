@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from clipkd.config import build_config
 from clipkd.config.defaults import get_cfg_defaults
-from clipkd.engine.distiller import KDObjective, build_kd_objective
+from clipkd.methods.kd import KDObjective, build_kd_objective
 from clipkd.errors import ConfigError
 from clipkd.losses import PARAMS, build_distill_loss, build_distill_loss_from_cfg
 from clipkd.registry import LOSSES

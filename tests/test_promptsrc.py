@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import clipkd.engine.promptsrc as psrc
+import clipkd.methods.promptsrc as psrc
 from clipkd.config import build_config
 from clipkd.engine.checkpoint import load_checkpoint
-from clipkd.engine.distiller import StudentFeatures, build_objective
-from clipkd.engine.run import Run, needs_teacher
-from clipkd.engine.train import seed_everything
+from clipkd.methods.distiller import StudentFeatures, build_objective
+from clipkd.runs.checks import needs_teacher
+from clipkd.runs.run import Run
+from clipkd.engine.runtime import seed_everything
 from clipkd.errors import ConfigError, TrainingError
 from test_train import DATASET_CFG, ROOT, check_results, config, fit, interrupt_after_checkpoint
 

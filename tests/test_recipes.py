@@ -13,7 +13,7 @@ import pytest
 
 from clipkd.cli.main import build_parser, main
 from clipkd.config import build_config, flatten
-from clipkd.engine.sweep import build_grid, decimal_range
+from clipkd.runs.sweep import build_grid, decimal_range
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -182,7 +182,7 @@ def test_scripts_refuse_a_finished_run_with_another_protocol_or_shot_count(tmp_p
 @pytest.mark.parametrize("text", ["0:1:0.1", "0:0.3:0.1", "-1:1:0.25", "0:1:0.3", "2:2:1", "0:1e-3:1e-4",
                                   "1e300:1.001e300:1e297", "0.1:0.35:0.05"])
 def test_range_count_is_exact(text):
-    from clipkd.engine.sweep import range_count
+    from clipkd.runs.sweep import range_count
 
     assert range_count(text, "alpha") == len(decimal_range(text, "alpha"))
 

@@ -15,7 +15,7 @@ from clipkd.cli.main import main
 from clipkd.config import build_config
 from clipkd.data.synth import synthesize
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
-from clipkd.engine.rundir import RunDir
+from clipkd.rundir import RunDir
 from test_train import DATASET_CFG, ROOT, TINY, config, fit, interrupt_after_checkpoint
 
 METHOD = str(ROOT / "configs" / "methods" / "abkd_promptkd.yaml")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipkd.engine.run import Run
-from clipkd.engine.teacher_cache import CacheEntry, TeacherFeatures
+from clipkd.runs.run import Run
+from clipkd.engine.teacher_features import CacheEntry, TeacherFeatures
 from clipkd.errors import ConfigError
 from clipkd.fileio import stale_temp_files
 from test_train import DATASET_CFG, ROOT, TINY, config, fit
@@ -226,7 +226,7 @@ def test_teacher_test_set_features_are_cached_too(synth_root, tmp_path, teacher_
 
 
 def test_a_fused_sweep_fills_the_cache_that_a_separate_run_reads(synth_root, tmp_path, teacher_calls):
-    from clipkd.engine.sweep import build_grid, run_grid
+    from clipkd.runs.sweep import build_grid, run_grid
 
     cache = tmp_path / "cache"
     opts = [*TINY, "OPTIM.MAX_EPOCH", "1", "DISTILL.TEACHER_CACHE", str(cache)]
@@ -279,7 +279,7 @@ def test_an_epoch_or_rank_file_copied_over_another_is_refused(tmp_path):
 
 
 def test_the_fingerprint_covers_every_value_of_every_parameter_and_buffer():
-    from clipkd.engine.teacher_cache import weights_fingerprint
+    from clipkd.engine.teacher_features import weights_fingerprint
 
     class Tower(torch.nn.Module):
         def __init__(self) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import clipkd.engine.train as train_mod
-from clipkd.engine.run import Run
+import clipkd.engine.trainer as train_mod
+from clipkd.runs.run import Run
 from clipkd.cli.main import main
 from clipkd.config import build_config
 from clipkd.engine.checkpoint import load_checkpoint
@@ -246,9 +246,9 @@ def test_teacher_checkpoint_shape_mismatch(synth_root, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synth_root, tmp_path, monkeypatch):
-    import clipkd.losses
+    import clipkd.methods.kd  # where the KD objective looks its loss builder up
 
-    real = clipkd.losses.build_distill_loss_from_cfg
+    real = clipkd.methods.kd.build_distill_loss_from_cfg
     calls = {"n": 0}
 
     def poisoned(cfg):
@@ -260,7 +260,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synth_root, tmp_pa
             return value * float("nan") if calls["n"] > 5 else value
         return loss
 
-    monkeypatch.setattr(clipkd.losses, "build_distill_loss_from_cfg", poisoned)
+    monkeypatch.setattr(clipkd.methods.kd, "build_distill_loss_from_cfg", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 2, step \d+ .*last.pt \(after epoch 1\)"):
         fit(config(synth_root, "abkd_promptkd"), out)

@@ -20,7 +20,7 @@ from clipkd.config import build_config
 from clipkd.data.readers import read_dataset
 from clipkd.data.specs import DATASETS, DG_STEMS, DG_TARGETS, STEMS, XD_TARGETS, get_spec
 from clipkd.data.synth import synthesize
-from clipkd.engine.run import Run
+from clipkd.runs.run import Run
 from clipkd.errors import ClipkdError, ConfigError, DataError
 from tests_helpers import run_config
 
@@ -386,7 +386,7 @@ def test_unknown_setting_is_a_value_error():
 def test_teacher_is_pinned_to_the_source_dataset(tmp_path):
     """PromptKD's teacher_model/<DatasetName>/VLPromptLearner layout: switching DATASET.NAME to the target must not
     switch the teacher to the target's."""
-    from clipkd.engine.transfer import target_overrides
+    from clipkd.runs.transfer import target_overrides
 
     teachers = tmp_path / "teacher_model"
     for name in ("ImageNet", "DescribableTextures"):

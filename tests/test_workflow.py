@@ -120,8 +120,8 @@ def test_sweep_resumes_a_killed_cell_skips_finished_ones_and_fails_loudly(synth_
     import torch
     from test_train import interrupt_after_checkpoint
 
-    from clipkd.engine.run import Run
-    from clipkd.engine.sweep import build_grid
+    from clipkd.runs.run import Run
+    from clipkd.runs.sweep import build_grid
 
     method = str(ROOT / "configs/methods/abkd_promptkd.yaml")
     opts = [*TINY, "OPTIM.MAX_EPOCH", "2"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from typing import Sequence
 
 from clipkd import __version__
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.debug = debug
     _setup_logging(debug)
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning  # for this command only: the caller's own is back afterwards
     try:
         return int(args.func(args) or 0)
     except ClipkdError as exc:
@@ -70,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say_interrupted()
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """A warning as one console line: ``clipkd: warning: ...``."""
+    logging.getLogger("py.warnings").warning("clipkd: warning: %s", message)
 
 
 _said_interrupted = False
@@ -115,13 +126,11 @@ def _second_interrupt_exits() -> None:
 def _setup_logging(debug: bool) -> None:
     """Console logging, once: progress on stderr; under torchrun only rank 0 speaks below WARNING."""
     import os
-    import warnings
 
     from clipkd.engine.runlog import setup_console_logging
 
     quiet_rank = os.environ.get("RANK", "0") != "0"
     setup_console_logging(logging.DEBUG if debug else logging.WARNING if quiet_rank else logging.INFO)
-    warnings.formatwarning = lambda message, *a, **k: f"clipkd: warning: {message}"
 
 
 if __name__ == "__main__":  # pragma: no cover

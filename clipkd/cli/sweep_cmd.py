@@ -51,7 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from clipkd.engine.sweep import MAX_CELLS, build_grid, run_grid
+    from clipkd.runs.sweep import MAX_CELLS, build_grid, run_grid
     from clipkd.errors import ClipkdError
 
     opts = [o for o in (args.opts or []) if o != "--"]

@@ -111,13 +111,13 @@ def train_config(args: argparse.Namespace) -> "object":
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from clipkd.engine.rundir import RunDir
+    from clipkd.rundir import RunDir
 
     cfg = train_config(args)
     if args.resume and RunDir(args.output_dir).plan(cfg) == "finished":
         print(f"skip {args.output_dir} (finished)")
         return 0
-    from clipkd.engine.run import Run
+    from clipkd.runs.run import Run
 
     results = Run(cfg, args.output_dir, tensorboard=args.tensorboard).fit(resume=args.resume)
     print(json.dumps(results))
@@ -125,8 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from clipkd.engine.run import Run
-    from clipkd.engine.rundir import RunDir, check_evaluation_file
+    from clipkd.runs.run import Run
+    from clipkd.rundir import RunDir, check_evaluation_file
     from clipkd.errors import ClipkdError
 
     if sum(bool(a) for a in (args.run, args.zero_shot, args.checkpoint)) != 1:
@@ -175,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_transfer(args: argparse.Namespace) -> int:
     """``clipkd eval --run DIR --dataset STEM``: all classes of STEM's test split, into DIR/eval/STEM/results.json."""
-    from clipkd.engine.transfer import evaluate_transfer
+    from clipkd.runs.transfer import evaluate_transfer
     from clipkd.errors import ClipkdError
     from clipkd.fileio import atomic_write_text
 

@@ -1,5 +1,5 @@
 """The checks a run makes on its config alone, across keys: one function, :func:`check_config`, that
-``clipkd train`` (and every run, through :meth:`clipkd.engine.run.Run.start_training`) and ``clipkd config show``
+``clipkd train`` (and every run, through :meth:`clipkd.runs.run.Run.prepare`) and ``clipkd config show``
 both call, so that a config one refuses the other refuses too, with the same words.
 
 :func:`clipkd.config.validate` checks each value by itself (types, ranges, choices) and runs on every merge;
@@ -67,7 +67,7 @@ def check_loss_keys(cfg: CfgNode) -> tuple[str, ...]:
 def gpa_weights(n_epochs: int, mean: float, std: float) -> tuple[float, ...]:
     """PromptSRC's Gaussian prompt aggregation weights g(1..N): the normal density at each epoch, normalised
     to sum to 1 (its constant factor cancels). Here, beside the check that uses it, because whether they exist
-    decides whether a promptsrc config can train (:mod:`clipkd.engine.promptsrc` uses them)."""
+    decides whether a promptsrc config can train (:mod:`clipkd.methods.promptsrc` uses them)."""
     if n_epochs < 1 or not std > 0:
         raise ConfigError(f"Gaussian prompt aggregation needs >= 1 epoch and PROMPTSRC.GPA_STD > 0 "
                           f"(got {n_epochs} epochs, std {std})")

@@ -135,7 +135,7 @@ _C.DISTILL.CE_WEIGHT = 0.0  # optional cross-entropy on labels (inductive protoc
 _C.DISTILL.OBJECTIVE = "kd"  # kd | promptsrc
 # A folder for the teacher's image features of each (epoch, image) of the training stream and of the test sets,
 # reused by later runs of the same stream (other sweep cells, reruns); "" = off. Exact: results do not change.
-# Safe to delete at any time (clipkd.engine.teacher_cache).
+# Safe to delete at any time (clipkd.engine.teacher_features).
 _C.DISTILL.TEACHER_CACHE = ""
 
 # ---------------------------------------------------------------- PromptSRC (DISTILL.OBJECTIVE promptsrc)

@@ -188,7 +188,7 @@ _CHOICE_HINTS = {
 
 # The largest SEED. The seed itself would do up to 2**32 - 1 (numpy's limit; Python's random takes any int,
 # torch.manual_seed up to 2**64 - 1), but each epoch seeds torch with SEED * 100003 + epoch and each image's
-# augmentation with that * 1000003 + image index (clipkd.engine.train.epoch_seed, clipkd.data.loaders), which
+# augmentation with that * 1000003 + image index (clipkd.engine.runtime.epoch_seed, clipkd.data.loaders), which
 # must stay below 2**64: with SEED < 10**8 they do for any run up to a million epochs and a billion images.
 SEED_MAX = 10**8 - 1
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clipkd.errors import DataError
+
 LAYOUT_SPLIT_JSON = "split_json"
 LAYOUT_FGVC = "fgvc"
 LAYOUT_IMAGENET = "imagenet"
@@ -102,8 +104,6 @@ IMAGENET_SPLIT_DIRS = {"train": "train", "test": "val"}
 
 def get_spec(name: str) -> DatasetSpec:
     """Look a dataset up by stem ("oxford_pets") or Dassl name ("OxfordPets")."""
-    from clipkd.errors import DataError
-
     if name in DATASETS:
         return DATASETS[name]
     for spec in DATASETS.values():

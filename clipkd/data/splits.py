@@ -12,6 +12,7 @@ from clipkd.data.fewshot import classnames_for_prompts, sample_few_shot, subsamp
 from clipkd.data.readers import read_dataset
 from clipkd.data.records import Datum
 from clipkd.data.specs import LAYOUT_IMAGENET, DatasetSpec, get_spec
+from clipkd.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,12 @@ class ResolvedSplit:
     val: list[Datum]
     test: list[Datum]
 
+    def impaths(self, items: list[Datum]) -> list[str]:
+        """The image files of ``items`` (Datums of this split)."""
+        return [os.path.join(self.dataset_dir, item.relpath) for item in items]
+
     def impath(self, item: Datum) -> str:
-        return os.path.join(self.dataset_dir, item.relpath)
+        return self.impaths([item])[0]
 
     def to_json(self) -> dict:
         """The shape ``clipkd data split --json`` prints: paths relative to the dataset folder."""
@@ -82,8 +87,6 @@ def resolve_split(
 def _resolve_test_only(root: str | os.PathLike, spec: DatasetSpec, subsample: str) -> ResolvedSplit:
     """An evaluation set: its test images over all its classes (no draw: there is no train list to draw from;
     class names come from the test list)."""
-    from clipkd.errors import DataError
-
     if subsample != "all":
         raise DataError(f"{spec.name} is an evaluation set (test images only): it has no base/new halves; use "
                         "all classes (--subsample all, DATASET.SUBSAMPLE_CLASSES all)")

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
+from clipkd.data.imagenet import imagenet_classnames_lines, imagenet_wnids, write_imagenet_classnames
 from clipkd.data.specs import (
     FGVC_CLASSES_FILE,
     FGVC_SPLIT_FILES,
@@ -162,8 +163,6 @@ def _synth_fgvc(folder: Path, spec: DatasetSpec, n: int, k: int, rng: random.Ran
 
 
 def _synth_imagenet(folder: Path, spec: DatasetSpec, n: int, k: int, rng: random.Random) -> None:
-    from clipkd.data.imagenet import imagenet_wnids, write_imagenet_classnames
-
     wnids = sorted(rng.sample(imagenet_wnids(), n))
     val_id = 1
     for label, wnid in enumerate(wnids):
@@ -181,8 +180,6 @@ def _synth_imagenet(folder: Path, spec: DatasetSpec, n: int, k: int, rng: random
 def _synth_wnid_folders(folder: Path, spec: DatasetSpec, n: int, k: int, rng: random.Random) -> None:
     """ImageNet-Sketch/-A/-R: test images in ``n`` wnid folders (a subset, as A and R are), a README.txt beside
     them (as A and R ship; not a class), and ImageNet's full classnames.txt (CoOp copies ImageNet's)."""
-    from clipkd.data.imagenet import imagenet_wnids, write_imagenet_classnames
-
     wnids = sorted(rng.sample(imagenet_wnids(), n))
     image_dir = folder / spec.image_dir
     for label, wnid in enumerate(wnids):
@@ -195,8 +192,6 @@ def _synth_wnid_folders(folder: Path, spec: DatasetSpec, n: int, k: int, rng: ra
 def _synth_index_folders(folder: Path, spec: DatasetSpec, n: int, k: int, rng: random.Random) -> None:
     """ImageNetV2: folders ``0..n-1``; classnames.txt lists ``n`` wnids in class-index order, folder i holding
     class i (the real file has all 1000 lines, and the real folders 0..999)."""
-    from clipkd.data.imagenet import imagenet_classnames_lines, imagenet_wnids
-
     wnids = sorted(rng.sample(imagenet_wnids(), n))
     for label in range(n):
         for i in range(_counts(label, k)["test"]):

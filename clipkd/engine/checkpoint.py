@@ -16,6 +16,7 @@ import torch
 
 from clipkd.errors import ModelError
 from clipkd.fileio import atomic_write
+from clipkd.models.state import load_error_cause
 
 FORMAT = "clipkd-checkpoint"
 VERSION = 1
@@ -38,8 +39,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is the file's fault
-        from clipkd.models.state import load_error_cause
-
         cause = "an empty file" if path.stat().st_size == 0 else load_error_cause(exc)
         raise ModelError(f"checkpoint {path} cannot be read ({cause}): it is damaged or not a "
                          f"checkpoint clipkd wrote (clipkd never runs code from one); {_fix(path)}") from None

@@ -18,8 +18,8 @@ from yacs.config import CfgNode
 from clipkd.data.loaders import ImageListDataset, build_loader
 from clipkd.data.splits import ResolvedSplit
 from clipkd.data.transforms import build_transform
-from clipkd.engine import distributed as dist
-from clipkd.engine.metrics import harmonic_mean
+from clipkd.engine import runtime
+from clipkd.metrics import harmonic_mean
 
 __all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate_half", "evaluate_halves",
            "score_halves", "classification_metrics", "results_payload", "format_dassl_lines", "dassl_log_lines"]
@@ -175,9 +175,9 @@ def predict_half(
     autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test", feature_cache: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true labels of ``model`` on one half's ``items`` list, among that half's classes only.
-    ``feature_cache`` (single process; :class:`clipkd.engine.teacher_cache.EvalFeatureCache`): the model's image
+    ``feature_cache`` (single process; :class:`clipkd.engine.teacher_features.EvalFeatureCache`): the model's image
     features of the list are read from it or computed once and stored, then scored batch by batch as below."""
-    if feature_cache is None and not dist.is_initialized():
+    if feature_cache is None and not runtime.is_initialized():
         result = predict_many([model], split, cfg, device, autocast, items)[0]
         if isinstance(result, Exception):
             raise result
@@ -186,7 +186,7 @@ def predict_half(
     with torch.no_grad(), autocast():
         class_features = model.text_features(split.classnames).float()
     dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))
-    sampler = DistributedSampler(dataset, shuffle=False) if dist.is_initialized() else None
+    sampler = DistributedSampler(dataset, shuffle=False) if runtime.is_initialized() else None
     loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
                           num_workers=cfg.DATALOADER.NUM_WORKERS, sampler=sampler)
     if feature_cache is not None and sampler is None:
@@ -199,7 +199,7 @@ def predict_half(
     pred, true = predict(model.image_features, class_features, loader, device, autocast)
     if sampler is not None:  # rank 0's view of every rank's share, in dataset order
         merged: dict[int, tuple[int, int]] = {}
-        for idx, p, t in dist.gather_objects((list(sampler), pred.tolist(), true.tolist())):
+        for idx, p, t in runtime.gather_objects((list(sampler), pred.tolist(), true.tolist())):
             merged.update({i: (a, b) for i, a, b in zip(idx, p, t)})  # padding repeats are dropped here
         pred = torch.tensor([merged[i][0] for i in range(len(dataset))], dtype=torch.long)
         true = torch.tensor([merged[i][1] for i in range(len(dataset))], dtype=torch.long)

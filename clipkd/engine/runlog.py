@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from clipkd.fileio import OutputError, atomic_write, os_error_message, write_failure
+from clipkd.errors import ConfigError
+from clipkd.fileio import OutputError, os_error_message, write_failure
 
 LOGGER = "clipkd"
 _RUN_LINE = "clipkd_run_line"  # a RunLog line: already in the run's file, so its file handler skips it
@@ -91,7 +91,8 @@ class _MetricsFile:
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
-    """Console output for the ``clipkd`` command: messages on stderr, warnings routed through logging.
+    """Console output for the ``clipkd`` command: messages on stderr, and the ``py.warnings`` logger's (where
+    the command sends warnings while it runs) on the same handler.
     Idempotent; library users who never call it get no console output from clipkd below WARNING."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
@@ -103,14 +104,11 @@ def setup_console_logging(level: int = logging.INFO) -> None:
         warnings_logger = logging.getLogger("py.warnings")
         warnings_logger.addHandler(handler)
         warnings_logger.propagate = False
-    logging.captureWarnings(True)
 
 
 def require_tensorboard() -> None:
     """Fail before a run writes anything when TensorBoard logging was asked for but is not installed."""
     import importlib.util
-
-    from clipkd.errors import ConfigError
 
     if importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install 'clipkd[tensorboard]'")
@@ -180,27 +178,3 @@ def _scalars(values: dict, prefix: str = "") -> list[tuple[str, float]]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out.append((f"{prefix}{key}", float(value)))
     return out
-
-
-# The line train.py writes as an epoch ends, just before that epoch's last.pt: "epoch [3/20] loss ...".
-_EPOCH_LINE = re.compile(rb"epoch \[(\d+)/\d+\] ")
-
-
-def trim_log(path: Path, epoch: int) -> int:
-    """Cut ``log.txt`` after the line of ``epoch`` (all of it for epoch 0), so that a resumed run's log reads as
-    an uninterrupted run's, plus a "resumed from" line; returns how many lines went. A log without that line
-    (not written by this run's clipkd) is left as it is. Bytes, not text: a damaged log never stops a resume."""
-    if not path.is_file():
-        return 0
-    lines = path.read_bytes().splitlines(keepends=True)
-    end = 0
-    if epoch > 0:
-        ends = [i for i, line in enumerate(lines) if (m := _EPOCH_LINE.match(line)) and int(m.group(1)) == epoch]
-        if not ends:
-            return 0
-        end = ends[-1] + 1
-    if end == len(lines):
-        return 0
-    kept = b"".join(lines[:end])
-    atomic_write(path, lambda f: f.write(kept))
-    return len(lines) - end

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from clipkd.data.specs import get_spec
 from clipkd.errors import ModelError
 
 # Shown at most this many keys per list in an error message.
@@ -287,8 +288,6 @@ def _dataset_folder_names(dataset: str | None) -> list[str]:
     if not dataset:
         return []
     try:
-        from clipkd.data.specs import get_spec
-
         spec = get_spec(dataset)
         names = [spec.name, spec.stem, dataset]
     except Exception:  # noqa: BLE001 - an unknown name is looked for as given

@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from clipkd.config.paths import ZERO_SHOT  # noqa: F401 - re-exported: MODEL.TEACHER.CHECKPOINT "zero-shot"
+from clipkd.data.specs import get_spec
 from clipkd.errors import ConfigError, ModelError
+from clipkd.models.factory import create_clip
 from clipkd.models.prompts import (
     PromptedTextEncoder,
     PromptedVisionEncoder,
     load_ivlp_state_dict,
     normalize,
 )
-from clipkd.models.state import infer_ivlp_sizes
+from clipkd.models.state import infer_ivlp_sizes, read_prompt_checkpoint, resolve_checkpoint_file
 from clipkd.registry import TEMPLATES
 
 if TYPE_CHECKING:
@@ -163,8 +165,6 @@ def dataset_templates(cfg: CfgNode, template: str | None = None) -> tuple[Templa
     if template is None:
         if not cfg.DATASET.NAME:
             raise ConfigError("MODEL.TEACHER.TEMPLATES 'dataset' needs DATASET.NAME (or an explicit template)")
-        from clipkd.data.specs import get_spec
-
         template = get_spec(cfg.DATASET.NAME).template
     return (template,)
 
@@ -177,7 +177,6 @@ def templates_for(cfg: CfgNode, template: str | None = None) -> tuple[Template, 
 def zero_shot_clip(name: str, pretrained: str, templates: Sequence[Template], *, quick_gelu: bool = False,
                    device: str | torch.device = "cpu", config_key: str = "MODEL.TEACHER.PRETRAINED") -> Teacher:
     """A frozen CLIP that classifies with its own text tower over ``templates``."""
-    from clipkd.models.factory import create_clip
 
     clip_model, tokenizer = create_clip(name, pretrained, quick_gelu=quick_gelu, device=device,
                                         config_key=config_key)
@@ -187,8 +186,6 @@ def zero_shot_clip(name: str, pretrained: str, templates: Sequence[Template], *,
 def build_teacher(cfg: CfgNode, template: str | None = None, *, device: str | torch.device = "cpu") -> Teacher:
     """The teacher that ``cfg.MODEL.TEACHER`` describes: prompted when it names a ``CHECKPOINT``, else zero-shot
     with ``TEMPLATES`` (the dataset template ``template``, else DATASET.NAME's, or CLIP's ensemble)."""
-    from clipkd.models.factory import create_clip
-    from clipkd.models.state import read_prompt_checkpoint
 
     t = cfg.MODEL.TEACHER
     if t.CHECKPOINT in ("", ZERO_SHOT):  # no prompts: zero-shot with the templates
@@ -217,7 +214,6 @@ def resolve_teacher_checkpoint(cfg: CfgNode) -> Path:
     ``model-best.pth.tar`` / ``model.pth.tar-N``), a clipkd run folder, a Dassl ``VLPromptLearner`` folder (or
     the output folder above it), or PromptKD's teacher root ``<root>/<DatasetName>/VLPromptLearner/`` with
     DatasetName from DATASET.NAME (e.g. OxfordPets). See :func:`clipkd.models.state.resolve_checkpoint_file`."""
-    from clipkd.models.state import resolve_checkpoint_file
 
     return resolve_checkpoint_file(cfg.MODEL.TEACHER.CHECKPOINT, dataset=cfg.DATASET.NAME or None,
                                    key="MODEL.TEACHER.CHECKPOINT")

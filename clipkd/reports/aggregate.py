@@ -7,12 +7,12 @@ Average row: mean over datasets of the dataset mean Base and mean New, and HM of
 
 from __future__ import annotations
 
-import math
+import statistics
 from dataclasses import dataclass, field
 
 from clipkd.data.specs import DATASETS, STEMS
-from clipkd.engine.metrics import harmonic_mean  # torch-free, shared with the evaluator
-from clipkd.reports.collect import Run
+from clipkd.metrics import harmonic_mean  # torch-free, shared with the evaluator
+from clipkd.reports.collect import RunRecord
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,7 @@ class Stat:
 
     @classmethod
     def of(cls, values: list[float]) -> "Stat":
-        n = len(values)
-        mean = sum(values) / n
-        return cls(mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n), n)
+        return cls(statistics.fmean(values), statistics.pstdev(values), len(values))
 
 
 @dataclass(frozen=True)
@@ -75,14 +73,14 @@ def dataset_order(stem: str) -> tuple[int, str]:
     return (STEMS.index(stem), "") if stem in STEMS else (len(STEMS) + (stem != "toy"), stem)
 
 
-def _group(runs: list[Run], key) -> dict:  # noqa: ANN001
+def _group(runs: list[RunRecord], key) -> dict:  # noqa: ANN001
     out: dict = {}
     for r in runs:
         out.setdefault(key(r), []).append(r)
     return out
 
 
-def base_to_new_tables(runs: list[Run]) -> list[MethodTable]:
+def base_to_new_tables(runs: list[RunRecord]) -> list[MethodTable]:
     """One table per method (sorted), rows in benchmark order. ``runs`` must be complete base-to-new runs."""
     tables = []
     for method, mruns in sorted(_group(runs, lambda r: r.method).items()):
@@ -116,7 +114,7 @@ class FewShotTable:
         return sum(r.acc.mean for r in self.rows) / len(self.rows) if self.rows else None
 
 
-def fewshot_tables(runs: list[Run]) -> list[FewShotTable]:
+def fewshot_tables(runs: list[RunRecord]) -> list[FewShotTable]:
     """One table per (method, K): accuracy mean/std over seeds per dataset; average = mean of dataset means."""
     tables = []
     for (method, shots), kruns in sorted(_group(runs, lambda r: (r.method, r.shots)).items()):
@@ -169,7 +167,7 @@ class Sweep:
         return max(sorted(self.cells, key=lambda c: (c.alpha, c.beta)), key=lambda c: c.hm, default=None)
 
 
-def sweeps(runs: list[Run]) -> list[Sweep]:
+def sweeps(runs: list[RunRecord]) -> list[Sweep]:
     """One sweep per (method, dataset); ``runs`` must be complete sweep runs."""
     out = []
     groups = _group(runs, lambda r: (r.method, r.dataset))

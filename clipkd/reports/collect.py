@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,38 +39,21 @@ import yaml
 
 from clipkd.data.specs import DATASETS
 from clipkd.errors import ClipkdError
+from clipkd.rundir import (CELL_DIR, CONFIG_FILE, DEPTH, FEWSHOT_DIR, KIND_B2N, KIND_FEWSHOT, KIND_SWEEP, LAYOUTS,
+                           LOG_FILE, RESULTS_FILE, SEED_DIR, SHOTS_DIR)
 
-RESULTS_FILE = "results.json"
 # Runs whose final epoch was picked on the base TEST split (TEST.FINAL_MODEL best_base_test, the reference code's
 # choice) are reported as a method of their own with this mark, so they never share an average with honest runs.
 BASE_TEST_MARK = " [selected on base test]"
-CONFIG_FILE = "config.yaml"
-RUN_MARKERS = (RESULTS_FILE, CONFIG_FILE, "log.txt")
-FEWSHOT_DIR = "fewshot"
-
-KIND_B2N = "base2new"
-KIND_FEWSHOT = "fewshot"
-KIND_SWEEP = "sweep"
+RUN_MARKERS = (RESULTS_FILE, CONFIG_FILE, LOG_FILE)
 
 # Folder names the run scripts use for results ROOTs (output/base2new, output/sweep, output/fewshot):
 # read from above ROOT as a method or dataset name they mean the ROOT was passed one level too low.
 CONTAINER_DIRS = (KIND_B2N, KIND_SWEEP, FEWSHOT_DIR)
 
-LAYOUTS = {
-    KIND_B2N: "<method>/<dataset>/seed<S>",
-    KIND_FEWSHOT: "fewshot/<method>/<dataset>/shots<K>/seed<S>",
-    KIND_SWEEP: "<method>/<dataset>/a<alpha>_b<beta>/seed<S>",
-}
-# how many path components a run's location needs, counting the run folder: method ... seed<S>
-_DEPTH = {KIND_B2N: 3, KIND_FEWSHOT: 4, KIND_SWEEP: 4}
-
-_SEED = re.compile(r"^seed(-?\d+)$")
-_SHOTS = re.compile(r"^shots(-?\d+)$")
-_CELL = re.compile(r"^a(.+)_b(.+)$")
-
 
 @dataclass
-class Run:
+class RunRecord:
     path: Path
     kind: str | None  # KIND_* or None when the folder does not fit a known layout
     method: str = ""
@@ -100,15 +82,15 @@ class Run:
 @dataclass
 class Collection:
     root: Path
-    runs: list[Run] = field(default_factory=list)
-    # per kind: the depth used (see Run.level) and the folders to pass instead when its runs sit too deep
+    runs: list[RunRecord] = field(default_factory=list)
+    # per kind: the depth used (see RunRecord.level) and the folders to pass instead when its runs sit too deep
     levels: dict[str, int] = field(default_factory=dict)
     deeper: dict[str, list[Path]] = field(default_factory=dict)
 
-    def complete(self, kind: str) -> list[Run]:
+    def complete(self, kind: str) -> list[RunRecord]:
         return [r for r in self.runs if r.kind == kind and r.ok]
 
-    def incomplete(self, kind: str | None = None) -> list[Run]:
+    def incomplete(self, kind: str | None = None) -> list[RunRecord]:
         """Runs that are failed/unfinished (of ``kind``, or of any kind incl. unknown layouts)."""
         return [r for r in self.runs if not r.ok and (kind is None or r.kind in (kind, None))]
 
@@ -118,7 +100,7 @@ class Collection:
 
 
 def _is_run_folder(path: Path, names: list[str]) -> bool:
-    return bool(_SEED.match(path.name)) or any(m in names for m in RUN_MARKERS)
+    return bool(SEED_DIR.match(path.name)) or any(m in names for m in RUN_MARKERS)
 
 
 def _accuracy(block: object, key: str) -> float:
@@ -169,30 +151,30 @@ def _above(root: Path) -> tuple[str, ...]:
 
 def _shape(names: tuple[str, ...]) -> str | None:
     """The kind of run a ``seed<S>`` folder is, from the name of the folder holding it."""
-    if not names or not _SEED.match(names[-1]):
+    if not names or not SEED_DIR.match(names[-1]):
         return None
     parent = names[-2] if len(names) > 1 else ""
-    return KIND_FEWSHOT if _SHOTS.match(parent) else KIND_SWEEP if _CELL.match(parent) else KIND_B2N
+    return KIND_FEWSHOT if SHOTS_DIR.match(parent) else KIND_SWEEP if CELL_DIR.match(parent) else KIND_B2N
 
 
 def _level(kind: str, rel: tuple[str, ...]) -> int:
     """How many layout components lie above ROOT (< 0: ROOT holds extra folders above the layout)."""
-    if kind == KIND_FEWSHOT and len(rel) == _DEPTH[kind] + 1 and rel[0] == FEWSHOT_DIR:
+    if kind == KIND_FEWSHOT and len(rel) == DEPTH[kind] + 1 and rel[0] == FEWSHOT_DIR:
         return 0  # ROOT holds fewshot/<method>/...
-    return _DEPTH[kind] - len(rel)
+    return DEPTH[kind] - len(rel)
 
 
 def _deeper_folder(root: Path, kind: str, rel: tuple[str, ...]) -> Path:
     """For a run that sits too deep under ROOT: the folder to pass as ROOT instead."""
-    extra = rel[:len(rel) - _DEPTH[kind]]
+    extra = rel[:len(rel) - DEPTH[kind]]
     if kind == KIND_FEWSHOT and extra and extra[-1] == FEWSHOT_DIR:
         extra = extra[:-1]  # the folder holding fewshot/, as the scripts' OUTPUT
     return root.joinpath(*extra)
 
 
-def _place(run: Run, kind: str, names: tuple[str, ...], level: int) -> None:
+def _place(run: RunRecord, kind: str, names: tuple[str, ...], level: int) -> None:
     """Fill method/dataset/... from the last components of ``names`` (ROOT's ancestors + path below ROOT)."""
-    need = _DEPTH[kind]
+    need = DEPTH[kind]
     if len(names) < need:
         run.problem = f"not enough folders above it to name the method and dataset ({LAYOUTS[kind]})"
         return
@@ -204,29 +186,29 @@ def _place(run: Run, kind: str, names: tuple[str, ...], level: int) -> None:
                            f"{name}/{LAYOUTS[kind].removeprefix('fewshot/')}")
             return
     if kind == KIND_SWEEP:
-        cell = _CELL.match(loc[2])
+        cell = CELL_DIR.match(loc[2])
         try:
             run.alpha, run.beta = float(cell.group(1)), float(cell.group(2))  # type: ignore[union-attr]
         except ValueError:
             run.problem = f"cannot read alpha/beta from folder name {loc[2]!r}"
             return
     elif kind == KIND_FEWSHOT:
-        run.shots = int(_SHOTS.match(loc[2]).group(1))  # type: ignore[union-attr]
+        run.shots = int(SHOTS_DIR.match(loc[2]).group(1))  # type: ignore[union-attr]
     run.method, run.dataset, run.level = loc[0], loc[1], level
     run.results, run.problem = _read_results(run.path, ("all",) if kind == KIND_FEWSHOT else ("base", "new"))
     if run.results is not None and _selected_on(run.path) == "base_test":
         run.method += BASE_TEST_MARK
 
 
-def _classify(root: Path, paths: list[Path]) -> tuple[list[Run], dict[str, int], dict[str, list[Path]]]:
+def _classify(root: Path, paths: list[Path]) -> tuple[list[RunRecord], dict[str, int], dict[str, list[Path]]]:
     above = _above(root)
     runs, shaped = [], []
     for path in paths:
         rel = path.relative_to(root).parts
         names = above + rel
-        seed = _SEED.match(names[-1]) if names else None
+        seed = SEED_DIR.match(names[-1]) if names else None
         kind = _shape(names)
-        run = Run(path=path, kind=kind, seed=int(seed.group(1)) if seed else None)
+        run = RunRecord(path=path, kind=kind, seed=int(seed.group(1)) if seed else None)
         if kind is None:
             run.problem = "run folder not named seed<S>"
         else:
@@ -266,7 +248,7 @@ def collect(root: str | Path) -> Collection:
     if not root.is_dir():
         raise ClipkdError(f"{root} is not a folder; give the results ROOT that holds <method>/<dataset>/seed<S>/")
     paths: list[Path] = []
-    root_is_seed = bool(_SEED.match(Path(os.path.abspath(root)).name))  # abspath: ROOT may be "."
+    root_is_seed = bool(SEED_DIR.match(Path(os.path.abspath(root)).name))  # abspath: ROOT may be "."
     # ROOT itself is a run when named seed<S> or holding a run's files (a lone log.txt may be a script's log)
     if root_is_seed or any((root / m).is_file() for m in (RESULTS_FILE, CONFIG_FILE)):
         paths.append(root)
@@ -276,7 +258,7 @@ def collect(root: str | Path) -> Collection:
             path = Path(dirpath)
             if path != root and _is_run_folder(path, filenames):
                 paths.append(path)
-                if _SEED.match(path.name):
+                if SEED_DIR.match(path.name):
                     dirnames[:] = []  # a run folder's insides (checkpoints, logs) are not runs
     runs, levels, deeper = _classify(root, paths)
     return Collection(root=root, runs=runs, levels=levels, deeper=deeper)
@@ -363,7 +345,7 @@ class Problem:
     problem: str
 
 
-def _misplaced(run: Run, profile: Profile) -> str:
+def _misplaced(run: RunRecord, profile: Profile) -> str:
     """Why the run's config contradicts the folder it sits in ("" when it does not)."""
     if profile.dataset is not None and profile.dataset != run.dataset:
         return (f"its {CONFIG_FILE} names dataset {profile.dataset} (DATASET.NAME), not {run.dataset} as its folder "
@@ -374,8 +356,8 @@ def _misplaced(run: Run, profile: Profile) -> str:
     return ""
 
 
-def sort_out(runs: list[Run], table: Callable[[Run], Hashable] = lambda r: r.method,
-             ) -> tuple[list[Run], list[Problem]]:
+def sort_out(runs: list[RunRecord], table: Callable[[RunRecord], Hashable] = lambda r: r.method,
+             ) -> tuple[list[RunRecord], list[Problem]]:
     """Of the runs a report is about to average: those that may be, and the problems.
 
     ``table`` gives the table a run is averaged in (base-to-new: its method). A run whose config contradicts its
@@ -383,7 +365,7 @@ def sort_out(runs: list[Run], table: Callable[[Run], Hashable] = lambda r: r.met
     that differ in KIND_ATTRS are never averaged together: each kind gets a table of its own, named by method plus
     what sets it apart (the method of the runs is changed to that name), and the mixture is a problem.
     """
-    kept: list[Run] = []
+    kept: list[RunRecord] = []
     problems: list[Problem] = []
     for run in runs:
         run.profile, why = read_profile(run.path)
@@ -393,7 +375,7 @@ def sort_out(runs: list[Run], table: Callable[[Run], Hashable] = lambda r: r.met
         else:
             kept.append(run)
 
-    slots: dict[tuple, list[Run]] = {}
+    slots: dict[tuple, list[RunRecord]] = {}
     for run in kept:
         slots.setdefault((table(run), run.dataset, run.shots, run.alpha, run.beta, run.seed), []).append(run)
     for same in slots.values():
@@ -404,7 +386,7 @@ def sort_out(runs: list[Run], table: Callable[[Run], Hashable] = lambda r: r.met
                                                 "none of them is averaged; keep one folder"))
     kept = [r for r in kept if len(slots[(table(r), r.dataset, r.shots, r.alpha, r.beta, r.seed)]) == 1]
 
-    groups: dict[Hashable, list[Run]] = {}
+    groups: dict[Hashable, list[RunRecord]] = {}
     for run in kept:
         groups.setdefault(table(run), []).append(run)
     for members in groups.values():

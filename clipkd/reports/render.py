@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clipkd.data.specs import STEMS
 from clipkd.reports.aggregate import FewShotTable, MethodTable, Stat, Sweep
-from clipkd.reports.collect import Problem, Run
+from clipkd.reports.collect import Problem, RunRecord
 from clipkd.reports.published import Published
 
 Reference = tuple[dict[str, Published], Published, str]  # per-dataset, average, source
@@ -305,7 +305,7 @@ def sweep_csv(sweeps: list[Sweep]) -> str:
 
 
 # ---------------------------------------------------------------- problems
-def _listing(header: str, items: Sequence[Run | Problem], root: Path) -> list[str]:
+def _listing(header: str, items: Sequence[RunRecord | Problem], root: Path) -> list[str]:
     if not items:
         return []
     lines = [f"{header} ({len(items)}):"]
@@ -318,7 +318,7 @@ def _listing(header: str, items: Sequence[Run | Problem], root: Path) -> list[st
     return lines
 
 
-def incomplete_lines(runs: Sequence[Run | Problem], root: Path, left_out: Sequence[Problem] = (),
+def incomplete_lines(runs: Sequence[RunRecord | Problem], root: Path, left_out: Sequence[Problem] = (),
                      what: str = "runs") -> list[str]:
     """The report's problems list: runs that could not be read, then those not averaged with the others
     (collect.sort_out: left out, or a mixture reported as separate tables); paths relative to ``root``."""

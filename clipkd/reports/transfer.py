@@ -21,12 +21,12 @@ from pathlib import Path
 
 from clipkd.data.specs import DG_TARGETS, TRANSFER_SOURCE, XD_TARGETS
 from clipkd.reports.aggregate import Stat, dataset_name
-from clipkd.reports.collect import (BASE_TEST_MARK, KIND_B2N, RESULTS_FILE, Problem, Run, _read_results,
+from clipkd.reports.collect import (BASE_TEST_MARK, KIND_B2N, RESULTS_FILE, Problem, RunRecord, _read_results,
                                     _results_fields, collect, sort_out)
 from clipkd.reports.published import PublishedTransfer
 from clipkd.reports.render import _md_table, _tex_pm, _tex_row, _tex_seeds_note, incomplete_lines, tex_escape
+from clipkd.rundir import eval_results_path
 
-EVAL_DIR = "eval"  # clipkd.engine.transfer.EVAL_DIR (not imported: that module pulls in torch)
 SETTINGS: dict[str, tuple[str, ...]] = {"xd": XD_TARGETS, "dg": DG_TARGETS}
 TITLES = {"xd": "Cross-dataset transfer", "dg": "Domain generalisation"}
 TransferReference = tuple[list[PublishedTransfer], str]  # published rows, source
@@ -70,7 +70,7 @@ def _all_accuracy(file: Path) -> tuple[float | None, str]:
     return results["all"], ""
 
 
-def _method(run: Run) -> str:
+def _method(run: RunRecord) -> str:
     selected = _results_fields(run.path).get("selected_on", "last")
     return run.method + (BASE_TEST_MARK if selected == "base_test" else "")
 
@@ -109,7 +109,7 @@ def transfer_table(root: str | Path, setting: str, method: str | None = None) ->
             continue
         sources.setdefault(name, {})[run.seed] = acc
         for stem in targets:
-            file = run.path / EVAL_DIR / stem / RESULTS_FILE
+            file = eval_results_path(run.path, stem)
             if file.parent.is_dir():
                 acc, why = _all_accuracy(file)
                 if acc is None:

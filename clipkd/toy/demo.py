@@ -3,7 +3,7 @@
 For each seed: the zero-shot teacher and zero-shot student (each CLIP with its own text tower), then the
 PromptKD student distilled with KD (forward KL) and with ABKD (alpha-beta divergence), in the inductive
 protocol (K-shot base classes) and, unless ``--no-transductive``, the transductive one. KD and ABKD of one
-protocol train fused (:mod:`clipkd.engine.fused`: one loader and teacher forward for both, results as alone).
+protocol train fused (:mod:`clipkd.runs.fused`: one loader and teacher forward for both, results as alone).
 Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON. While it runs, a
 line per stage and its elapsed time go to stderr (flushed, so a log file shows where a run is without a terminal).
 """
@@ -21,9 +21,13 @@ import torch
 
 from clipkd.config import build_config
 from clipkd.data.cache import default_cache_dir
-from clipkd.engine.metrics import harmonic_mean
+from clipkd.metrics import harmonic_mean
 from clipkd.errors import ClipkdError
 from clipkd.fileio import atomic_write_text
+from clipkd.runs.fused import fit_fused
+from clipkd.runs.run import Run
+from clipkd.toy.dataset import WORLD_VERSION, write_toy_dataset
+from clipkd.toy.pretrain import RECIPES, expand_compact, pretrain, weights_path
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 METHODS = {"kd": ["DISTILL.LOSS", "kl"], "abkd": ["DISTILL.LOSS", "ab"]}
@@ -32,9 +36,6 @@ METHODS = {"kd": ["DISTILL.LOSS", "kl"], "abkd": ["DISTILL.LOSS", "ab"]}
 def prepare_assets(cache_dir: Path, progress: bool = True) -> tuple[Path, dict[str, Path]]:
     """The toy dataset and the tiny CLIPs' weight files, generated into ``cache_dir`` when missing."""
     import hashlib
-
-    from clipkd.toy.dataset import WORLD_VERSION, write_toy_dataset
-    from clipkd.toy.pretrain import RECIPES, expand_compact, pretrain, weights_path
 
     data_root = cache_dir / f"data-v{WORLD_VERSION}"
     write_toy_dataset(data_root)
@@ -69,9 +70,6 @@ def run_demo(
 
     ``overrides`` (KEY VALUE pairs) change the distillation runs' config, e.g. a shorter schedule in tests.
     """
-    from clipkd.engine.fused import fit_fused
-    from clipkd.engine.run import Run
-
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise ClipkdError(f"output dir {output_dir} is not empty; pass a new --output-dir")

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clipkd.errors import ModelError
 from clipkd.fileio import atomic_write
+from clipkd.models.factory import create_clip
+from clipkd.models.state import load_error_cause
 from clipkd.toy.world import CAPTION_TEMPLATES, all_classes, render
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -74,8 +77,6 @@ def toy_token_ids(tokenizer) -> torch.Tensor:  # noqa: ANN001
 def pretrain(role: str, out: Path | None = None, progress: bool = True) -> Path:
     """Train one tiny CLIP contrastively and save its compact weights; returns the file."""
     from tqdm import tqdm
-
-    from clipkd.models.factory import create_clip
 
     r = RECIPES[role]
     torch.manual_seed(r.seed)
@@ -143,9 +144,6 @@ def expand_compact(path: Path, out: Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - any unpickling problem is the file's fault
         payload = exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        from clipkd.errors import ModelError
-        from clipkd.models.state import load_error_cause
-
         cause = f" ({load_error_cause(payload)})" if isinstance(payload, Exception) else ""
         raise ModelError(f"toy weights {path} cannot be read{cause}: it is damaged or not a clipkd toy weights "
                          "file (clipkd never runs code from one); delete it (clipkd demo pretrains it again) or "

@@ -1,9 +1,14 @@
-"""A run folder: its file names, the lock that keeps two processes out of one folder, and resume hygiene.
+"""Run folders: their file names, where runs sit under a results ROOT, the lock that keeps two processes out
+of one folder, and resume hygiene. Torch-free: the engine writes this layout and the reports read it.
 
-Layout: ``config.yaml``, ``log.txt``, ``metrics.jsonl``, ``checkpoints/last.pt`` (every epoch),
+A run folder: ``config.yaml``, ``log.txt``, ``metrics.jsonl``, ``checkpoints/last.pt`` (every epoch),
 ``checkpoints/best-val.pt`` (TEST.FINAL_MODEL val), ``model.pt`` (the final model), ``results.json``.
-``inputs.json`` records what the run read (:mod:`clipkd.engine.inputs`). ``.lock`` exists while a process trains
-into the folder (or an evaluation writes its ``results.json`` into a folder of its own).
+``inputs.json`` records what the run read (:mod:`clipkd.runs.inputs`). ``.lock`` exists while a process trains
+into the folder (or an evaluation writes its ``results.json`` into a folder of its own). An evaluation of the
+run on another dataset goes to ``eval/<stem>/results.json`` inside it (:func:`eval_results_path`).
+
+Under a results ROOT (:data:`LAYOUTS`): ``<method>/<stem>/seed<S>`` (base-to-new),
+``fewshot/<method>/<stem>/shots<K>/seed<S>`` and ``<method>/<stem>/a<alpha>_b<beta>/seed<S>`` (a sweep).
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from yacs.config import CfgNode
+
+from clipkd.config import build_config, flatten
 from clipkd.errors import TrainingError
-from clipkd.fileio import OutputError, atomic_write_text, os_error_message, stale_temp_files
+from clipkd.fileio import OutputError, atomic_write, atomic_write_text, os_error_message, stale_temp_files
 
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
@@ -34,8 +43,35 @@ RUN_FILES = (CONFIG_FILE, MODEL_FILE, LOG_FILE, METRICS_FILE, INPUTS_FILE)  # wh
 SAME_RUN_KEYS = ("OUTPUT_DIR", "DISTILL.TEACHER_CACHE")
 _KEYS_SHOWN = 5
 
-if TYPE_CHECKING:
-    from yacs.config import CfgNode
+EVAL_DIR = "eval"  # inside a run folder: eval/<stem>/results.json per evaluated target
+FEWSHOT_DIR = "fewshot"
+KIND_B2N = "base2new"
+KIND_FEWSHOT = "fewshot"
+KIND_SWEEP = "sweep"
+LAYOUTS = {
+    KIND_B2N: "<method>/<dataset>/seed<S>",
+    KIND_FEWSHOT: "fewshot/<method>/<dataset>/shots<K>/seed<S>",
+    KIND_SWEEP: "<method>/<dataset>/a<alpha>_b<beta>/seed<S>",
+}
+# how many path components a run's location needs, counting the run folder: method ... seed<S>
+DEPTH = {KIND_B2N: 3, KIND_FEWSHOT: 4, KIND_SWEEP: 4}
+SEED_DIR = re.compile(r"^seed(-?\d+)$")
+SHOTS_DIR = re.compile(r"^shots(-?\d+)$")
+CELL_DIR = re.compile(r"^a(.+)_b(.+)$")
+
+
+def seed_dir(seed: int) -> str:
+    return f"seed{seed}"
+
+
+def cell_dir(alpha: float, beta: float) -> str:
+    """A sweep cell's folder (what :data:`CELL_DIR` reads back)."""
+    return f"a{format(alpha, 'g')}_b{format(beta, 'g')}"
+
+
+def eval_results_path(run_dir: str | os.PathLike, stem: str) -> Path:
+    """Where the evaluation of the run in ``run_dir`` on the dataset ``stem`` is written."""
+    return Path(run_dir) / EVAL_DIR / stem / RESULTS_FILE
 
 
 class RunDir:
@@ -115,8 +151,6 @@ class RunDir:
 
     def check_config(self, cfg: CfgNode, finished: bool = False) -> None:
         """``cfg`` computes what the run saved in ``config.yaml`` computes (:data:`SAME_RUN_KEYS` aside)."""
-        from clipkd.config import build_config, flatten
-
         saved = self.path / CONFIG_FILE
         before, now = flatten(build_config([saved], freeze=False)), flatten(cfg)
         changed = [k for k in now if k not in SAME_RUN_KEYS and before.get(k) != now[k]]
@@ -195,8 +229,6 @@ class RunDir:
         """Drop what a killed run left after its last checkpoint: step/epoch lines of later epochs in
         ``metrics.jsonl``, log lines after that epoch's in ``log.txt``, and temp files of interrupted writes.
         A damaged ``metrics.jsonl`` is refused before anything changes. Only call while holding the lock."""
-        from clipkd.engine.runlog import trim_log
-
         metrics = self.path / METRICS_FILE
         kept, dropped = _metrics_through(metrics, epoch) if metrics.is_file() else ([], 0)
         removed = []
@@ -219,6 +251,30 @@ def check_evaluation_file(path: str | os.PathLike) -> None:
     if p.name in (RESULTS_FILE, *RUN_FILES, LOCK_FILE) and RunDir(p.parent).holds_run:
         raise TrainingError(f"--output {p} is a file of the run in {p.parent}, and an evaluation never replaces a "
                             f"run's {RESULTS_FILE}; pass --output FILE outside the run folder")
+
+
+# The line Trainer.end_epoch writes as an epoch ends, just before that epoch's last.pt: "epoch [3/20] loss ...".
+_EPOCH_LINE = re.compile(rb"epoch \[(\d+)/\d+\] ")
+
+
+def trim_log(path: Path, epoch: int) -> int:
+    """Cut ``log.txt`` after the line of ``epoch`` (all of it for epoch 0), so that a resumed run's log reads as
+    an uninterrupted run's, plus a "resumed from" line; returns how many lines went. A log without that line
+    (not written by this run's clipkd) is left as it is. Bytes, not text: a damaged log never stops a resume."""
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    end = 0
+    if epoch > 0:
+        ends = [i for i, line in enumerate(lines) if (m := _EPOCH_LINE.match(line)) and int(m.group(1)) == epoch]
+        if not ends:
+            return 0
+        end = ends[-1] + 1
+    if end == len(lines):
+        return 0
+    kept = b"".join(lines[:end])
+    atomic_write(path, lambda f: f.write(kept))
+    return len(lines) - end
 
 
 def _metrics_through(metrics: Path, epoch: int) -> tuple[list[str], int]:

@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from yacs.config import CfgNode
 
 from clipkd.config.checks import check_promptsrc_config, gpa_weights  # noqa: F401 - checked without torch
-from clipkd.engine.distiller import StudentFeatures
 from clipkd.errors import ConfigError, TrainingError
+from clipkd.methods.distiller import StudentFeatures
+from clipkd.models.prompts import PromptedTextEncoder, PromptedVisionEncoder
 
 # PromptSRC's IMAGENET_TEMPLATES are the first 60 of CLIP's 80 ImageNet templates, with this one listed first.
 N_PROMPTSRC_TEMPLATES = 60
@@ -137,8 +138,6 @@ class ZeroShotReference:
 
     def __init__(self, student: nn.Module, classnames: Sequence[str],
                  templates: Sequence[str | Callable[[str], str]] | None = None) -> None:
-        from clipkd.models.prompts import PromptedTextEncoder, PromptedVisionEncoder
-
         self.image_encoder = PromptedVisionEncoder(student.image_encoder.visual)  # no prompts, shared weights
         # no prompts over the student's frozen text tower (shared weights)
         self.text_encoder = PromptedTextEncoder(student.text_encoder, student.text_encoder.tokenizer)

@@ -7,21 +7,22 @@ Distiller's state is the student's); its class embeddings are computed once, her
 batch (the reference code recomputed them per batch).
 
 The objective is a small pluggable piece, named by DISTILL.OBJECTIVE (``clipkd.registry.OBJECTIVES``): the KD
-family (a divergence between teacher and student class distributions, optionally plus cross-entropy on labels)
-or PromptSRC's self-regularised prompt learning (:mod:`clipkd.engine.promptsrc`, which trains the prompted
+family (:mod:`clipkd.methods.kd`: a divergence between teacher and student class distributions, optionally plus
+cross-entropy on labels) or PromptSRC's self-regularised prompt learning (:mod:`clipkd.methods.promptsrc`, which trains the prompted
 teachers). Both implement the same :class:`Objective` call; an objective that sets ``needs_features`` also
 gets the batch's images and the student's normalised features (:class:`StudentFeatures`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from yacs.config import CfgNode
+
+from clipkd.registry import OBJECTIVES
 
 
 class StepOutput(NamedTuple):
@@ -47,7 +48,7 @@ class Objective(Protocol):
     Besides the per-batch loss, an objective may keep state across epochs (e.g. PromptSRC's Gaussian prompt
     aggregation): the trainer calls ``end_epoch`` after every epoch, saves ``state_dict()`` in each checkpoint
     (so resume stays exact), and after the last epoch loads ``final_state()`` into the student when it is not
-    None. :class:`KDObjective` shows the no-op versions.
+    None. :class:`clipkd.methods.kd.KDObjective` shows the no-op versions.
     """
 
     needs_teacher: bool
@@ -66,89 +67,9 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class KDObjective:
-    """``WEIGHT * D(teacher || student) + CE_WEIGHT * CE(student, labels)`` (either part may be off).
-
-    A divergence that splits by class (DKD) gets a target per sample: the labels, or with
-    ``target_from_teacher`` (the transductive protocol's default, whose labels are then unused) the teacher's
-    argmax. ``all_images`` only names the labels in the log: those of every training image, base and new classes
-    (the transductive protocol with DISTILL.DKD_TARGET label, as ABKD's CLIP code). Every call passes the target
-    and the epoch (1-based, counted here and kept in the checkpoint so resume is exact); a loss that uses neither
-    ignores them (:func:`clipkd.losses.build_distill_loss` binds it so).
-    """
-
-    def __init__(self, divergence: Callable[..., Tensor] | None, weight: float, ce_weight: float = 0.0,
-                 target_from_teacher: bool = False, all_images: bool = False) -> None:
-        self.divergence = divergence if weight > 0 else None
-        self.weight = float(weight)
-        self.ce_weight = float(ce_weight)
-        self.needs_target = bool(getattr(self.divergence, "needs_target", False))
-        self.target_from_teacher = target_from_teacher and self.needs_target
-        self.all_images = all_images and self.needs_target and not self.target_from_teacher
-        self.needs_teacher = self.divergence is not None
-        self.needs_labels = self.ce_weight > 0 or (self.needs_target and not self.target_from_teacher)
-        self.needs_features = False
-        self.epoch = 1  # the epoch being trained, 1-based
-
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
-                 features: StudentFeatures | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = torch.zeros((), device=student_logits.device)
-        terms: dict[str, Tensor] = {}
-        if self.divergence is not None:
-            assert teacher_logits is not None
-            s, t = student_logits.float(), teacher_logits.float()
-            target = t.argmax(-1) if self.target_from_teacher else labels
-            kd = self.divergence(s, t, target=target, epoch=self.epoch)
-            loss = loss + self.weight * kd
-            terms["kd"] = kd.detach()
-        if self.ce_weight > 0:
-            ce = F.cross_entropy(student_logits.float(), labels)
-            loss = loss + self.ce_weight * ce
-            terms["ce"] = ce.detach()
-        return loss, terms
-
-    def end_epoch(self, epoch: int, student: nn.Module) -> None:
-        self.epoch = epoch + 1
-
-    def final_state(self) -> dict[str, Tensor] | None:
-        return None  # the student as trained
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state.get("epoch", self.epoch))
-
-    def __repr__(self) -> str:
-        parts = [f"{self.divergence} x {self.weight:g}"] if self.divergence is not None else []
-        if self.needs_target:
-            parts[-1] += (" (target: the teacher's argmax, labels unused)" if self.target_from_teacher
-                          else " (target: the labels of all training images (ABKD's CLIP code))"
-                          if self.all_images else " (target: the labels)")
-        if self.ce_weight > 0:
-            parts.append(f"CE x {self.ce_weight:g}")
-        return " + ".join(parts)
-
-
-def build_kd_objective(cfg: CfgNode, student: nn.Module | None = None,
-                       classnames: Sequence[str] = ()) -> KDObjective:
-    """DISTILL.OBJECTIVE kd: ``DISTILL.WEIGHT * DISTILL.LOSS + DISTILL.CE_WEIGHT * CE`` (student and class names
-    unused). In the transductive protocol a loss that needs a target class (DKD) takes the teacher's argmax, or
-    with DISTILL.DKD_TARGET label the label of every training image (ABKD's CLIP code)."""
-    from clipkd.losses import build_distill_loss_from_cfg
-
-    d = cfg.DISTILL
-    transductive = d.PROTOCOL == "transductive"
-    return KDObjective(build_distill_loss_from_cfg(cfg) if d.WEIGHT > 0 else None, d.WEIGHT, d.CE_WEIGHT,
-                       target_from_teacher=transductive and d.DKD_TARGET == "teacher",
-                       all_images=transductive)
-
-
 def build_objective(cfg: CfgNode, student: nn.Module | None = None, classnames: Sequence[str] = ()) -> Objective:
     """The objective DISTILL.OBJECTIVE names, built by its registered builder. Some objectives need the student
     and the training class names (PromptSRC's frozen reference features); the KD family needs neither."""
-    from clipkd.registry import OBJECTIVES
-
     return OBJECTIVES.get(cfg.DISTILL.OBJECTIVE)(cfg, student, classnames)
 
 
@@ -174,7 +95,7 @@ class Distiller(nn.Module):
         self.classnames = list(classnames)
         self.objective = objective
         self.teacher_text = teacher.text_features(self.classnames) if objective.needs_teacher else None
-        self.needs_features = bool(getattr(objective, "needs_features", False))  # absent in older objectives
+        self.needs_features = bool(getattr(objective, "needs_features", False))  # optional in the Objective protocol
 
     def train(self, mode: bool = True) -> Distiller:
         self.student.train(mode)  # the teacher stays in eval mode

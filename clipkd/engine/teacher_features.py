@@ -1,7 +1,7 @@
 """Pay for the teacher once: its image features for every (epoch, index) of a run's data stream, kept on disk.
 
 Why this is exact: the trainer orders each epoch from (SEED, epoch) and augments each image from (SEED, epoch,
-index) (:mod:`clipkd.engine.train`), so what the frozen teacher sees at a step, and so what it outputs, is a pure
+index) (:mod:`clipkd.engine.loop`), so what the frozen teacher sees at a step, and so what it outputs, is a pure
 function of the teacher, the training images, the seed, the epoch and the index. A second run of the same
 stream (another alpha-beta cell, a rerun, a resumed run) can read the features instead of running the teacher.
 Only the image features are stored: the logits are ``logit_scale * features @ class embeddings`` as always,
@@ -45,7 +45,7 @@ last rename wins. A run interrupted mid-epoch leaves nothing of that epoch but, 
 temp file; those are removed by the next run that opens the entry while no other run holds it: each run holds
 a shared ``flock`` on the entry's folder from opening it to its end (the kernel drops it when a process dies),
 and only a run that gets the lock exclusively, i.e. while no live process can be writing there, removes temp
-files (the rule of run folders, :mod:`clipkd.engine.rundir`; where the file system cannot lock, none are).
+files (the rule of run folders, :mod:`clipkd.rundir`; where the file system cannot lock, none are).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from clipkd.config.paths import ZERO_SHOT
+from clipkd.engine.runtime import resolve_precision
 from clipkd.errors import ConfigError
 from clipkd.fileio import OutputError, atomic_write, atomic_write_text, stale_temp_files
 
@@ -130,8 +132,6 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 def teacher_identity(cfg: CfgNode) -> dict[str, Any]:
     """The config keys that choose the teacher's image tower (its templates only change the text side)."""
-    from clipkd.models.teacher import ZERO_SHOT
-
     t = cfg.MODEL.TEACHER
     ident: dict[str, Any] = {"name": t.NAME, "pretrained": t.PRETRAINED, "quick_gelu": bool(t.QUICK_GELU),
                              "checkpoint": t.CHECKPOINT if t.CHECKPOINT not in ("", ZERO_SHOT) else ZERO_SHOT}
@@ -141,8 +141,6 @@ def teacher_identity(cfg: CfgNode) -> dict[str, Any]:
 
 
 def _environment(cfg: CfgNode, device: torch.device) -> dict[str, Any]:
-    from clipkd.engine.train import resolve_precision
-
     return {"device": device.type, "precision": resolve_precision(cfg.OPTIM.PRECISION, device)}
 
 

@@ -20,28 +20,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from clipkd.data.specs import get_spec
-from clipkd.engine.rundir import MODEL_FILE, RunDir
 from clipkd.errors import TrainingError
 from clipkd.fileio import atomic_write_text
+from clipkd.models.teacher import ZERO_SHOT, resolve_teacher_checkpoint
+from clipkd.rundir import MODEL_FILE, RunDir, eval_results_path
+from clipkd.runs.checks import needs_teacher
+from clipkd.runs.run import Run, teacher_description
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
 
-EVAL_DIR = "eval"  # inside a run folder: eval/<stem>/results.json per target
-RESULTS_FILE = "results.json"
 
 
 def transfer_results_path(run_dir: str | Path, dataset: str) -> Path:
     """Where the evaluation of the run in ``run_dir`` on ``dataset`` (stem or Dassl name) is written."""
-    return Path(run_dir) / EVAL_DIR / get_spec(dataset).stem / RESULTS_FILE
+    return eval_results_path(run_dir, get_spec(dataset).stem)
 
 
 def target_overrides(cfg: CfgNode, dataset: str) -> list[str]:
     """The KEY VALUE pairs that turn a run's config into its evaluation on ``dataset``: the target, all classes,
     the full lists, and the teacher's prompts pinned to the file the run itself used."""
-    from clipkd.engine.run import needs_teacher
-    from clipkd.models.teacher import ZERO_SHOT, resolve_teacher_checkpoint
-
     spec = get_spec(dataset)
     pinned = ["DATASET.NAME", spec.name, "DATASET.SUBSAMPLE_CLASSES", "all", "DATASET.NUM_SHOTS", "0"]
     ckpt = cfg.MODEL.TEACHER.CHECKPOINT
@@ -56,8 +54,6 @@ def evaluate_transfer(run_dir: str | Path, dataset: str, overrides: Sequence[str
 
     ``overrides`` (KEY VALUE pairs, e.g. ``DATASET.ROOT``) adapt the run's config to this machine first.
     """
-    from clipkd.engine.run import Run, needs_teacher, teacher_description
-
     spec = get_spec(dataset)
     folder = RunDir(run_dir)
     folder.check_resumable(what="--run")

@@ -1,5 +1,5 @@
 """Sweeps: the ABKD alpha-beta grid and any other DISTILL.* / OPTIM.* values, one :class:`Cell` per point and
-seed, each a :class:`~clipkd.engine.run.Run`.
+seed, each a :class:`~clipkd.runs.run.Run`.
 
 Folders: the alpha-beta grid writes ``OUTPUT/METHOD/STEM/a<A>_b<B>/seed<S>`` (what ``clipkd report --sweep``
 reads); every other swept value goes into the method's folder name, ``METHOD+dkd_beta0.5``, so each value is
@@ -8,7 +8,7 @@ a method of its own to ``clipkd report`` (a row, or a sweep of its own when alph
 A cell is described once (its folder and its config overrides) and turned either into a config for an
 in-process Run or, for ``--dry-run``, into the equivalent ``clipkd train`` command line, so the two never
 drift apart. Finished cells are skipped, interrupted ones resumed (both only when their folder's config.yaml
-is the cell's config: :meth:`~clipkd.engine.rundir.RunDir.plan`), failed ones reported at the end.
+is the cell's config: :meth:`~clipkd.rundir.RunDir.plan`), failed ones reported at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ from pathlib import Path
 
 from yacs.config import CfgNode
 
+from clipkd.config import build_config
+from clipkd.config.checks import loss_params
+from clipkd.config.recipes import recipe_files
 from clipkd.errors import ClipkdError, ConfigError
+from clipkd.rundir import RunDir, cell_dir, seed_dir
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +112,6 @@ def check_size(n: int, max_cells: int = MAX_CELLS) -> None:
                           "or fewer values, or raise --max-cells if you mean it")
 
 
-def cell_name(alpha: float, beta: float) -> str:
-    return f"a{format(alpha, 'g')}_b{format(beta, 'g')}"
-
-
 @dataclass(frozen=True)
 class Cell:
     """One grid cell: where it writes and how its config differs from the method config."""
@@ -134,8 +134,6 @@ class Grid:
         return self.files[1]
 
     def config(self, cell: Cell, root: str) -> CfgNode:
-        from clipkd.config import build_config
-
         cfg = build_config(self.files,
                            ["DATASET.ROOT", root, "SEED", str(cell.seed), *cell.overrides], freeze=False)
         cfg.OUTPUT_DIR = str(cell.out)
@@ -178,8 +176,6 @@ def vary_values(key: str, text: str) -> list[str]:
 
 def _ab_overrides(cfg: CfgNode, method: str) -> list[str]:
     """How a cell sets the alpha-beta divergence: as the loss (DISTILL.LOSS ab), or inside a method."""
-    from clipkd.losses import loss_params
-
     if cfg.DISTILL.LOSS == "ab":
         return []
     if "divergence" in loss_params(cfg.DISTILL.LOSS, "ab"):
@@ -196,9 +192,6 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
     :func:`clipkd.config.recipes.recipe_files`, as ``clipkd train --method`` and the scripts merge it).
     ``vary``: (config key, values) pairs, e.g. ("DISTILL.DKD_BETA", "0.5,1"). More than ``max_cells`` cells is
     an error, found by counting before any list is built."""
-    from clipkd.config import build_config
-    from clipkd.config.recipes import recipe_files
-
     check_size(count_cells(alpha, beta, alpha_plus_beta, vary, seeds), max_cells)
     points = grid_points(alpha, beta, alpha_plus_beta)
     files = recipe_files(method_config, dataset)
@@ -226,10 +219,10 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
             folder = Path(output) / name / dataset
             extra: list[str] = []
             if point is not None:
-                folder = folder / cell_name(*point)
+                folder = folder / cell_dir(*point)
                 extra = [*ab, "DISTILL.ALPHA", repr(point[0]), "DISTILL.BETA", repr(point[1])]
             overrides = (*extra, *over, *opts)
-            cells += [Cell(folder / f"seed{seed}", seed, overrides) for seed in seeds]
+            cells += [Cell(folder / seed_dir(seed), seed, overrides) for seed in seeds]
         _check_loss(build_config(files, list(overrides)))
     folders: dict[Path, Cell] = {}
     for cell in cells:
@@ -242,7 +235,7 @@ def build_grid(method_config: str | Path, dataset: str, alpha: str | None, beta:
 
 def _check_loss(cfg: CfgNode) -> None:
     """A swept key the loss does not take fails the sweep now, not once per cell."""
-    from clipkd.losses import build_distill_loss_from_cfg
+    from clipkd.losses import build_distill_loss_from_cfg  # torch: only when a sweep is built
 
     if cfg.DISTILL.OBJECTIVE == "kd" and cfg.DISTILL.WEIGHT > 0:
         build_distill_loss_from_cfg(cfg)
@@ -264,10 +257,9 @@ class SweepSummary:
 def run_grid(grid: Grid, root: str, *, echo: bool = False, fused: bool = False) -> SweepSummary:
     """Run every cell in this process; a failed cell is recorded and the sweep goes on. ``fused``: the cells
     that share a data stream train together, one loader and one teacher forward per batch for all of them
-    (:mod:`clipkd.engine.fused`); each still writes exactly its own folder."""
-    from clipkd.engine.fused import fit_fused, group_cells
-    from clipkd.engine.rundir import RunDir
-    from clipkd.engine.run import Run
+    (:mod:`clipkd.runs.fused`); each still writes exactly its own folder."""
+    from clipkd.runs.fused import fit_fused, group_cells  # torch and open_clip: only when a sweep runs
+    from clipkd.runs.run import Run
 
     configs = [grid.config(cell, root) for cell in grid.cells]  # a bad override or root fails the sweep now
     summary = SweepSummary()

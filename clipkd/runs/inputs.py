@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from clipkd.config.paths import ZERO_SHOT
 from clipkd.errors import DataError, ModelError
+from clipkd.models.teacher import resolve_teacher_checkpoint
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
 
     from clipkd.data.splits import ResolvedSplit
-    from clipkd.engine.run import RunData
+    from clipkd.data.rundata import RunData
 
 HASH_LIMIT = 64 * 2**20  # weight files up to this size are hashed (~0.1 s at most; a prompt checkpoint: ms)
 LISTS = ("train", "val", "test")
@@ -38,9 +39,10 @@ LISTS = ("train", "val", "test")
 def _list_record(split: ResolvedSplit) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps(split.classnames).encode())
     for name in LISTS:
-        for item in getattr(split, name):
+        items = getattr(split, name)
+        for item, path in zip(items, split.impaths(items)):
             try:
-                size = os.stat(split.impath(item)).st_size
+                size = os.stat(path).st_size
             except OSError:
                 size = -1
             digest.update(f"{name}\0{item.relpath}\0{item.label}\0{size}\n".encode())
@@ -73,8 +75,6 @@ def _sha256(path: Path) -> str:
 
 def _weight_files(cfg: CfgNode, teacher: bool) -> dict[str, Path | None]:
     """Config key -> the file it names now (None when it names none any more)."""
-    from clipkd.models.teacher import resolve_teacher_checkpoint
-
     files: dict[str, Path | None] = {}
     if teacher and cfg.MODEL.TEACHER.CHECKPOINT not in ("", ZERO_SHOT):
         try:

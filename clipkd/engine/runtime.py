@@ -1,6 +1,7 @@
-"""Multi-process training with torchrun: rank bookkeeping and the few collectives the trainer needs.
+"""Where and how a process computes: its device, the precision (autocast), seeding and the RNG states, and
+multi-process training with torchrun (rank bookkeeping and the few collectives the trainer needs).
 
-Everything here is a no-op in a single process, so the trainer reads the same either way. On CUDA each
+The collectives are no-ops in a single process, so the trainer reads the same either way. On CUDA each
 process first pins its own GPU (``LOCAL_RANK``) and the group is ``cpu:gloo,cuda:nccl``: NCCL carries only
 CUDA tensors, so the scalars below live on the process's device, and the object collectives (which torch
 stages on the current CUDA device) land on each process's own GPU, not all on cuda:0.
@@ -8,11 +9,18 @@ stages on the current CUDA device) land on each process's own GPU, not all on cu
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
+
+from clipkd.errors import ConfigError
 
 _device = torch.device("cpu")
 
@@ -98,3 +106,49 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_snapshot() -> dict[str, Any]:
+    """Every generator a model build draws from (Python, NumPy, torch CPU and CUDA), to rewind to later: a
+    fused sweep builds the teacher once and each student from the state right after it, as a run alone does."""
+    snap: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        snap["cuda"] = torch.cuda.get_rng_state_all()
+    return snap
+
+
+def restore_rng(snap: dict[str, Any]) -> None:
+    random.setstate(snap["python"])
+    np.random.set_state(snap["numpy"])
+    torch.set_rng_state(snap["torch"])
+    if "cuda" in snap:
+        torch.cuda.set_rng_state_all(snap["cuda"])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """OPTIM.PRECISION with ``auto`` made concrete: bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], Any], bool]:
+    """The autocast context for OPTIM.PRECISION, and whether fp16 loss scaling is needed."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return contextlib.nullcontext, False
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError("OPTIM.PRECISION fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype == torch.float16

@@ -1,0 +1,42 @@
+"""The lists one run trains and evaluates on, from DATASET.*, SEED and DISTILL.PROTOCOL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from yacs.config import CfgNode
+
+from clipkd.data.specs import DatasetSpec, get_spec
+from clipkd.data.splits import ResolvedSplit, resolve_split
+from clipkd.errors import ConfigError
+
+
+@dataclass
+class RunData:
+    """The lists one run trains and evaluates on."""
+
+    spec: DatasetSpec
+    train: ResolvedSplit  # what the student learns from
+    halves: dict[str, ResolvedSplit]  # evaluated halves: base + new (base-to-new) or all (few-shot setting)
+
+    @property
+    def select(self) -> ResolvedSplit:
+        """The half whose split picks the epoch when TEST.FINAL_MODEL is not last: its few-shot val list for
+        ``val``; its test list only for ``best_base_test`` (the reference code's choice, marked as such)."""
+        return self.halves.get("base") or self.halves["all"]
+
+
+def prepare_data(cfg: CfgNode) -> RunData:
+    """DATASET.SUBSAMPLE_CLASSES base = the base-to-new setting (train on base, evaluate base and new);
+    all = the few-shot setting (train and evaluate on all classes)."""
+    if not cfg.DATASET.ROOT:
+        raise ConfigError("DATASET.ROOT is empty; pass --root DATA")
+    spec = get_spec(cfg.DATASET.NAME)
+    shots, seed = cfg.DATASET.NUM_SHOTS, cfg.SEED
+    names = ("base", "new") if cfg.DATASET.SUBSAMPLE_CLASSES == "base" else ("all",)
+    halves = {h: resolve_split(cfg.DATASET.ROOT, spec, shots, seed, h) for h in names}
+    if cfg.DISTILL.PROTOCOL == "inductive":
+        train = halves.get("base") or halves["all"]
+    else:  # transductive (PromptKD): train images of all classes, labels unused, logits over all classes
+        train = halves.get("all") or resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "all")
+    return RunData(spec, train, halves)
