@@ -68,7 +68,7 @@ from torch import Tensor
 from clipkd.config.paths import ZERO_SHOT
 from clipkd.engine.runtime import resolve_precision
 from clipkd.errors import ConfigError
-from clipkd.fileio import OutputError, atomic_write, atomic_write_text, stale_temp_files
+from clipkd.fileio import OutputError, atomic_write, atomic_write_text, stale_temp_files, write_failure
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
@@ -274,34 +274,28 @@ def _load_failure(exc: BaseException) -> str:
     return first if first and "weights_only" not in first else type(exc).__name__
 
 
-_TORCH_WRITE_FAILURE = re.compile(r"unexpected pos|PytorchStreamWriter|file write failed")
-
-
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
-    """Turn a failed write into one line that names ``path`` and DISTILL.TEACHER_CACHE (not --output-dir).
-    torch.save reports a full disk as a RuntimeError ("unexpected pos"), not an OSError."""
+    """Turn a failed write (an OSError, or torch.save's full-disk RuntimeError: :func:`clipkd.fileio.write_failure`)
+    into one line that names ``path`` and DISTILL.TEACHER_CACHE, the setting to change (not --output-dir)."""
     try:
         yield
     except (OutputError, OSError, RuntimeError) as exc:
         cause = exc.__cause__ if isinstance(exc, OutputError) and exc.__cause__ is not None else exc
+        failure = write_failure(cause)
+        if failure is None and isinstance(exc, RuntimeError):
+            raise  # not a write failure: a bug, shown as one
         elsewhere = "set DISTILL.TEACHER_CACHE to another folder (or to '' to run without the cache)"
-        if isinstance(cause, OSError):
-            reason = cause.strerror or type(cause).__name__
+        if failure is None:
+            reason, hint = str(exc), elsewhere
+        else:
+            reason = failure.strerror or type(failure).__name__
             hint = {errno.ENOSPC: f"free some space or {elsewhere}",
                     errno.EACCES: f"check the folder's permissions or {elsewhere}",
                     errno.EPERM: f"check the folder's permissions or {elsewhere}",
                     errno.EROFS: f"the file system is read-only; {elsewhere}",
                     errno.ENOTDIR: "a parent of this path is a file; DISTILL.TEACHER_CACHE must name a folder",
-                    }.get(cause.errno or 0, elsewhere)
-        elif _TORCH_WRITE_FAILURE.search(str(cause)):
-            torch_says = str(cause).split("] . ")[-1].strip().splitlines()[0]
-            reason = f"the write failed, the disk is probably full (torch: {torch_says})"
-            hint = f"free some space or {elsewhere}"
-        elif isinstance(exc, RuntimeError):
-            raise  # not a write failure: a bug, shown as one
-        else:
-            reason, hint = str(exc), elsewhere
+                    }.get(failure.errno or 0, elsewhere)
         raise OutputError(f"DISTILL.TEACHER_CACHE: cannot write {path}: {reason}; {hint}") from exc
 
 
