@@ -211,3 +211,13 @@ def test_sweep_refuses_cells_that_would_collide(capsys):
     assert "below a float's resolution near 1e+20" in capsys.readouterr().err
     assert main([*dry, "--alpha=0.1:0.1000005:0.0000001"]) == 2  # a0.1000001 is a0.1 in a folder name
     assert "two cells would share the folder" in capsys.readouterr().err
+
+
+def test_sweep_cells_store_their_output_dir_absolute(tmp_path, monkeypatch):
+    """A cell's config.yaml names its folder as clipkd train's does: absolute, whatever the working directory."""
+    from clipkd.runs.sweep import build_grid
+
+    monkeypatch.chdir(tmp_path)
+    grid = build_grid("abkd_promptkd", "dtd", "0.5:0.5:0.1", "0.3:0.3:0.1", [1], "out")
+    cfg = grid.config(grid.cells[0], str(tmp_path / "data"))
+    assert cfg.OUTPUT_DIR == str(tmp_path / grid.cells[0].out)

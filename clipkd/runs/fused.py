@@ -18,7 +18,7 @@ each joining when the group's epoch reaches its own. A cell that fails (a non-fi
 loss, a folder in use) drops out and the others go on. The epoch ``time`` a fused cell logs is the group's.
 
 Set-up and evaluation are shared too: the group's data lists are prepared once, the students share their frozen
-CLIP weights (only prompts, projector and buffers are copied: :func:`clipkd.runs.run.copy_student`), and the
+CLIP weights (only prompts, projector and buffers are copied: :func:`copy_student`), and the
 final evaluation reads each test split once, decoding each image once and handing each batch to every student
 (:func:`clipkd.engine.evaluate.predict_many`), whose scores are those of its evaluation alone.
 """

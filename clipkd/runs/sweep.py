@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ class Grid:
     def config(self, cell: Cell, root: str) -> CfgNode:
         cfg = build_config(self.files,
                            ["DATASET.ROOT", root, "SEED", str(cell.seed), *cell.overrides], freeze=False)
-        cfg.OUTPUT_DIR = str(cell.out)
+        cfg.OUTPUT_DIR = os.path.abspath(cell.out)  # stored absolute, as every path build_config makes
         cfg.freeze()
         return cfg
 
