@@ -35,6 +35,11 @@ class VPTStudent(Student):
     ``text_features`` is cached per class list (and device) in every mode: nothing the optimizer touches feeds it.
     """
 
+    # Declared here, not only inherited: the config's checks read them from this module's source (torch-free).
+    needs_teacher = False
+    own_text_tower = False  # its class embeddings are frozen (PromptSRC's objective needs learnt ones)
+    min_images_per_process = 0
+
     def __init__(
         self,
         clip_model: nn.Module,
@@ -63,13 +68,6 @@ class VPTStudent(Student):
     def from_clip(cls, clip_model: nn.Module, tokenizer: Callable[[Sequence[str]], torch.Tensor],
                   prompt: CfgNode, teacher: Teacher | None) -> VPTStudent:
         return cls(clip_model, tokenizer, n_ctx=prompt.N_CTX_VISION, depth=prompt.DEPTH_VISION)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.image_encoder.output_dim
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(self.image_encoder(images))
 
     def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
         """L2-normalised ``[C, D]`` frozen features of ``"a photo of a <name>."``, computed once per class list."""
