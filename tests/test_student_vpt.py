@@ -199,3 +199,19 @@ def test_promptsrc_objective_is_refused_for_vpt():
                                           r"MODEL\.STUDENT\.TYPE ivlp") as err:
         check_config(config("unused", "vpt", "DISTILL.OBJECTIVE", "promptsrc"))
     assert "\n" not in str(err.value)
+
+
+def test_fused_sweep_cells_equal_the_cells_alone(synth_root, tmp_path):
+    """``clipkd sweep --fused`` over ABKD cells of a VPT student: each cell (a copy of the first student, its text
+    features computed once) writes what it writes alone."""
+    from clipkd.runs.sweep import build_grid, run_grid
+    from test_fused import alone, assert_same_cell
+
+    grid = build_grid(str(ROOT / "configs" / "methods" / "abkd_vpt.yaml"), "dtd", "0.5:1:0.5", "0:0:1", [1],
+                      tmp_path / "sweep", [*TINY, "OPTIM.MAX_EPOCH", "1", "MODEL.PROMPT.N_CTX_VISION", "2"])
+    summary = run_grid(grid, str(synth_root), fused=True)
+    assert summary.lines()[0] == "sweep: 2 done, 0 skipped (finished before), 0 failed"
+    for cell in grid.cells:
+        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
+        alone(grid, cell, synth_root, single)
+        assert_same_cell(cell.out, single)
