@@ -86,8 +86,11 @@ def test_registry_targets():
     from clipkd.models.student import IVLPStudent, PromptKDStudent
     from clipkd.models.teacher import ensemble_templates
 
-    assert STUDENTS.names() == ("promptkd", "ivlp")
+    from clipkd.models.vpt import VPTStudent
+
+    assert STUDENTS.names() == ("promptkd", "ivlp", "vpt")
     assert STUDENTS.get("promptkd") is PromptKDStudent and STUDENTS.get("ivlp") is IVLPStudent
+    assert STUDENTS.get("vpt") is VPTStudent
     assert {n: LOSSES.get(n) for n in LOSSES} == {
         "ab": d.alpha_beta_divergence, "kl": d.kl_divergence, "rkl": d.reverse_kl, "js": d.js_divergence,
         "skl": d.symmetric_kl, "promptkd_kl": d.promptkd_kl,
@@ -148,8 +151,11 @@ def test_build_student_checks_the_type_with_the_registry():
     from clipkd.models.student import build_student
 
     cfg = get_cfg_defaults()
-    cfg.MODEL.STUDENT.TYPE = "coop"
-    with pytest.raises(ConfigError, match=re.escape("MODEL.STUDENT.TYPE must be one of promptkd, ivlp; got 'coop'")):
+    cfg.MODEL.STUDENT.TYPE = "no_such_student"
+    choices = ", ".join(STUDENTS.names())  # promptkd, ivlp, then the students added since
+    assert choices.startswith("promptkd, ivlp, ")
+    message = f"MODEL.STUDENT.TYPE must be one of {choices}; got 'no_such_student'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
         build_student(cfg)  # refused before any model is built
 
 

@@ -116,6 +116,15 @@ class Student(nn.Module):
     def device(self) -> torch.device:
         return self.image_encoder.visual.class_embedding.device
 
+    @property
+    def embed_dim(self) -> int:
+        """The image features' size: the prompted image tower's output (a student with a projector overrides)."""
+        return self.image_encoder.output_dim
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features ``[B, D]`` of the prompted image tower."""
+        return normalize(self.image_encoder(images))
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that training changes: prompts under PromptSRC's names, then the PromptKD student's
         projector under PromptKD's (``VPT_image_trans.conv1.{0,1,3}.*``).
@@ -290,13 +299,6 @@ class IVLPStudent(Student):
                   prompt: CfgNode, teacher: Teacher | None) -> IVLPStudent:
         return cls(clip_model, tokenizer, n_ctx_text=prompt.N_CTX_TEXT, n_ctx_vision=prompt.N_CTX_VISION,
                    depth_text=prompt.DEPTH_TEXT, depth_vision=prompt.DEPTH_VISION, ctx_init=prompt.CTX_INIT)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.image_encoder.output_dim
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(self.image_encoder(images))
 
     def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
         """L2-normalised class embeddings ``[C, D]`` of ``"<ctx> <name>."`` through the prompted text tower."""
