@@ -77,19 +77,22 @@ def _source_arguments(path: str) -> tuple[str, ...] | None:
 
 
 def _source_class_attribute(path: str, attr: str) -> Any:
-    """The literal value ``attr`` is given in the body of the top-level class an import path names (or of a
-    base class defined in the same module), read from its source file; _MISSING when that cannot be done (no
-    source, not assigned there, not a literal)."""
-    module, _, name = path.partition(":")
-    tree = _source_tree(module)
-    classes = {node.name: node for node in (tree.body if tree else ()) if isinstance(node, ast.ClassDef)}
+    """The literal value ``attr`` is given in the body of the top-level class an import path names, or of a base
+    class defined in the same module or imported there by name (``from package.module import Base``), read from
+    source files; _MISSING when that cannot be done (no source, not assigned there, not a literal)."""
+    todo = [path]
     seen: set[str] = set()
-    todo = [name]
     while todo:
-        node = classes.get(todo.pop(0))
-        if node is None or node.name in seen:
+        target = todo.pop(0)
+        if target in seen:
             continue
-        seen.add(node.name)
+        seen.add(target)
+        module, _, name = target.partition(":")
+        tree = _source_tree(module)
+        body = tree.body if tree else ()
+        node = next((n for n in body if isinstance(n, ast.ClassDef) and n.name == name), None)
+        if node is None:
+            return _MISSING
         for stmt in node.body:
             if isinstance(stmt, ast.Assign):
                 targets, value = stmt.targets, stmt.value
@@ -102,10 +105,17 @@ def _source_class_attribute(path: str, attr: str) -> Any:
                     return ast.literal_eval(value)
                 except ValueError:
                     return _MISSING
-        bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
-        if len(bases) != len(node.bases) or any(b not in classes for b in bases):
-            return _MISSING  # a base from elsewhere may set it: ask the class itself
-        todo.extend(bases)
+        imported = {a.asname or a.name: f"{n.module}:{a.name}" for n in body
+                    if isinstance(n, ast.ImportFrom) and n.module and n.level == 0 for a in n.names}
+        for base in node.bases:
+            if not isinstance(base, ast.Name):
+                return _MISSING  # e.g. module.Base: ask the class itself
+            if any(isinstance(n, ast.ClassDef) and n.name == base.id for n in body):
+                todo.append(f"{module}:{base.id}")
+            elif base.id in imported and imported[base.id].startswith("clipkd."):
+                todo.append(imported[base.id])
+            else:
+                return _MISSING  # a base from elsewhere may set it: ask the class itself
     return _MISSING
 
 

@@ -167,3 +167,19 @@ def test_build_teacher_checks_templates_with_the_registry():
     cfg.MODEL.TEACHER.TEMPLATES = "imagenet"
     with pytest.raises(ConfigError, match=re.escape("MODEL.TEACHER.TEMPLATES must be one of dataset, ensemble")):
         build_teacher(cfg, "a photo of a {}.")
+
+
+def test_declarations_inherited_from_a_base_in_another_module_are_read_from_source(tmp_path, monkeypatch):
+    from clipkd.registry import _MISSING, _source_class_attribute
+
+    pkg = tmp_path / "clipkd_probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "base.py").write_text("class Base:\n    needs_teacher = True\n    depth = 3\n")
+    (pkg / "child.py").write_text("from clipkd_probe_pkg.base import Base\n\nclass Child(Base):\n    depth = 5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # only clipkd's own modules are followed: a third-party base may set anything
+    assert _source_class_attribute("clipkd_probe_pkg.child:Child", "depth") == 5
+    assert _source_class_attribute("clipkd_probe_pkg.child:Child", "needs_teacher") is _MISSING
+    assert _source_class_attribute("clipkd.models.vpt:VPTStudent", "own_text_tower") is False  # from Student
+    assert _source_class_attribute("clipkd.models.student:PromptKDStudent", "min_images_per_process") == 2

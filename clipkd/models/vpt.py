@@ -35,11 +35,6 @@ class VPTStudent(Student):
     ``text_features`` is cached per class list (and device) in every mode: nothing the optimizer touches feeds it.
     """
 
-    # Declared here, not only inherited: the config's checks read them from this module's source (torch-free).
-    needs_teacher = False
-    own_text_tower = False  # its class embeddings are frozen (PromptSRC's objective needs learnt ones)
-    min_images_per_process = 0
-
     def __init__(
         self,
         clip_model: nn.Module,
