@@ -157,7 +157,7 @@ def test_reference_dassl_file_loads_and_clipkd_file_uses_its_names(synth_root, t
 
     loaded = Run(cfg).load_student_file(file)
     assert all(torch.equal(v, saved[k]) for k, v in loaded.trainable_state_dict().items())
-    assert main(["eval", "--checkpoint", str(file.parent), "--root", str(synth_root), "--dataset-config",
+    assert main(["eval", "--checkpoint", str(file.parents[1]), "--root", str(synth_root), "--dataset-config",
                  DATASET_CFG, "--config", str(ROOT / "configs" / "methods" / "vpt.yaml"), "--output-dir",
                  str(tmp_path / "eval"), *TINY, "MODEL.PROMPT.N_CTX_VISION", "3"]) == 0
     check_results(json.loads((tmp_path / "eval" / "results.json").read_text()))

@@ -278,7 +278,10 @@ def read_prompt_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tens
 
 # ------------------------------------------------------------------------------------------------ finding files
 CLIPKD_MODEL_FILE = "model.pt"  # a clipkd run folder's final model
-DASSL_MODEL_DIR = "VLPromptLearner"  # Dassl's per-model folder in PromptSRC / PromptKD output
+DASSL_MODEL_DIR = "VLPromptLearner"  # Dassl's per-model folder in PromptSRC / PromptKD / IVLP output
+# Every per-model folder name a Dassl trainer of the family writes, the one above first: MaPLe registers its
+# MultiModalPromptLearner, CoOp, CoCoOp, KgCoOp and multimodal-prompt-learning's VPT their prompt_learner.
+DASSL_MODEL_DIRS = (DASSL_MODEL_DIR, "MultiModalPromptLearner", "prompt_learner")
 DASSL_BEST_FILE = "model-best.pth.tar"
 _DASSL_EPOCH_RE = re.compile(r"^model\.pth\.tar-(\d+)$")
 
@@ -314,7 +317,8 @@ def resolve_checkpoint_file(path: str | os.PathLike[str], *, dataset: str | None
 
     * ``path/model.pt`` (a clipkd run folder), ``path/model-best.pth.tar``, the highest ``path/model.pth.tar-N``
       (a Dassl model folder such as ``.../VLPromptLearner``),
-    * the same inside ``path/VLPromptLearner`` (a Dassl output folder),
+    * the same inside ``path/VLPromptLearner`` (a Dassl output folder; also ``MultiModalPromptLearner``,
+      ``prompt_learner``: :data:`DASSL_MODEL_DIRS`),
     * the same inside ``path/<dataset>/VLPromptLearner`` (PromptKD's released teachers, ``teacher_model/``;
       ``<dataset>`` is Dassl's name of ``dataset``, e.g. OxfordPets, or clipkd's stem).
 
@@ -329,7 +333,8 @@ def resolve_checkpoint_file(path: str | os.PathLike[str], *, dataset: str | None
     if not p.is_dir():
         raise ModelError(f"{key}: {p} is neither a file nor a folder")
     looked: list[str] = []
-    folders = [p, p / DASSL_MODEL_DIR, *(p / name / DASSL_MODEL_DIR for name in _dataset_folder_names(dataset))]
+    folders = [p, *(p / d for d in DASSL_MODEL_DIRS),
+               *(p / name / DASSL_MODEL_DIR for name in _dataset_folder_names(dataset))]
     for folder in folders:
         found = _model_file_in(folder, looked)
         if found is not None:
