@@ -229,6 +229,7 @@ class Registry:
 STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",
+    "cocoop": "clipkd.models.cocoop:CoCoOpStudent",
 })
 
 LOSSES = Registry("DISTILL.LOSS", {
