@@ -122,9 +122,10 @@ class CoCoOpStudent(Student):
         length, width = int(enc.positional_embedding.shape[0]), enc.width
         heads = int(getattr(blocks[0].attn, "num_heads", 1))
         rows = batch_size * n_classes
-        # per prompt and block: ~18 width-sized vectors per token (norms, qkv, attention out, MLP 4x in and out,
-        # residuals) plus the attention weights (heads x length per token, before and after softmax)
-        values = rows * len(blocks) * length * (18 * width + 2 * heads * length)
+        # per prompt, block and token: ~10 width-sized vectors (norm inputs, qkv, attention output, the MLP's 4x
+        # hidden before and after its activation) plus the attention weights (heads x length, twice); within a few
+        # percent of the tensors autograd saves for ViT-B/16's text tower (fp32, CPU, counted with saved-tensor hooks)
+        values = rows * len(blocks) * length * (10 * width + 2 * heads * length)
         gib = values * 4 / 2**30
         return [f"{type(self).__name__}: one text pass per (image, class): {batch_size} images x {n_classes} "
                 f"classes = {rows:,} prompts a training step, ~{gib:.2f} GiB of text-tower activations kept for "
