@@ -184,3 +184,19 @@ def test_settings_cocoop_cannot_take():
                        ["DISTILL.OBJECTIVE", "promptsrc", "MODEL.TEACHER.PROMPTED", "False"])
     with pytest.raises(ConfigError, match=r"set MODEL\.STUDENT\.TYPE ivlp"):
         check_config(cfg)
+
+
+def test_fused_sweep_cells_equal_the_cells_alone(synth_root, tmp_path):
+    """``clipkd sweep --fused`` over ABKD cells of a CoCoOp student (copies of the first student, one shared
+    teacher forward): each cell writes what it writes alone."""
+    from clipkd.runs.sweep import build_grid, run_grid
+    from test_fused import alone, assert_same_cell
+
+    grid = build_grid(str(ROOT / "configs" / "methods" / "abkd_cocoop.yaml"), "dtd", "0.5:1:0.5", "0:0:1", [1],
+                      tmp_path / "sweep", [*TINY, "OPTIM.MAX_EPOCH", "1"])
+    summary = run_grid(grid, str(synth_root), fused=True)
+    assert summary.lines()[0] == "sweep: 2 done, 0 skipped (finished before), 0 failed"
+    for cell in grid.cells:
+        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
+        alone(grid, cell, synth_root, single)
+        assert_same_cell(cell.out, single)
