@@ -240,6 +240,7 @@ STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",
     "vpt": "clipkd.models.vpt:VPTStudent",
+    "cocoop": "clipkd.models.cocoop:CoCoOpStudent",
 })
 
 LOSSES = Registry("DISTILL.LOSS", {

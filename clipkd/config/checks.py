@@ -83,9 +83,12 @@ def check_promptsrc_config(cfg: CfgNode) -> None:
     """The settings PromptSRC (DISTILL.OBJECTIVE promptsrc) cannot train with."""
     d, p = cfg.DISTILL, cfg.PROMPTSRC
     problems = []
-    if not STUDENTS.attribute(cfg.MODEL.STUDENT.TYPE, "own_text_tower"):
-        fits = [n for n in STUDENTS if STUDENTS.attribute(n, "own_text_tower")]
-        problems.append(f"it trains prompts in both towers: set MODEL.STUDENT.TYPE {' or '.join(fits)}")
+    def fits(name: str) -> bool:  # its regulariser needs the student's own class features, one per class
+        return STUDENTS.attribute(name, "own_text_tower") and not STUDENTS.attribute(name, "conditional", False)
+
+    if not fits(cfg.MODEL.STUDENT.TYPE):
+        problems.append(f"it trains prompts in both towers: set MODEL.STUDENT.TYPE "
+                        f"{' or '.join(n for n in STUDENTS if fits(n))}")
     if d.WEIGHT != 0:
         problems.append("it has no teacher: set DISTILL.WEIGHT 0 (else a teacher is built for nothing)")
     if d.PROTOCOL != "inductive":

@@ -1,8 +1,10 @@
 """Base / New / HM evaluation: each half classified among its own classes only, micro top-1 accuracy.
 
 Any model with ``image_features(images)`` and ``text_features(classnames)`` can be evaluated: a trained
-student, the frozen teacher or a zero-shot CLIP. Under torchrun each rank predicts a share of the test
-images and the shares are put back in order, so every image counts once.
+student, the frozen teacher or a zero-shot CLIP; a conditional student (``conditional``, CoCoOp) is scored with
+its per-image class features ``conditional_text_features(features, classnames)`` ``[B, C, D]``. Under
+torchrun each rank predicts a share of the test images and the shares are put back in order, so every image
+counts once.
 """
 
 from __future__ import annotations
@@ -25,29 +27,55 @@ __all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate
            "score_halves", "classification_metrics", "results_payload", "format_dassl_lines", "dassl_log_lines"]
 
 
+# What scores a batch's image features: the class features [C, D], or (a conditional student) a function of the
+# batch's image features giving each image's class features [B, C, D].
+Classifier = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()
 def predict(
     image_features: Callable[[torch.Tensor], torch.Tensor],
-    class_features: torch.Tensor,
+    class_features: Classifier,
     loader: DataLoader,
     device: torch.device,
     autocast: Callable[[], object],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true labels over a loader (cosine similarity; the logit scale does not change argmax)."""
     preds, labels = [], []
-    class_features = class_features.to(device).float()
+    if isinstance(class_features, torch.Tensor):
+        class_features = class_features.to(device).float()
     for images, y, _ in loader:
         preds.append(_predict_batch(image_features, class_features, images.to(device, non_blocking=True), autocast))
         labels.append(y)
     return _joined(preds), _joined(labels)
 
 
-def _predict_batch(image_features: Callable[[torch.Tensor], torch.Tensor], class_features: torch.Tensor,
+def _predict_batch(image_features: Callable[[torch.Tensor], torch.Tensor], class_features: Classifier,
                    images: torch.Tensor, autocast: Callable[[], Any]) -> torch.Tensor:
     """One batch's predicted labels: every path that predicts goes through here, so all agree bit for bit."""
     with autocast():
         feats = image_features(images)
-    return (feats.float() @ class_features.t()).argmax(dim=-1).cpu()
+    return _predict_features(feats, class_features, autocast)
+
+
+@torch.no_grad()
+def _predict_features(feats: torch.Tensor, class_features: Classifier, autocast: Callable[[], Any]) -> torch.Tensor:
+    """Predicted labels of a batch's image features (computed now or read from the feature cache)."""
+    if isinstance(class_features, torch.Tensor):
+        return (feats.float() @ class_features.t()).argmax(dim=-1).cpu()
+    with autocast():
+        per_image = class_features(feats)
+    return torch.einsum("bd,bcd->bc", feats.float(), per_image.float()).argmax(dim=-1).cpu()
+
+
+def _classifier(model: Any, classnames: Sequence[str], device: torch.device, autocast: Callable[[], Any]) -> Classifier:
+    """``model``'s :data:`Classifier` of ``classnames`` on ``device`` (class features computed once, unless the
+    model is conditional)."""
+    if getattr(model, "conditional", False):
+        names = list(classnames)
+        return lambda feats: model.conditional_text_features(feats, names)
+    with torch.no_grad(), autocast():
+        return model.text_features(classnames).float().to(device)
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -68,8 +96,7 @@ def predict_many(
     for k, model in enumerate(models):
         try:
             model.eval()
-            with autocast():
-                class_features[k] = model.text_features(split.classnames).float().to(device)
+            class_features[k] = _classifier(model, split.classnames, device, autocast)
         except Exception as exc:  # noqa: BLE001 - this model cannot be scored; the others can
             out[k] = exc
     dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))
@@ -183,17 +210,15 @@ def predict_half(
             raise result
         return result
     model.eval()
-    with torch.no_grad(), autocast():
-        class_features = model.text_features(split.classnames).float()
+    class_features = _classifier(model, split.classnames, device, autocast)
     dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))
     sampler = DistributedSampler(dataset, shuffle=False) if runtime.is_initialized() else None
     loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
                           num_workers=cfg.DATALOADER.NUM_WORKERS, sampler=sampler)
     if feature_cache is not None and sampler is None:
         feats, true = feature_cache.features(dataset, lambda: _image_features(model, loader, device, autocast))
-        cf = class_features.to(device)
         # the same batches as predict(), so the same matmuls: cached and computed predictions are identical
-        pred = [(f.to(device).float() @ cf.t()).argmax(dim=-1).cpu()
+        pred = [_predict_features(f.to(device), class_features, autocast)
                 for f in feats.split(cfg.DATALOADER.TEST.BATCH_SIZE)] if len(true) else []
         return (torch.cat(pred) if pred else torch.empty(0, dtype=torch.long)), true
     pred, true = predict(model.image_features, class_features, loader, device, autocast)

@@ -97,7 +97,8 @@ class Trainer:
             if self.epoch:
                 self.log.info(f"resumed from {out / LAST_CKPT} after epoch {self.epoch}")
             else:
-                self.log.info(intro)
+                for line in intro.splitlines():
+                    self.log.info(line)
             entry = getattr(self.teacher_features, "entry", None)
             if entry is not None:
                 self.log.info(f"teacher cache {entry.describe()} before this run (delete the folder to free it)")

@@ -36,7 +36,9 @@ class StudentFeatures(NamedTuple):
 
     images: Tensor  # the batch, for an objective that runs a frozen model of its own on it
     image_features: Tensor  # the student's, L2-normalised [B, D]
-    text_features: Tensor  # the student's class embeddings for the Distiller's class names, L2-normalised [C, D]
+    # the student's class embeddings for the Distiller's class names, L2-normalised [C, D] ([B, C, D] for a
+    # conditional student, whose class features depend on the image)
+    text_features: Tensor
 
 
 class Objective(Protocol):
@@ -113,8 +115,12 @@ class Distiller(nn.Module):
     def forward(self, images: Tensor, labels: Tensor, teacher_features: Tensor | None = None) -> StepOutput:
         # class_logits(self.student, images, self.classnames), step by step: some objectives see the features.
         image_features = self.student.image_features(images)
-        text_features = self.student.text_features(self.classnames)
-        logits = self.student.logit_scale * image_features @ text_features.t()
+        if getattr(self.student, "conditional", False):  # class features per image [B, C, D] (CoCoOp)
+            text_features = self.student.conditional_text_features(image_features, self.classnames)
+            logits = self.student.logit_scale * torch.einsum("bd,bcd->bc", image_features, text_features)
+        else:
+            text_features = self.student.text_features(self.classnames)
+            logits = self.student.logit_scale * image_features @ text_features.t()
         t_logits = self.teacher_logits(images, teacher_features) if self.objective.needs_teacher else None
         if self.needs_features:
             features = StudentFeatures(images, image_features, text_features)

@@ -324,12 +324,14 @@ class PromptedTextEncoder(_PromptedEncoder):
         """Features of raw texts (tokenized here), unnormalised."""
         return self(self.tokenize(texts))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of token ids; ``ctx`` (``[N, n_ctx, width]``, one row per token row) replaces the learned
+        context, for prompts whose context depends on the input (CoCoOp's image-conditioned ctx)."""
         cast_dtype = self.transformer.get_cast_dtype()
         x = self.token_embedding(tokens).to(cast_dtype)
         n = self.n_ctx
         if n:
-            ctx = self.ctx.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            ctx = self.ctx.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1) if ctx is None else ctx.to(x.dtype)
             x = torch.cat([x[:, :1], ctx, x[:, 1 + n :]], dim=1)
         x = x + self.positional_embedding.to(cast_dtype)
 

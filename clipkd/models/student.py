@@ -73,7 +73,8 @@ class Student(nn.Module):
     needs: ``needs_teacher`` with ``needs_teacher_reason`` (the teacher is built even without distillation, e.g.
     as the classifier), ``own_text_tower`` (it learns its own class embeddings, as PromptSRC's objective
     requires), ``min_images_per_process`` with ``min_images_reason`` (the smallest per-process batch a training
-    step takes; 0: no minimum).
+    step takes; 0: no minimum), ``conditional`` (its class features depend on the image, as CoCoOp's: training
+    and evaluation classify with :meth:`conditional_text_features`, ``[B, C, D]``, instead of one ``[C, D]``).
     """
 
     image_encoder: PromptedVisionEncoder
@@ -82,6 +83,7 @@ class Student(nn.Module):
     own_text_tower: bool = False
     min_images_per_process: int = 0
     min_images_reason: str = ""
+    conditional: bool = False
     # Key prefixes of earlier clipkd files, mapped to the ones written (read, never written).
     _LEGACY_PREFIXES: dict[str, str] = {}
 
@@ -196,6 +198,16 @@ class Student(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer should update."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def conditional_text_features(self, image_features: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
+        """Each image's L2-normalised class features ``[B, C, D]`` given its features ``[B, D]``; a conditional
+        student computes them from the image, the others repeat ``text_features`` (the same for every image)."""
+        feats = self.text_features(classnames)
+        return feats.unsqueeze(0).expand(image_features.shape[0], -1, -1)
+
+    def setup_lines(self, batch_size: int, n_classes: int) -> list[str]:
+        """Lines for the run log about what this student costs at this batch size and class count (none here)."""
+        return []
 
 
 class PromptKDStudent(Student):

@@ -259,4 +259,6 @@ class Run:
                  f"{len(data.train.train)} training images, {len(data.train.classnames)} classes, "
                  f"student {cfg.MODEL.STUDENT.TYPE} ({n_train:,} trainable parameters), "
                  f"objective {trainer.distiller.objective!r}, device {self.device}")
+        per_process = cfg.DATALOADER.TRAIN_X.BATCH_SIZE // runtime.world_size()
+        intro = "\n".join([intro, *self.student.setup_lines(per_process, len(data.train.classnames))])
         trainer.open(resume, inputs, self.echo, self.tensorboard, intro)
