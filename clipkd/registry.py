@@ -229,6 +229,7 @@ class Registry:
 STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",
+    "maple": "clipkd.models.maple:MaPLeStudent",
 })
 
 LOSSES = Registry("DISTILL.LOSS", {

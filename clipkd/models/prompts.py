@@ -95,11 +95,13 @@ class _PromptedEncoder(nn.Module):
         blocks: nn.ModuleList,
         replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         attn_mask: torch.Tensor | None,
+        deep: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        deep = self.VPT_shallow if deep is None else deep
         for i, block in enumerate(blocks):
             key = str(i)
-            if key in self.VPT_shallow:
-                x = replace(x, self.VPT_shallow[key].to(x.dtype))
+            if key in deep:
+                x = replace(x, deep[key].to(x.dtype))
             x = block(x, attn_mask=attn_mask)
         return x
 
@@ -157,8 +159,18 @@ class PromptedVisionEncoder(_PromptedEncoder):
             out[KEY_VISION_SHALLOW.format(i)] = p
         return out
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Transformer output tokens ``[B, 1 + patches + n_ctx, width]`` (before ``ln_post``)."""
+    def _prompts(self, prompts: Sequence[torch.Tensor] | None
+                 ) -> tuple[torch.Tensor | None, Mapping[str, torch.Tensor]]:
+        """The first block's prompt and the deeper blocks' (by block index): this encoder's own, or those of
+        blocks 0..len-1 that the caller passes (MaPLe's vision prompts, projections of its text prompts)."""
+        if prompts is None:
+            return self.VPT, self.VPT_shallow
+        return (prompts[0] if len(prompts) else None), {str(i): p for i, p in enumerate(prompts) if i}
+
+    def tokens(self, images: torch.Tensor, prompts: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Transformer output tokens ``[B, 1 + patches + n_ctx, width]`` (before ``ln_post``); ``prompts``: see
+        :meth:`forward`."""
+        first, deep = self._prompts(prompts)
         v = self.visual
         x = v.conv1(images)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, patches, width]
@@ -166,21 +178,25 @@ class PromptedVisionEncoder(_PromptedEncoder):
         x = torch.cat([cls, x], dim=1)
         x = x + v.positional_embedding.to(x.dtype)
         x = v.patch_dropout(x)
-        n = self.n_ctx
+        n = 0 if first is None else first.shape[0]
         if n:
-            x = torch.cat([x, self.VPT.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
+            x = torch.cat([x, first.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
         x = v.ln_pre(x)
 
         def replace_last(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
             return torch.cat([t[:, :-n], p.unsqueeze(0).expand(t.shape[0], -1, -1)], dim=1)
 
-        return self._run_blocks(x, v.transformer.resblocks, replace_last, None)
+        return self._run_blocks(x, v.transformer.resblocks, replace_last, None, deep)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prompts: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Image features; ``prompts`` (each n x width), when given, are the prompts of blocks 0..len-1 instead
+        of this encoder's own (placed as its own are)."""
         v = self.visual
-        x = self.tokens(images)
-        if self.n_ctx:
-            x = x[:, : x.shape[1] - self.n_ctx]  # prompts never take part in pooling
+        x = self.tokens(images, prompts)
+        first = self._prompts(prompts)[0]
+        n = 0 if first is None else first.shape[0]
+        if n:
+            x = x[:, : x.shape[1] - n]  # prompts never take part in pooling
         if v.final_ln_after_pool:
             pooled = x[:, 0] if v.pool_type == "tok" else x[:, 1:].mean(dim=1)
             pooled = v.ln_post(pooled)
