@@ -86,7 +86,7 @@ def test_registry_targets():
     from clipkd.models.student import IVLPStudent, PromptKDStudent
     from clipkd.models.teacher import ensemble_templates
 
-    assert STUDENTS.names() == ("promptkd", "ivlp")
+    assert STUDENTS.names() == ("promptkd", "ivlp", "maple")
     assert STUDENTS.get("promptkd") is PromptKDStudent and STUDENTS.get("ivlp") is IVLPStudent
     assert {n: LOSSES.get(n) for n in LOSSES} == {
         "ab": d.alpha_beta_divergence, "kl": d.kl_divergence, "rkl": d.reverse_kl, "js": d.js_divergence,
@@ -149,7 +149,7 @@ def test_build_student_checks_the_type_with_the_registry():
 
     cfg = get_cfg_defaults()
     cfg.MODEL.STUDENT.TYPE = "coop"
-    with pytest.raises(ConfigError, match=re.escape("MODEL.STUDENT.TYPE must be one of promptkd, ivlp; got 'coop'")):
+    with pytest.raises(ConfigError, match=re.escape("MODEL.STUDENT.TYPE must be one of promptkd, ivlp, maple; got 'coop'")):
         build_student(cfg)  # refused before any model is built
 
 
