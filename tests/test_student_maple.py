@@ -36,10 +36,11 @@ def maple_names(depth: int) -> list[str]:
     return names
 
 
-def tiny_maple(ctx_init: str = "a photo of a", n_ctx: int = N_CTX, seed: int = 0):
+def tiny_maple(ctx_init: str = "a photo of a", n_ctx: int = N_CTX, seed: int = 0, depth: int = DEPTH,
+               name: str = "clipkd-tiny-student"):
     torch.manual_seed(seed)
-    clip_model, tokenizer = create_clip("clipkd-tiny-student")
-    prompt = build_config([], ["MODEL.PROMPT.N_CTX_TEXT", str(n_ctx), "MODEL.PROMPT.DEPTH_TEXT", str(DEPTH),
+    clip_model, tokenizer = create_clip(name)
+    prompt = build_config([], ["MODEL.PROMPT.N_CTX_TEXT", str(n_ctx), "MODEL.PROMPT.DEPTH_TEXT", str(depth),
                                "MODEL.PROMPT.CTX_INIT", ctx_init]).MODEL.PROMPT
     return clip_model, tokenizer, MaPLeStudent.from_clip(clip_model, tokenizer, prompt, None)
 
@@ -109,9 +110,9 @@ def test_initialisation_is_maples():
     assert torch.equal(student.text_encoder.ctx.detach(), words.detach())  # "a photo" learns, "of a" stays fixed
     assert student.text_encoder.class_prompts(["cat"]) == ["a photo of a cat."]
     assert student.proj.weight.shape == (64, 48)  # text width -> vision width
-    layers = student.compound_prompt_projections
-    assert len(layers) == DEPTH - 1 and all(torch.equal(a, b) for a, b in
-                                            zip(layers[0].parameters(), student.compound_prompt_projections[-1].parameters()))
+    layers = tiny_maple(depth=3, name="clipkd-tiny-teacher")[2].compound_prompt_projections  # 3 blocks per tower
+    assert len(layers) == 2 and layers[0].weight is not layers[1].weight  # two layers that start equal (a clone)
+    assert torch.equal(layers[0].weight, layers[1].weight) and torch.equal(layers[0].bias, layers[1].bias)
     assert student.text_encoder.VPT_shallow["1"].std() < 0.05  # N(0, 0.02^2)
     _, _, random_init = tiny_maple(ctx_init="")
     assert random_init.text_encoder.class_prompts(["cat"]) == ["X X cat."]
@@ -210,7 +211,8 @@ def test_fused_sweep_cells_equal_cells_alone_and_report(synth_root, tmp_path, ca
     grid = build_grid(ROOT / "configs" / "methods" / "abkd_maple.yaml", "dtd", "0.5:1:0.5", "0.5:0.5:0.5", [1],
                       tmp_path / "sweep", [*TINY, "OPTIM.MAX_EPOCH", "1"])
     assert len(grid.cells) == 2
-    assert run_grid(grid, str(synth_root), fused=True).lines()[0] == "sweep: 2 done, 0 skipped (finished before), 0 failed"
+    summary = run_grid(grid, str(synth_root), fused=True)
+    assert summary.lines()[0] == "sweep: 2 done, 0 skipped (finished before), 0 failed"
     for cell in grid.cells:
         single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
         alone(grid, cell, synth_root, single)
