@@ -122,12 +122,17 @@ def test_initialisation_is_maples():
 
 
 # ------------------------------------------------------------------------------------------------ recipes
-@pytest.mark.parametrize("method", ["maple", "kd_maple", "abkd_maple"])
-def test_each_recipe_trains_through_the_cli(synth_root, tmp_path, method):
-    out = tmp_path / method
-    assert main(["train", "--root", str(synth_root), "--dataset-config", DATASET_CFG, "--config",
+def train_cli(root, out, method, *extra):
+    return main(["train", "--root", str(root), "--dataset-config", DATASET_CFG, "--config",
                  str(ROOT / "configs" / "methods" / f"{method}.yaml"), "--output-dir", str(out), *TINY,
-                 "OPTIM.MAX_EPOCH", "1"]) == 0
+                 "OPTIM.MAX_EPOCH", "1", *extra])
+
+
+@pytest.mark.parametrize("method, protocol", [("maple", "inductive"), ("kd_maple", "inductive"),
+                                              ("abkd_maple", "inductive"), ("kd_maple", "transductive")])
+def test_each_recipe_trains_through_the_cli(synth_root, tmp_path, method, protocol):
+    out = tmp_path / method
+    assert train_cli(synth_root, out, method, "DISTILL.PROTOCOL", protocol) == 0
     check_results(json.loads((out / "results.json").read_text()))
     cfg = build_config([out / "config.yaml"])
     assert cfg.MODEL.STUDENT.TYPE == "maple" and cfg.MODEL.PROMPT.N_CTX_TEXT == 2
@@ -220,3 +225,17 @@ def test_fused_sweep_cells_equal_cells_alone_and_report(synth_root, tmp_path, ca
     capsys.readouterr()
     assert main(["report", str(tmp_path / "sweep"), "--sweep"]) == 0
     assert "abkd_maple" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["MODEL.PROMPT.DEPTH_TEXT", "3"], "MODEL.PROMPT.DEPTH_TEXT 3 exceeds the 2 blocks of this model's image "
+                                       "transformer"),
+    (["MODEL.PROMPT.N_CTX_TEXT", "5"], "MODEL.PROMPT.CTX_INIT 'a photo of a' is 4 tokens long, fewer than "
+                                       "MODEL.PROMPT.N_CTX_TEXT 5"),
+])
+def test_bad_sizes_are_one_line_and_nothing_is_written(synth_root, tmp_path, capsys, extra, pattern):
+    out = tmp_path / "run"
+    assert train_cli(synth_root, out, "maple", *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clipkd: error: ") and pattern in err and "\n" not in err
+    assert not out.exists() or not any(out.iterdir())
