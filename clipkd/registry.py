@@ -241,6 +241,7 @@ STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "ivlp": "clipkd.models.student:IVLPStudent",
     "vpt": "clipkd.models.vpt:VPTStudent",
     "cocoop": "clipkd.models.cocoop:CoCoOpStudent",
+    "maple": "clipkd.models.maple:MaPLeStudent",
 })
 
 LOSSES = Registry("DISTILL.LOSS", {

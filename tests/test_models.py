@@ -352,8 +352,12 @@ def test_ctx_init_phrase_reproduces_zero_shot_at_depth_one():
     with torch.no_grad():
         ref = model.encode_text(tok([f"a photo of a {c}." for c in CLASSES]))
         assert torch.equal(txt.encode(txt.class_prompts(CLASSES)), ref)
-    with pytest.raises(ConfigError, match="CTX_INIT"):
-        PromptedTextEncoder(model, tok, 2, 1, ctx_init="a photo of a")
+        # 2 learnable tokens from a 4-word phrase (IVLP / PromptSRC / MaPLe): "[a] [photo] of a cat.", still zero-shot
+        two = PromptedTextEncoder(model, tok, 2, 1, ctx_init="a photo of a")
+        assert two.class_prompts(["cat"]) == ["a photo of a cat."] and two.ctx.shape[0] == 2
+        assert torch.equal(two.encode(two.class_prompts(CLASSES)), ref)
+    with pytest.raises(ConfigError, match="CTX_INIT 'a photo of a' is 4 tokens long, fewer than .*N_CTX_TEXT 5"):
+        PromptedTextEncoder(model, tok, 5, 1, ctx_init="a photo of a")
     with pytest.raises(ConfigError, match="DEPTH_VISION to at most 3"):
         PromptedVisionEncoder(model.visual, 4, 9)
 

@@ -95,11 +95,13 @@ class _PromptedEncoder(nn.Module):
         blocks: nn.ModuleList,
         replace: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         attn_mask: torch.Tensor | None,
+        deep: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        deep = self.VPT_shallow if deep is None else deep
         for i, block in enumerate(blocks):
             key = str(i)
-            if key in self.VPT_shallow:
-                x = replace(x, self.VPT_shallow[key].to(x.dtype))
+            if key in deep:
+                x = replace(x, deep[key].to(x.dtype))
             x = block(x, attn_mask=attn_mask)
         return x
 
@@ -157,8 +159,18 @@ class PromptedVisionEncoder(_PromptedEncoder):
             out[KEY_VISION_SHALLOW.format(i)] = p
         return out
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Transformer output tokens ``[B, 1 + patches + n_ctx, width]`` (before ``ln_post``)."""
+    def _prompts(self, prompts: Sequence[torch.Tensor] | None
+                 ) -> tuple[torch.Tensor | None, Mapping[str, torch.Tensor]]:
+        """The first block's prompt and the deeper blocks' (by block index): this encoder's own, or those of
+        blocks 0..len-1 that the caller passes (MaPLe's vision prompts, projections of its text prompts)."""
+        if prompts is None:
+            return self.VPT, self.VPT_shallow
+        return (prompts[0] if len(prompts) else None), {str(i): p for i, p in enumerate(prompts) if i}
+
+    def tokens(self, images: torch.Tensor, prompts: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Transformer output tokens ``[B, 1 + patches + n_ctx, width]`` (before ``ln_post``); ``prompts``: see
+        :meth:`forward`."""
+        first, deep = self._prompts(prompts)
         v = self.visual
         x = v.conv1(images)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, patches, width]
@@ -166,21 +178,25 @@ class PromptedVisionEncoder(_PromptedEncoder):
         x = torch.cat([cls, x], dim=1)
         x = x + v.positional_embedding.to(x.dtype)
         x = v.patch_dropout(x)
-        n = self.n_ctx
+        n = 0 if first is None else first.shape[0]
         if n:
-            x = torch.cat([x, self.VPT.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
+            x = torch.cat([x, first.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
         x = v.ln_pre(x)
 
         def replace_last(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
             return torch.cat([t[:, :-n], p.unsqueeze(0).expand(t.shape[0], -1, -1)], dim=1)
 
-        return self._run_blocks(x, v.transformer.resblocks, replace_last, None)
+        return self._run_blocks(x, v.transformer.resblocks, replace_last, None, deep)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prompts: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Image features; ``prompts`` (each n x width), when given, are the prompts of blocks 0..len-1 instead
+        of this encoder's own (placed as its own are)."""
         v = self.visual
-        x = self.tokens(images)
-        if self.n_ctx:
-            x = x[:, : x.shape[1] - self.n_ctx]  # prompts never take part in pooling
+        x = self.tokens(images, prompts)
+        first = self._prompts(prompts)[0]
+        n = 0 if first is None else first.shape[0]
+        if n:
+            x = x[:, : x.shape[1] - n]  # prompts never take part in pooling
         if v.final_ln_after_pool:
             pooled = x[:, 0] if v.pool_type == "tok" else x[:, 1:].mean(dim=1)
             pooled = v.ln_post(pooled)
@@ -231,8 +247,9 @@ class PromptedTextEncoder(_PromptedEncoder):
     """open_clip text transformer with IVLP deep text prompts; returns unnormalised features.
 
     With prompts, every class prompt is ``"<ctx words> <class name>."`` and the ctx words' embeddings are
-    replaced by the learned ``ctx``. The words are ``ctx_init`` (its token embeddings initialise ``ctx``; it
-    must be exactly ``n_ctx`` tokens long) or, when ``ctx_init`` is empty, ``"X X ... X"`` with ``ctx`` drawn
+    replaced by the learned ``ctx``. The words are ``ctx_init`` (the embeddings of its first ``n_ctx`` tokens
+    initialise ``ctx`` and any later words stay fixed, as IVLP, PromptSRC and MaPLe do: 2 tokens from "a photo of
+    a" give ``"[ctx0] [ctx1] of a <name>."``) or, when ``ctx_init`` is empty, ``"X X ... X"`` with ``ctx`` drawn
     from N(0, 0.02^2). Without prompts, texts are whatever the caller formats (zero-shot templates).
     """
 
@@ -272,11 +289,11 @@ class PromptedTextEncoder(_PromptedEncoder):
             if ctx_init:
                 ids = tokenizer([ctx_init]).to(like.device)
                 n_words = int(ids[0].argmax()) - 1  # tokens between start- and end-of-text
-                if n_words != self.n_ctx:
+                if n_words < self.n_ctx:
                     raise ConfigError(
-                        f"MODEL.PROMPT.CTX_INIT '{ctx_init}' is {n_words} tokens long but "
-                        f"MODEL.PROMPT.N_CTX_TEXT is {self.n_ctx}; make them agree, or set CTX_INIT to \"\" "
-                        "for randomly initialised context"
+                        f"MODEL.PROMPT.CTX_INIT '{ctx_init}' is {n_words} tokens long, fewer than "
+                        f"MODEL.PROMPT.N_CTX_TEXT {self.n_ctx} (ctx starts from its first words); lengthen it, "
+                        "lower N_CTX_TEXT, or set CTX_INIT to \"\" for randomly initialised context"
                     )
                 with torch.no_grad():
                     init = self.token_embedding(ids)[0, 1 : 1 + self.n_ctx].to(like.dtype)
