@@ -229,6 +229,7 @@ class Registry:
 STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",
+    "promptsrc": "clipkd.models.promptsrc:PromptSRCStudent",
 })
 
 LOSSES = Registry("DISTILL.LOSS", {

@@ -83,11 +83,13 @@ def test_registry_targets():
     from clipkd.losses import build as b
     from clipkd.losses import divergences as d
     from clipkd.losses import methods as m
+    from clipkd.models.promptsrc import PromptSRCStudent
     from clipkd.models.student import IVLPStudent, PromptKDStudent
     from clipkd.models.teacher import ensemble_templates
 
-    assert STUDENTS.names() == ("promptkd", "ivlp")
+    assert STUDENTS.names()[:3] == ("promptkd", "ivlp", "promptsrc")
     assert STUDENTS.get("promptkd") is PromptKDStudent and STUDENTS.get("ivlp") is IVLPStudent
+    assert STUDENTS.get("promptsrc") is PromptSRCStudent
     assert {n: LOSSES.get(n) for n in LOSSES} == {
         "ab": d.alpha_beta_divergence, "kl": d.kl_divergence, "rkl": d.reverse_kl, "js": d.js_divergence,
         "skl": d.symmetric_kl, "promptkd_kl": d.promptkd_kl,
@@ -149,7 +151,7 @@ def test_build_student_checks_the_type_with_the_registry():
 
     cfg = get_cfg_defaults()
     cfg.MODEL.STUDENT.TYPE = "coop"
-    with pytest.raises(ConfigError, match=re.escape("MODEL.STUDENT.TYPE must be one of promptkd, ivlp; got 'coop'")):
+    with pytest.raises(ConfigError, match=re.escape(f"MODEL.STUDENT.TYPE must be one of {', '.join(STUDENTS)}; got 'coop'")):
         build_student(cfg)  # refused before any model is built
 
 

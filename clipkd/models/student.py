@@ -73,7 +73,8 @@ class Student(nn.Module):
     needs: ``needs_teacher`` with ``needs_teacher_reason`` (the teacher is built even without distillation, e.g.
     as the classifier), ``own_text_tower`` (it learns its own class embeddings, as PromptSRC's objective
     requires), ``min_images_per_process`` with ``min_images_reason`` (the smallest per-process batch a training
-    step takes; 0: no minimum).
+    step takes; 0: no minimum), ``objectives`` with ``objectives_reason`` (the DISTILL.OBJECTIVE values it trains
+    with, when its method is an objective as much as an architecture, e.g. PromptSRC; empty: any).
     """
 
     image_encoder: PromptedVisionEncoder
@@ -82,6 +83,8 @@ class Student(nn.Module):
     own_text_tower: bool = False
     min_images_per_process: int = 0
     min_images_reason: str = ""
+    objectives: tuple[str, ...] = ()
+    objectives_reason: str = ""
     # Key prefixes of earlier clipkd files, mapped to the ones written (read, never written).
     _LEGACY_PREFIXES: dict[str, str] = {}
 
