@@ -239,3 +239,19 @@ def test_kd_into_promptsrc_resumes_bit_identically(synth_root, tmp_path, monkeyp
         return [json.loads(x)["loss"] for x in lines if json.loads(x)["kind"] == "step"]
 
     assert losses("cut") == losses("full")
+
+
+def test_a_fused_sweep_of_abkd_into_promptsrc_equals_each_cell_alone(synth_root, tmp_path):
+    from clipkd.runs.sweep import build_grid, run_grid
+    from test_fused import alone, assert_same_cell
+
+    method = str(ROOT / "configs" / "methods" / "abkd_promptsrc.yaml")
+    grid = build_grid(method, "dtd", "0.5:1:0.5", "0.3:0.3:0.3", [1], tmp_path / "sweep",
+                      [*TINY, "OPTIM.MAX_EPOCH", "2", "PROMPTSRC.GPA_MEAN", "1.5"])
+    assert len(grid.cells) == 2
+    assert run_grid(grid, str(synth_root), fused=True).lines()[0].startswith("sweep: 2 done")
+    for cell in grid.cells:
+        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
+        alone(grid, cell, synth_root, single)
+        assert_same_cell(cell.out, single)
+        assert load_checkpoint(cell.out / "checkpoints" / "last.pt")["objective"]["gpa"]["epochs"] == [1, 2]
