@@ -249,9 +249,31 @@ def test_a_fused_sweep_of_abkd_into_promptsrc_equals_each_cell_alone(synth_root,
     grid = build_grid(method, "dtd", "0.5:1:0.5", "0.3:0.3:0.3", [1], tmp_path / "sweep",
                       [*TINY, "OPTIM.MAX_EPOCH", "2", "PROMPTSRC.GPA_MEAN", "1.5"])
     assert len(grid.cells) == 2
+    with pytest.raises(ConfigError, match="DISTILL.TTM_EXPONENT .* does not apply to DISTILL.LOSS promptkd_kl"):
+        build_grid(str(ROOT / "configs" / "methods" / "kd_promptsrc.yaml"), "dtd", None, None, [1], tmp_path / "kd",
+                   list(TINY), vary=[("DISTILL.TTM_EXPONENT", "0.5,1")])  # the KD part's loss, before any cell
     assert run_grid(grid, str(synth_root), fused=True).lines()[0].startswith("sweep: 2 done")
     for cell in grid.cells:
         single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
         alone(grid, cell, synth_root, single)
         assert_same_cell(cell.out, single)
         assert load_checkpoint(cell.out / "checkpoints" / "last.pt")["objective"]["gpa"]["epochs"] == [1, 2]
+
+
+def test_the_refusal_is_read_from_the_student_without_torch():
+    """``clipkd config show`` stays torch-free: what the promptsrc student trains with is read from its source."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from clipkd.config import build_config, check_config\n"
+            "from clipkd.errors import ConfigError\n"
+            "try:\n"
+            "    check_config(build_config([], ['MODEL.STUDENT.TYPE', 'promptsrc']))\n"
+            "    raise SystemExit('accepted')\n"
+            "except ConfigError as exc:\n"
+            "    print(exc)\n"
+            "check_config(build_config([], ['MODEL.STUDENT.TYPE', 'promptsrc', 'DISTILL.OBJECTIVE', 'promptsrc']))\n"
+            "assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.startswith("MODEL.STUDENT.TYPE promptsrc trains with DISTILL.OBJECTIVE promptsrc, not kd (it is IVLP")
