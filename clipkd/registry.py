@@ -239,6 +239,7 @@ class Registry:
 STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",
+    "promptsrc": "clipkd.models.promptsrc:PromptSRCStudent",
     "vpt": "clipkd.models.vpt:VPTStudent",
     "cocoop": "clipkd.models.cocoop:CoCoOpStudent",
     "maple": "clipkd.models.maple:MaPLeStudent",

@@ -182,12 +182,15 @@ def test_config_and_what_is_refused(synth_root):
     with pytest.raises(ConfigError, match="DISTILL.OBJECTIVE must be one of kd, promptsrc"):
         build_config([], ["DISTILL.OBJECTIVE", "coop"])
     for extra, pattern in [(["MODEL.STUDENT.TYPE", "promptkd"], "MODEL.STUDENT.TYPE ivlp"),
-                           (["DISTILL.WEIGHT", "1.0"], "DISTILL.WEIGHT 0"),
                            (["TEST.FINAL_MODEL", "val"], "TEST.FINAL_MODEL last"),
                            (["PROMPTSRC.IMAGE_LOSS_WEIGHT", "-1"], "IMAGE_LOSS_WEIGHT must be >= 0"),
                            (["PROMPTSRC.GPA_STD", "0"], "GPA_STD > 0")]:
         with pytest.raises(ConfigError, match=pattern):
             psrc.check_promptsrc_config(teacher_config(synth_root, *extra))
+    # issue 18 opened a teacher to PromptSRC (its KD part: tests/test_student_promptsrc.py); it was refused before
+    with_kd = teacher_config(synth_root, "DISTILL.WEIGHT", "1.0")
+    psrc.check_promptsrc_config(with_kd)
+    assert needs_teacher(with_kd)
     with pytest.raises(ConfigError, match="needs the ivlp student"):
         build_objective(teacher_config(synth_root))
 

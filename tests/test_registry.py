@@ -88,12 +88,13 @@ def test_registry_targets():
     from clipkd.models.teacher import ensemble_templates
 
     from clipkd.models.maple import MaPLeStudent
+    from clipkd.models.promptsrc import PromptSRCStudent
     from clipkd.models.vpt import VPTStudent
 
     assert STUDENTS.names()[:2] == ("promptkd", "ivlp")  # the students of issue #18 follow
     assert STUDENTS.get("promptkd") is PromptKDStudent and STUDENTS.get("ivlp") is IVLPStudent
     assert STUDENTS.get("vpt") is VPTStudent and STUDENTS.get("cocoop") is CoCoOpStudent
-    assert STUDENTS.get("maple") is MaPLeStudent
+    assert STUDENTS.get("maple") is MaPLeStudent and STUDENTS.get("promptsrc") is PromptSRCStudent
     assert {n: LOSSES.get(n) for n in LOSSES} == {
         "ab": d.alpha_beta_divergence, "kl": d.kl_divergence, "rkl": d.reverse_kl, "js": d.js_divergence,
         "skl": d.symmetric_kl, "promptkd_kl": d.promptkd_kl,

@@ -89,8 +89,6 @@ def check_promptsrc_config(cfg: CfgNode) -> None:
     if not fits(cfg.MODEL.STUDENT.TYPE):
         problems.append(f"it trains prompts in both towers: set MODEL.STUDENT.TYPE "
                         f"{' or '.join(n for n in STUDENTS if fits(n))}")
-    if d.WEIGHT != 0:
-        problems.append("it has no teacher: set DISTILL.WEIGHT 0 (else a teacher is built for nothing)")
     if d.PROTOCOL != "inductive":
         problems.append("it learns from labels: set DISTILL.PROTOCOL inductive")
     if cfg.TEST.FINAL_MODEL != "last":
@@ -103,15 +101,26 @@ def check_promptsrc_config(cfg: CfgNode) -> None:
     gpa_weights(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD)  # ConfigError for a bad std or mean
 
 
+def check_student_objective(cfg: CfgNode) -> None:
+    """A student whose method is also an objective (its ``objectives``, e.g. PromptSRC's) trains with no other."""
+    kind = STUDENTS.check(cfg.MODEL.STUDENT.TYPE)
+    takes = STUDENTS.attribute(kind, "objectives", ())
+    if takes and cfg.DISTILL.OBJECTIVE not in takes:
+        raise ConfigError(f"MODEL.STUDENT.TYPE {kind} trains with DISTILL.OBJECTIVE {' or '.join(takes)}, not "
+                          f"{cfg.DISTILL.OBJECTIVE} ({STUDENTS.attribute(kind, 'objectives_reason', '')}): set "
+                          f"DISTILL.OBJECTIVE {takes[0]}")
+
+
 def check_config(cfg: Any) -> None:
     """Every combination of settings a training run refuses on the config alone (ConfigError, one line)."""
     d = cfg.DISTILL
     if d.CE_WEIGHT > 0 and d.PROTOCOL != "inductive":
         raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
                           "set it to 0 or use DISTILL.PROTOCOL inductive")
+    check_student_objective(cfg)
     if d.OBJECTIVE == "promptsrc":
         check_promptsrc_config(cfg)
     if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
-    if d.OBJECTIVE == "kd" and d.WEIGHT > 0:  # the KD objective builds DISTILL.LOSS only then
+    if d.WEIGHT > 0:  # every objective distils through its KD part (DISTILL.LOSS), built only then
         check_loss_keys(cfg)

@@ -130,8 +130,8 @@ for _spec in PARAMS.values():
 _C.DISTILL.DKD_TARGET = "teacher"
 _C.DISTILL.WEIGHT = 1.0
 _C.DISTILL.CE_WEIGHT = 0.0  # optional cross-entropy on labels (inductive protocol only)
-# kd: WEIGHT * LOSS(teacher || student) + CE_WEIGHT * CE; promptsrc: PromptSRC's prompt learning (no teacher):
-# CE_WEIGHT * CE + its three self-regularising terms (PROMPTSRC.*), Gaussian-averaged prompts at the end.
+# kd: WEIGHT * LOSS(teacher || student) + CE_WEIGHT * CE; promptsrc: PromptSRC's prompt learning: that KD
+# part (no teacher when WEIGHT is 0) + its self-regularising terms (PROMPTSRC.*), Gaussian-averaged prompts.
 _C.DISTILL.OBJECTIVE = "kd"  # kd | promptsrc
 # A folder for the teacher's image features of each (epoch, image) of the training stream and of the test sets,
 # reused by later runs of the same stream (other sweep cells, reruns); "" = off. Exact: results do not change.

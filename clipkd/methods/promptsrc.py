@@ -1,10 +1,12 @@
-"""PromptSRC (Khattak et al., ICCV 2023): how PromptKD's prompted ViT-L/14 teachers are trained.
+"""PromptSRC (Khattak et al., ICCV 2023): how PromptKD's prompted ViT-L/14 teachers are trained, and PromptSRC
+combined with distillation.
 
-``DISTILL.OBJECTIVE promptsrc`` trains an IVLP student (prompts in both towers of a frozen CLIP) on labelled
-base classes with no teacher. Per batch, with ``s`` the prompted model and ``zs`` the same CLIP without prompts
-(PROTOCOL.md section 2b; checked against PromptSRC's ``trainers/promptsrc.py``)::
+``DISTILL.OBJECTIVE promptsrc`` trains an IVLP student (prompts in both towers of a frozen CLIP; the ivlp or the
+promptsrc student) on labelled base classes. Per batch, with ``s`` the prompted model and ``zs`` the same CLIP
+without prompts (PROTOCOL.md section 2b; checked against PromptSRC's ``trainers/promptsrc.py``)::
 
-    loss = CE_WEIGHT * CE(logits, y)
+    loss = WEIGHT * LOSS(teacher || s)                  the KD part: DISTILL.OBJECTIVE kd's KDObjective, whose
+         + CE_WEIGHT * CE(logits, y)                    divergence is off (no teacher) when DISTILL.WEIGHT is 0
          + TEXT_LOSS_WEIGHT  * mean |t_s - fixed|       t_s: s's class text features, L2-normalised [C, D]
          + IMAGE_LOSS_WEIGHT * mean |f_s - f_zs|        f_s, f_zs: image features, both L2-normalised [B, D]
          + sum KL(softmax(zs_logits) || softmax(logits)) / logits.numel()
@@ -12,7 +14,10 @@ base classes with no teacher. Per batch, with ``s`` the prompted model and ``zs`
 where ``fixed`` (PromptSRC's ``fixed_embeddings``) is the mean over PromptSRC's 60 ImageNet templates of the
 frozen CLIP's *unnormalised* text features of each class, then L2-normalised; ``logits = scale * f_s @ t_s^T``
 and ``zs_logits = scale * f_zs @ fixed^T`` with the CLIP's logit scale (temperature 1). The three L1/KL terms
-are PromptSRC's L_SCL; its CE weight is 1 (DISTILL.CE_WEIGHT here).
+are PromptSRC's L_SCL; its CE weight is 1 (DISTILL.CE_WEIGHT here). With DISTILL.WEIGHT 0 this is PromptSRC as
+published, bit for bit what this objective computed before it had a KD part. KDPL (``miccunifi/KDPL``,
+``trainers/promptsrc_kdpl.py``) distils into PromptSRC the same way: its loss is its divergence plus L_SCL with
+no CE (``0.5 KL(t||s) + 0.5 KL(s||t)``, batch mean: DISTILL.LOSS skl x 0.5, CE_WEIGHT 0).
 
 Gaussian prompt aggregation (GPA): after epoch k of N the prompts are added with weight
 ``g(k) = pdf(k; GPA_MEAN, GPA_STD) / sum_j pdf(j; GPA_MEAN, GPA_STD)`` (j = 1..N), and the final model is that
@@ -38,6 +43,7 @@ from yacs.config import CfgNode
 from clipkd.config.checks import check_promptsrc_config, gpa_weights  # noqa: F401 - checked without torch
 from clipkd.errors import ConfigError, TrainingError
 from clipkd.methods.distiller import StudentFeatures
+from clipkd.methods.kd import KDObjective, build_kd_objective
 from clipkd.models.prompts import PromptedTextEncoder, PromptedVisionEncoder
 
 # PromptSRC's IMAGENET_TEMPLATES are the first 60 of CLIP's 80 ImageNet templates, with this one listed first.
@@ -153,19 +159,37 @@ class ZeroShotReference:
 
 # ------------------------------------------------------------------------------------------------ the objective
 class PromptSRCObjective:
-    """CE + PromptSRC's three self-regularising terms; Gaussian-averaged prompts as the final model."""
+    """A KD part (:class:`~clipkd.methods.kd.KDObjective`: ``WEIGHT * D(teacher || student) + CE_WEIGHT * CE``)
+    plus PromptSRC's three self-regularising terms; Gaussian-averaged prompts as the final model.
 
-    needs_teacher = False
-    needs_labels = True
+    Without a teacher (``kd`` None, or its WEIGHT 0) the KD part is CE x ``ce_weight`` alone: PromptSRC as
+    published. With one it is KD into PromptSRC as KDPL trains it (its ``PromptSRC_KDPL``: the divergence plus
+    L_SCL, CE off) or with CE kept. ``needs_teacher`` / ``needs_labels`` are the KD part's.
+    """
+
     needs_features = True
 
     def __init__(self, reference: ZeroShotReference, aggregation: GaussianPromptAggregation, *,
-                 ce_weight: float = 1.0, text_weight: float = 25.0, image_weight: float = 10.0) -> None:
+                 kd: KDObjective | None = None, ce_weight: float = 1.0, text_weight: float = 25.0,
+                 image_weight: float = 10.0) -> None:
+        """``kd``: the KD part; None means CE x ``ce_weight`` alone (``ce_weight`` is used only then)."""
         self.reference = reference
         self.aggregation = aggregation
-        self.ce_weight = float(ce_weight)
+        self.kd = kd if kd is not None else KDObjective(None, 0.0, ce_weight)
         self.text_weight = float(text_weight)
         self.image_weight = float(image_weight)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd.needs_teacher
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.kd.needs_labels
+
+    @property
+    def ce_weight(self) -> float:
+        return self.kd.ce_weight
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
                  features: StudentFeatures | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -175,36 +199,39 @@ class PromptSRCObjective:
         fixed = ref.fixed_embeddings.to(student_logits.device)
         zs_features = ref.image_features(features.images).float()
         zs_logits = ref.logit_scale * zs_features @ fixed.t()
-        terms = {
-            "ce": F.cross_entropy(student_logits.float(), labels),
+        loss, terms = self.kd(student_logits, teacher_logits, labels)  # weighted KD + CE, their terms unweighted
+        scl = {
             "scl_text": scl_text_loss(features.text_features, fixed),
             "scl_image": scl_image_loss(features.image_features, zs_features),
             "scl_logits": scl_logits_loss(student_logits, zs_logits),
         }
-        loss = (self.ce_weight * terms["ce"] + self.text_weight * terms["scl_text"]
-                + self.image_weight * terms["scl_image"] + terms["scl_logits"])
-        return loss, {k: v.detach() for k, v in terms.items()}  # unweighted, for logging
+        loss = loss + self.text_weight * scl["scl_text"] + self.image_weight * scl["scl_image"] + scl["scl_logits"]
+        return loss, {**terms, **{k: v.detach() for k, v in scl.items()}}  # unweighted, for logging
 
     def end_epoch(self, epoch: int, student: nn.Module) -> None:
+        self.kd.end_epoch(epoch, student)
         self.aggregation.add(epoch, student.trainable_state_dict())
 
     def final_state(self) -> dict[str, Tensor]:
         return self.aggregation.result()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"gpa": self.aggregation.state_dict()}
+        return {"gpa": self.aggregation.state_dict(), "kd": self.kd.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.aggregation.load_state_dict(state.get("gpa", {}))
+        self.kd.load_state_dict(state.get("kd", {}))
 
     def __repr__(self) -> str:
-        return (f"PromptSRC: CE x {self.ce_weight:g} + L1 text x {self.text_weight:g} + L1 image x "
-                f"{self.image_weight:g} + KL logits, GPA over {len(self.aggregation.weights)} epochs")
+        kd = repr(self.kd) or "nothing"
+        return (f"PromptSRC: {kd} + L1 text x {self.text_weight:g} + L1 image x {self.image_weight:g} + KL logits, "
+                f"GPA over {len(self.aggregation.weights)} epochs")
 
 
 def build_promptsrc_objective(cfg: CfgNode, student: nn.Module | None = None,
                               classnames: Sequence[str] = ()) -> PromptSRCObjective:
-    """DISTILL.OBJECTIVE promptsrc for ``student`` (an IVLP student) trained on ``classnames``."""
+    """DISTILL.OBJECTIVE promptsrc for ``student`` (an IVLP student) trained on ``classnames``; its KD part is
+    DISTILL.OBJECTIVE kd's (:func:`~clipkd.methods.kd.build_kd_objective`), teacher-free when DISTILL.WEIGHT is 0."""
     check_promptsrc_config(cfg)
     if student is None or not getattr(student, "own_text_tower", False) or not classnames:
         raise ConfigError("DISTILL.OBJECTIVE promptsrc needs the ivlp student and the training class names "
@@ -213,5 +240,5 @@ def build_promptsrc_objective(cfg: CfgNode, student: nn.Module | None = None,
     return PromptSRCObjective(
         ZeroShotReference(student, classnames),
         GaussianPromptAggregation(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD),
-        ce_weight=cfg.DISTILL.CE_WEIGHT, text_weight=p.TEXT_LOSS_WEIGHT, image_weight=p.IMAGE_LOSS_WEIGHT,
+        kd=build_kd_objective(cfg), text_weight=p.TEXT_LOSS_WEIGHT, image_weight=p.IMAGE_LOSS_WEIGHT,
     )

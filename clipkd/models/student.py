@@ -74,7 +74,9 @@ class Student(nn.Module):
     as the classifier), ``own_text_tower`` (it learns its own class embeddings, as PromptSRC's objective
     requires), ``min_images_per_process`` with ``min_images_reason`` (the smallest per-process batch a training
     step takes; 0: no minimum), ``conditional`` (its class features depend on the image, as CoCoOp's: training
-    and evaluation classify with :meth:`conditional_text_features`, ``[B, C, D]``, instead of one ``[C, D]``).
+    and evaluation classify with :meth:`conditional_text_features`, ``[B, C, D]``, instead of one ``[C, D]``),
+    ``objectives`` with ``objectives_reason`` (the DISTILL.OBJECTIVE values it trains with, when its method is an
+    objective as much as an architecture, e.g. PromptSRC; empty: any).
     """
 
     image_encoder: PromptedVisionEncoder
@@ -84,6 +86,8 @@ class Student(nn.Module):
     min_images_per_process: int = 0
     min_images_reason: str = ""
     conditional: bool = False
+    objectives: tuple[str, ...] = ()
+    objectives_reason: str = ""
     # Key prefixes of earlier clipkd files, mapped to the ones written (read, never written).
     _LEGACY_PREFIXES: dict[str, str] = {}
 
