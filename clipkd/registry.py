@@ -229,6 +229,8 @@ class Registry:
 STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",
+    "coop": "clipkd.models.coop:CoOpStudent",
+    "kgcoop": "clipkd.models.coop:KgCoOpStudent",
 })
 
 LOSSES = Registry("DISTILL.LOSS", {
@@ -254,6 +256,7 @@ DIVERGENCES = Registry("DISTILL.DIVERGENCE", {
 OBJECTIVES = Registry("DISTILL.OBJECTIVE", {
     "kd": "clipkd.methods.kd:build_kd_objective",
     "promptsrc": "clipkd.methods.promptsrc:build_promptsrc_objective",
+    "kgcoop": "clipkd.methods.kgcoop:build_kgcoop_objective",
 })
 
 OPTIMIZERS = Registry("OPTIM.NAME", {

@@ -83,11 +83,13 @@ def test_registry_targets():
     from clipkd.losses import build as b
     from clipkd.losses import divergences as d
     from clipkd.losses import methods as m
+    from clipkd.models.coop import CoOpStudent, KgCoOpStudent
     from clipkd.models.student import IVLPStudent, PromptKDStudent
     from clipkd.models.teacher import ensemble_templates
 
-    assert STUDENTS.names() == ("promptkd", "ivlp")
+    assert STUDENTS.names() == ("promptkd", "ivlp", "coop", "kgcoop")
     assert STUDENTS.get("promptkd") is PromptKDStudent and STUDENTS.get("ivlp") is IVLPStudent
+    assert STUDENTS.get("coop") is CoOpStudent and STUDENTS.get("kgcoop") is KgCoOpStudent
     assert {n: LOSSES.get(n) for n in LOSSES} == {
         "ab": d.alpha_beta_divergence, "kl": d.kl_divergence, "rkl": d.reverse_kl, "js": d.js_divergence,
         "skl": d.symmetric_kl, "promptkd_kl": d.promptkd_kl,
@@ -148,8 +150,10 @@ def test_build_student_checks_the_type_with_the_registry():
     from clipkd.models.student import build_student
 
     cfg = get_cfg_defaults()
-    cfg.MODEL.STUDENT.TYPE = "coop"
-    with pytest.raises(ConfigError, match=re.escape("MODEL.STUDENT.TYPE must be one of promptkd, ivlp; got 'coop'")):
+    cfg.MODEL.STUDENT.TYPE = "no_such_student"  # (coop is a student now)
+    choices = ", ".join(STUDENTS.names())
+    expected = f"MODEL.STUDENT.TYPE must be one of {choices}; got 'no_such_student'"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         build_student(cfg)  # refused before any model is built
 
 

@@ -100,6 +100,19 @@ def check_promptsrc_config(cfg: CfgNode) -> None:
     gpa_weights(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD)  # ConfigError for a bad std or mean
 
 
+def check_kgcoop_config(cfg: CfgNode) -> None:
+    """KgCoOp's objective and student go together: the objective needs the student's hand-crafted class
+    embeddings, and the student without its regulariser is CoOp (say so rather than train CoOp under its name)."""
+    objective, student = cfg.DISTILL.OBJECTIVE, str(cfg.MODEL.STUDENT.TYPE).lower()
+    if (objective == "kgcoop") != (student == "kgcoop"):
+        fix = ("set MODEL.STUDENT.TYPE kgcoop" if objective == "kgcoop"
+               else "set DISTILL.OBJECTIVE kgcoop, or MODEL.STUDENT.TYPE coop for CoOp without KgCoOp's term")
+        raise ConfigError(f"DISTILL.OBJECTIVE {objective} with MODEL.STUDENT.TYPE {student}: KgCoOp's student and "
+                          f"objective go together; {fix}")
+    if not (math.isfinite(cfg.KGCOOP.W) and cfg.KGCOOP.W >= 0):
+        raise ConfigError(f"KGCOOP.W must be a finite number >= 0 (got {cfg.KGCOOP.W}); KgCoOp uses 8.0")
+
+
 def check_config(cfg: Any) -> None:
     """Every combination of settings a training run refuses on the config alone (ConfigError, one line)."""
     d = cfg.DISTILL
@@ -108,7 +121,9 @@ def check_config(cfg: Any) -> None:
                           "set it to 0 or use DISTILL.PROTOCOL inductive")
     if d.OBJECTIVE == "promptsrc":
         check_promptsrc_config(cfg)
+    check_kgcoop_config(cfg)
     if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
-    if d.OBJECTIVE == "kd" and d.WEIGHT > 0:  # the KD objective builds DISTILL.LOSS only then
+    # the KD objective (alone, or as kgcoop's KD part) builds DISTILL.LOSS only then
+    if d.OBJECTIVE in ("kd", "kgcoop") and d.WEIGHT > 0:
         check_loss_keys(cfg)

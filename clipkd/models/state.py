@@ -279,6 +279,7 @@ def read_prompt_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tens
 # ------------------------------------------------------------------------------------------------ finding files
 CLIPKD_MODEL_FILE = "model.pt"  # a clipkd run folder's final model
 DASSL_MODEL_DIR = "VLPromptLearner"  # Dassl's per-model folder in PromptSRC / PromptKD output
+COOP_MODEL_DIR = "prompt_learner"  # CoOp's / KgCoOp's (their trainers register the prompt learner alone)
 DASSL_BEST_FILE = "model-best.pth.tar"
 _DASSL_EPOCH_RE = re.compile(r"^model\.pth\.tar-(\d+)$")
 
@@ -314,7 +315,7 @@ def resolve_checkpoint_file(path: str | os.PathLike[str], *, dataset: str | None
 
     * ``path/model.pt`` (a clipkd run folder), ``path/model-best.pth.tar``, the highest ``path/model.pth.tar-N``
       (a Dassl model folder such as ``.../VLPromptLearner``),
-    * the same inside ``path/VLPromptLearner`` (a Dassl output folder),
+    * the same inside ``path/VLPromptLearner`` (a Dassl output folder), then ``path/prompt_learner`` (CoOp's),
     * the same inside ``path/<dataset>/VLPromptLearner`` (PromptKD's released teachers, ``teacher_model/``;
       ``<dataset>`` is Dassl's name of ``dataset``, e.g. OxfordPets, or clipkd's stem).
 
@@ -329,7 +330,8 @@ def resolve_checkpoint_file(path: str | os.PathLike[str], *, dataset: str | None
     if not p.is_dir():
         raise ModelError(f"{key}: {p} is neither a file nor a folder")
     looked: list[str] = []
-    folders = [p, p / DASSL_MODEL_DIR, *(p / name / DASSL_MODEL_DIR for name in _dataset_folder_names(dataset))]
+    folders = [p, p / DASSL_MODEL_DIR, p / COOP_MODEL_DIR,
+               *(p / name / DASSL_MODEL_DIR for name in _dataset_folder_names(dataset))]
     for folder in folders:
         found = _model_file_in(folder, looked)
         if found is not None:

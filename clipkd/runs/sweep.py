@@ -238,7 +238,7 @@ def _check_loss(cfg: CfgNode) -> None:
     """A swept key the loss does not take fails the sweep now, not once per cell."""
     from clipkd.losses import build_distill_loss_from_cfg  # torch: only when a sweep is built
 
-    if cfg.DISTILL.OBJECTIVE == "kd" and cfg.DISTILL.WEIGHT > 0:
+    if cfg.DISTILL.OBJECTIVE in ("kd", "kgcoop") and cfg.DISTILL.WEIGHT > 0:
         build_distill_loss_from_cfg(cfg)
 
 
