@@ -240,6 +240,8 @@ STUDENTS = Registry("MODEL.STUDENT.TYPE", {
     "promptkd": "clipkd.models.student:PromptKDStudent",
     "ivlp": "clipkd.models.student:IVLPStudent",
     "promptsrc": "clipkd.models.promptsrc:PromptSRCStudent",
+    "coop": "clipkd.models.coop:CoOpStudent",
+    "kgcoop": "clipkd.models.coop:KgCoOpStudent",
     "vpt": "clipkd.models.vpt:VPTStudent",
     "cocoop": "clipkd.models.cocoop:CoCoOpStudent",
     "maple": "clipkd.models.maple:MaPLeStudent",
@@ -268,6 +270,7 @@ DIVERGENCES = Registry("DISTILL.DIVERGENCE", {
 OBJECTIVES = Registry("DISTILL.OBJECTIVE", {
     "kd": "clipkd.methods.kd:build_kd_objective",
     "promptsrc": "clipkd.methods.promptsrc:build_promptsrc_objective",
+    "kgcoop": "clipkd.methods.kgcoop:build_kgcoop_objective",
 })
 
 OPTIMIZERS = Registry("OPTIM.NAME", {

@@ -637,7 +637,7 @@ def test_ivlp_text_cache_in_eval_only():
 
 def test_builders_reject_bad_types():
     cfg = prompted_cfg()
-    cfg.MODEL.STUDENT.TYPE = "coop"
+    cfg.MODEL.STUDENT.TYPE = "no_such_student"
     with pytest.raises(ConfigError, match="MODEL.STUDENT.TYPE"):
         build_student(cfg, None)
     cfg.MODEL.STUDENT.TYPE = "promptkd"

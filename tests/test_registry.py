@@ -84,17 +84,17 @@ def test_registry_targets():
     from clipkd.losses import divergences as d
     from clipkd.losses import methods as m
     from clipkd.models.cocoop import CoCoOpStudent
-    from clipkd.models.student import IVLPStudent, PromptKDStudent
-    from clipkd.models.teacher import ensemble_templates
-
+    from clipkd.models.coop import CoOpStudent, KgCoOpStudent
     from clipkd.models.maple import MaPLeStudent
     from clipkd.models.promptsrc import PromptSRCStudent
+    from clipkd.models.student import IVLPStudent, PromptKDStudent
+    from clipkd.models.teacher import ensemble_templates
     from clipkd.models.vpt import VPTStudent
 
+    assert {n: STUDENTS.get(n) for n in STUDENTS} == {
+        "promptkd": PromptKDStudent, "ivlp": IVLPStudent, "promptsrc": PromptSRCStudent, "coop": CoOpStudent,
+        "kgcoop": KgCoOpStudent, "vpt": VPTStudent, "cocoop": CoCoOpStudent, "maple": MaPLeStudent}
     assert STUDENTS.names()[:2] == ("promptkd", "ivlp")  # the students of issue #18 follow
-    assert STUDENTS.get("promptkd") is PromptKDStudent and STUDENTS.get("ivlp") is IVLPStudent
-    assert STUDENTS.get("vpt") is VPTStudent and STUDENTS.get("cocoop") is CoCoOpStudent
-    assert STUDENTS.get("maple") is MaPLeStudent and STUDENTS.get("promptsrc") is PromptSRCStudent
     assert {n: LOSSES.get(n) for n in LOSSES} == {
         "ab": d.alpha_beta_divergence, "kl": d.kl_divergence, "rkl": d.reverse_kl, "js": d.js_divergence,
         "skl": d.symmetric_kl, "promptkd_kl": d.promptkd_kl,

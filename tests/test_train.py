@@ -188,7 +188,7 @@ def train_cli(root, out, *extra):
     "extra, pattern",
     [
         (["DISTILL.LOSS", "hinge"], "DISTILL.LOSS must be one of"),
-        (["MODEL.STUDENT.TYPE", "coop"], "MODEL.STUDENT.TYPE must be one of"),
+        (["MODEL.STUDENT.TYPE", "no_such_student"], "MODEL.STUDENT.TYPE must be one of"),
         (["DISTILL.ALPHA", "abc"], "DISTILL.ALPHA must be float"),
         (["DISTILL.ALPHA", "nan"], "DISTILL.ALPHA must be a finite number"),
         (["OPTIM.MAX_EPOCH", "0"], "OPTIM.MAX_EPOCH must be >= 1"),

@@ -111,6 +111,19 @@ def check_student_objective(cfg: CfgNode) -> None:
                           f"DISTILL.OBJECTIVE {takes[0]}")
 
 
+def check_kgcoop_config(cfg: CfgNode) -> None:
+    """KgCoOp's objective and student go together: the objective needs the student's hand-crafted class
+    embeddings, and the student without its regulariser is CoOp (say so rather than train CoOp under its name)."""
+    objective, student = cfg.DISTILL.OBJECTIVE, str(cfg.MODEL.STUDENT.TYPE).lower()
+    if (objective == "kgcoop") != (student == "kgcoop"):
+        fix = ("set MODEL.STUDENT.TYPE kgcoop" if objective == "kgcoop"
+               else "set DISTILL.OBJECTIVE kgcoop, or MODEL.STUDENT.TYPE coop for CoOp without KgCoOp's term")
+        raise ConfigError(f"DISTILL.OBJECTIVE {objective} with MODEL.STUDENT.TYPE {student}: KgCoOp's student and "
+                          f"objective go together; {fix}")
+    if not (math.isfinite(cfg.KGCOOP.W) and cfg.KGCOOP.W >= 0):
+        raise ConfigError(f"KGCOOP.W must be a finite number >= 0 (got {cfg.KGCOOP.W}); KgCoOp uses 8.0")
+
+
 def check_config(cfg: Any) -> None:
     """Every combination of settings a training run refuses on the config alone (ConfigError, one line)."""
     d = cfg.DISTILL
@@ -120,6 +133,7 @@ def check_config(cfg: Any) -> None:
     check_student_objective(cfg)
     if d.OBJECTIVE == "promptsrc":
         check_promptsrc_config(cfg)
+    check_kgcoop_config(cfg)
     if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
     if d.WEIGHT > 0:  # every objective distils through its KD part (DISTILL.LOSS), built only then

@@ -61,7 +61,7 @@ _C.MODEL.STUDENT = CN()
 _C.MODEL.STUDENT.NAME = "ViT-B-16"
 _C.MODEL.STUDENT.PRETRAINED = ""
 _C.MODEL.STUDENT.QUICK_GELU = False  # as MODEL.TEACHER.QUICK_GELU
-_C.MODEL.STUDENT.TYPE = "promptkd"  # promptkd | ivlp
+_C.MODEL.STUDENT.TYPE = "promptkd"  # promptkd | ivlp | coop | kgcoop
 _C.MODEL.PROMPT = CN()
 _C.MODEL.PROMPT.N_CTX_VISION = 4
 _C.MODEL.PROMPT.N_CTX_TEXT = 4
@@ -132,7 +132,7 @@ _C.DISTILL.WEIGHT = 1.0
 _C.DISTILL.CE_WEIGHT = 0.0  # optional cross-entropy on labels (inductive protocol only)
 # kd: WEIGHT * LOSS(teacher || student) + CE_WEIGHT * CE; promptsrc: PromptSRC's prompt learning: that KD
 # part (no teacher when WEIGHT is 0) + its self-regularising terms (PROMPTSRC.*), Gaussian-averaged prompts.
-_C.DISTILL.OBJECTIVE = "kd"  # kd | promptsrc
+_C.DISTILL.OBJECTIVE = "kd"  # kd | promptsrc | kgcoop (kd + KgCoOp's term, KGCOOP.W)
 # A folder for the teacher's image features of each (epoch, image) of the training stream and of the test sets,
 # reused by later runs of the same stream (other sweep cells, reruns); "" = off. Exact: results do not change.
 # Safe to delete at any time (clipkd.engine.teacher_features).
@@ -144,6 +144,10 @@ _C.PROMPTSRC.TEXT_LOSS_WEIGHT = 25.0  # L1(prompted class text features, frozen 
 _C.PROMPTSRC.IMAGE_LOSS_WEIGHT = 10.0  # L1(prompted image features, frozen zero-shot image features)
 _C.PROMPTSRC.GPA_MEAN = 15.0  # Gaussian prompt aggregation: epoch k (1-based) weighs N(k; GPA_MEAN, GPA_STD)
 _C.PROMPTSRC.GPA_STD = 1.0
+
+# ---------------------------------------------------------------- KgCoOp (DISTILL.OBJECTIVE kgcoop)
+_C.KGCOOP = CN()
+_C.KGCOOP.W = 8.0  # KgCoOp's TRAINER.COOP.W: weight of 1 - mean cos(learned, hand-crafted class embeddings)
 
 # ---------------------------------------------------------------- optimisation
 _C.OPTIM = CN()
