@@ -76,7 +76,7 @@ def test_coop_random_context_and_sizes():
     assert student.text_encoder.class_prompts(["cat"]) == ["X X X cat."]
     with pytest.raises(ConfigError, match="N_CTX_TEXT is 0"):
         CoOpStudent(clip_model, tokenizer, n_ctx=0)
-    with pytest.raises(ConfigError, match="CTX_INIT 'a photo of a' is 4 tokens long but MODEL.PROMPT.N_CTX_TEXT is 2"):
+    with pytest.raises(ConfigError, match="CTX_INIT 'a photo of a' is 4 words but MODEL.PROMPT.N_CTX_TEXT is 2"):
         CoOpStudent(clip_model, tokenizer, n_ctx=2, ctx_init="a photo of a")
 
 

@@ -60,6 +60,11 @@ class CoOpStudent(IVLPStudent):
         if n_ctx < 1:
             raise ConfigError(f"MODEL.PROMPT.N_CTX_TEXT is {n_ctx} but a CoOp student learns its text context: "
                               "set it to at least 1 (CoOp's base-to-new runs use 4, with CTX_INIT \"a photo of a\")")
+        words = len(ctx_init.replace("_", " ").split())
+        if words and words != n_ctx:  # CoOp takes its context length from CTX_INIT's words, never fewer
+            raise ConfigError(f"MODEL.PROMPT.CTX_INIT '{ctx_init}' is {words} words but MODEL.PROMPT.N_CTX_TEXT is "
+                              f"{n_ctx}; CoOp's context is as long as its init phrase: set N_CTX_TEXT {words}, or "
+                              "CTX_INIT \"\" for randomly initialised context")
         super().__init__(clip_model, tokenizer, n_ctx_text=n_ctx, n_ctx_vision=0, depth_text=1, depth_vision=0,
                          ctx_init=ctx_init)
 
