@@ -275,6 +275,24 @@ def test_changed_dictionary_is_refused_on_resume(synth_root, tmp_path, monkeypat
         fit(cfg, tmp_path / "cut", resume=True)
 
 
+def test_class_agnostic_fused_sweep_cells_equal_the_cells_alone(synth_root, tmp_path):
+    """clipkd sweep --fused over KDPL.K_MAX: the cells share the teacher's forward, each trains what it trains
+    alone."""
+    from clipkd.runs.fused import group_cells
+    from clipkd.runs.sweep import build_grid, run_grid
+    from test_fused import alone, assert_same_cell
+
+    grid = build_grid(ROOT / "configs/methods/kdpl_ca_ivlp.yaml", "dtd", None, None, [1], tmp_path / "sweep",
+                      [*TINY, "OPTIM.MAX_EPOCH", "1", "KDPL.DICTIONARY", str(dictionary_file(tmp_path))],
+                      vary=[("KDPL.K_MAX", "3,6")])
+    assert len(group_cells([grid.config(c, str(synth_root)) for c in grid.cells])) == 1
+    assert run_grid(grid, str(synth_root), fused=True).lines()[0].startswith("sweep: 2 done")
+    for cell in grid.cells:
+        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
+        alone(grid, cell, synth_root, single)
+        assert_same_cell(cell.out, single)
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize(
     "method, extra, pattern",

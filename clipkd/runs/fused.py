@@ -49,7 +49,7 @@ from clipkd.runs.run import Run
 # What a cell may change without leaving the group: everything its student is and learns. The rest of the config
 # (data, seed, input, loader, teacher) makes the stream and must agree; of these prefixes, the keys in
 # STREAM_KEYS shape the stream too.
-PER_STUDENT = ("OUTPUT_DIR", "DISTILL.", "OPTIM.", "MODEL.STUDENT.", "MODEL.PROMPT.", "TEST.", "PROMPTSRC.")
+PER_STUDENT = ("OUTPUT_DIR", "DISTILL.", "OPTIM.", "MODEL.STUDENT.", "MODEL.PROMPT.", "TEST.", "PROMPTSRC.", "KDPL.")
 STREAM_KEYS = ("DISTILL.PROTOCOL", "DISTILL.TEACHER_CACHE", "OPTIM.PRECISION")
 
 
