@@ -34,10 +34,11 @@ def dictionary_file(tmp_path, names=WORDS, csv=True):
     """A dictionary as KDPL ships it (CSV, one column ClassName, quoted where a name has a comma) or plain."""
     if csv:
         path = tmp_path / "dictionary.csv"
-        path.write_text("ClassName\n" + "".join(f'"{n}"\n' if "," in n else f"{n}\n" for n in names))
+        path.write_text("ClassName\n" + "".join(f'"{n}"\n' if "," in n else f"{n}\n" for n in names),
+                        encoding="utf-8")
     else:
         path = tmp_path / "dictionary.txt"
-        path.write_text("".join(f"{n}\n" for n in names))
+        path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
     return path
 
 
@@ -61,9 +62,6 @@ def recipe_objective(method="kdpl_ivlp"):
     """The objective the recipe builds (it computes in fp32, as every KD objective)."""
     cfg = build_config([DATASET_CFG, ROOT / "configs" / "methods" / f"{method}.yaml"], TINY)
     return build_objective(cfg)
-
-
-logit_rows = st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=2, max_size=6)
 
 
 @settings(max_examples=60, deadline=None)
@@ -228,6 +226,12 @@ def test_class_agnostic_under_torchrun_picks_one_set_for_the_whole_batch(synth_r
     assert all(torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4) for k in one)
 
 
+@pytest.mark.parametrize("method", ["kdpl_ivlp", "kdpl_promptkd"])
+def test_label_free_recipes_train(synth_root, tmp_path, method):
+    check_results(fit(config(synth_root, method, "OPTIM.MAX_EPOCH", "1"), tmp_path / method))
+    assert "label-free" in (tmp_path / method / "log.txt").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ KDPL-CA runs
 def test_class_agnostic_run_trains_on_dictionary_names_only(synth_root, tmp_path, monkeypatch, capsys):
     calls = {"teacher_text": [], "student_text_train": []}
@@ -262,6 +266,17 @@ def test_class_agnostic_run_trains_on_dictionary_names_only(synth_root, tmp_path
 def test_class_agnostic_resume_is_bit_identical(synth_root, tmp_path, monkeypatch):
     check_resume_is_exact(config(synth_root, "kdpl_ca_ivlp", *ca(tmp_path, 4), "OPTIM.MAX_EPOCH", "2"), tmp_path,
                           monkeypatch)
+
+
+def test_class_agnostic_with_the_teacher_cache_trains_the_same(synth_root, tmp_path):
+    """The cached teacher image features give the same top-K picks and the same run."""
+    cfg = config(synth_root, "kdpl_ca_ivlp", *ca(tmp_path, 4), "OPTIM.MAX_EPOCH", "1")
+    plain = fit(cfg, tmp_path / "plain")
+    cached = config(synth_root, "kdpl_ca_ivlp", *ca(tmp_path, 4), "OPTIM.MAX_EPOCH", "1",
+                    "DISTILL.TEACHER_CACHE", str(tmp_path / "cache"))
+    assert fit(cached, tmp_path / "cached") == plain
+    assert fit(cached, tmp_path / "again") == plain  # read back from the cache this time
+    assert any((tmp_path / "cache").rglob("*"))
 
 
 def test_changed_dictionary_is_refused_on_resume(synth_root, tmp_path, monkeypatch):
