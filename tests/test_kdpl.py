@@ -86,6 +86,17 @@ def test_recipe_loss_is_kdpls_symmetric_kl(data):
     assert loss.item() >= -1e-6
 
 
+def test_label_free_dkd_takes_the_teachers_argmax_as_its_target():
+    cfg = build_config([DATASET_CFG, ROOT / "configs" / "methods" / "kdpl_ivlp.yaml"], [*TINY, "DISTILL.LOSS", "dkd"])
+    objective = build_objective(cfg)
+    assert objective.target_from_teacher and not objective.needs_labels
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    from clipkd.losses import build_distill_loss
+
+    want = 0.5 * build_distill_loss("dkd")(s, t, target=t.argmax(-1), epoch=1)  # the recipe's WEIGHT 0.5
+    assert torch.allclose(objective(s, t, None)[0], want)
+
+
 def test_loss_limits_by_hand():
     # two classes, p = (1/2, 1/2), q = (1/(1+e), e/(1+e)): KL(p||q) and KL(q||p) written out
     import math
@@ -319,7 +330,9 @@ def test_class_agnostic_fused_sweep_cells_equal_the_cells_alone(synth_root, tmp_
         ("kdpl_ca_ivlp", ["MODEL.TEACHER.TEMPLATES", "dataset"], r"DISTILL.CLASS_AGNOSTIC .*MODEL.TEACHER.TEMPLATES"),
         ("kdpl_ca_ivlp", ["KDPL.K_MAX", "0"], r"KDPL.K_MAX"),
         ("kdpl_ivlp", ["DISTILL.OBJECTIVE", "promptsrc", "DISTILL.WEIGHT", "0", "DISTILL.CE_WEIGHT", "1"],
-         r"DISTILL.LABEL_FREE"),
+         r"DISTILL.CE_WEIGHT 1 is a label loss and DISTILL.LABEL_FREE"),
+        ("kdpl_ca_ivlp", ["DISTILL.OBJECTIVE", "promptsrc"], r"DISTILL.OBJECTIVE promptsrc .*DISTILL.CLASS_AGNOSTIC"),
+        ("kdpl_ivlp", ["DISTILL.LOSS", "dkd", "DISTILL.DKD_TARGET", "label"], r"DISTILL.DKD_TARGET .*LABEL_FREE"),
     ],
 )
 def test_config_refusals_name_both_keys(synth_root, method, extra, pattern):

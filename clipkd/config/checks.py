@@ -109,14 +109,15 @@ def check_label_free_config(cfg: CfgNode) -> None:
     if d.CE_WEIGHT > 0:
         raise ConfigError(f"DISTILL.CE_WEIGHT {d.CE_WEIGHT:g} is a label loss and {key} True {why}: set "
                           f"DISTILL.CE_WEIGHT 0 or {key} False")
-    if d.OBJECTIVE != "kd":
-        raise ConfigError(f"DISTILL.OBJECTIVE {d.OBJECTIVE} learns from labels and {key} True {why}: use "
-                          f"DISTILL.OBJECTIVE kd or set {key} False")
     if d.DKD_TARGET == "label":
         raise ConfigError(f"DISTILL.DKD_TARGET label needs labels and {key} True {why}: use DISTILL.DKD_TARGET "
                           f"teacher or set {key} False")
     if not d.CLASS_AGNOSTIC:
         return
+    if d.OBJECTIVE != "kd":  # e.g. PromptSRC's frozen references are made once, per training class
+        raise ConfigError(f"DISTILL.OBJECTIVE {d.OBJECTIVE} keeps per-class references of the training classes and "
+                          "DISTILL.CLASS_AGNOSTIC True trains over the names each batch picks: use DISTILL.OBJECTIVE "
+                          "kd or set DISTILL.CLASS_AGNOSTIC False")
     student = cfg.MODEL.STUDENT.TYPE
     if STUDENTS.attribute(student, "needs_teacher"):  # its class embeddings are the teacher's (PromptKD's)
         fits = [n for n in STUDENTS if not STUDENTS.attribute(n, "needs_teacher")]
