@@ -120,7 +120,8 @@ def check_label_free_config(cfg: CfgNode) -> None:
                           "kd or set DISTILL.CLASS_AGNOSTIC False")
     student = cfg.MODEL.STUDENT.TYPE
     if STUDENTS.attribute(student, "needs_teacher"):  # its class embeddings are the teacher's (PromptKD's)
-        fits = [n for n in STUDENTS if not STUDENTS.attribute(n, "needs_teacher")]
+        fits = [n for n in STUDENTS if not STUDENTS.attribute(n, "needs_teacher")
+                and not STUDENTS.attribute(n, "objectives", ())]  # tied to its own objective, refused above
         raise ConfigError(f"DISTILL.CLASS_AGNOSTIC needs a student with its own text tower for the names each "
                           f"batch picks; MODEL.STUDENT.TYPE {student} does not "
                           f"({STUDENTS.attribute(student, 'needs_teacher_reason')}): use MODEL.STUDENT.TYPE "
