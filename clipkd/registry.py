@@ -279,10 +279,12 @@ OPTIMIZERS = Registry("OPTIM.NAME", {
 })
 
 # Functions (cfg, template) -> the zero-shot templates: "dataset": the dataset's own template (the one the
-# caller passes, else DATASET.NAME's); "ensemble": CLIP's 80 ImageNet templates.
+# caller passes, else DATASET.NAME's); "ensemble": CLIP's 80 ImageNet templates; "photo": "a photo of a {}."
+# whatever the dataset (KDPL-CA's teacher prompt: a dataset's template would name its domain).
 TEMPLATES = Registry("MODEL.TEACHER.TEMPLATES", {
     "dataset": "clipkd.models.teacher:dataset_templates",
     "ensemble": "clipkd.models.teacher:ensemble_templates",
+    "photo": "clipkd.models.teacher:photo_template",
 })
 
 # config key -> its registry; clipkd.config.defaults.CHOICES reads the names from here.

@@ -88,7 +88,7 @@ def test_registry_targets():
     from clipkd.models.maple import MaPLeStudent
     from clipkd.models.promptsrc import PromptSRCStudent
     from clipkd.models.student import IVLPStudent, PromptKDStudent
-    from clipkd.models.teacher import ensemble_templates
+    from clipkd.models.teacher import ensemble_templates, photo_template
     from clipkd.models.vpt import VPTStudent
 
     assert {n: STUDENTS.get(n) for n in STUDENTS} == {
@@ -102,7 +102,8 @@ def test_registry_targets():
     }
     assert {n: DIVERGENCES.get(n) for n in DIVERGENCES} == {n: LOSSES.get(n) for n in ("kl", "ab", "rkl", "js", "skl")}
     assert OPTIMIZERS.get("sgd") is torch.optim.SGD and OPTIMIZERS.get("adamw") is torch.optim.AdamW
-    assert TEMPLATES.names() == ("dataset", "ensemble") and TEMPLATES.get("ensemble") is ensemble_templates
+    assert TEMPLATES.names() == ("dataset", "ensemble", "photo") and TEMPLATES.get("ensemble") is ensemble_templates
+    assert TEMPLATES.get("photo") is photo_template
     assert b.LOSS_NAMES == LOSSES.names() and m.DIVERGENCE_NAMES == DIVERGENCES.names()
 
 
@@ -113,7 +114,7 @@ def test_choices_are_derived_from_the_registries():
         assert reg.key == key and CHOICES[key] == reg.names()
     assert set(CHOICES) == set(REGISTRIES) | {
         "INPUT.INTERPOLATION", "DISTILL.PROTOCOL", "OPTIM.LR_SCHEDULER", "OPTIM.PRECISION", "TEST.FINAL_MODEL",
-        "DATASET.SUBSAMPLE_CLASSES", "DISTILL.DKD_TARGET",
+        "DATASET.SUBSAMPLE_CLASSES", "DISTILL.DKD_TARGET", "DISTILL.TEACHER_LOGIT_SCALE",
     }
     assert len(CHOICES) == len(list(CHOICES))
     assert CHOICES["DATASET.SUBSAMPLE_CLASSES"] == ("all", "base")

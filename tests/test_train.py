@@ -54,6 +54,23 @@ def interrupt_after_checkpoint(monkeypatch, epoch: int, inside: str = ""):
     return lambda: monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
 
 
+def step_losses(run_dir) -> list[float]:
+    """The loss of every training step a run logged."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "step"]
+
+
+def check_resume_is_exact(cfg, tmp_path, monkeypatch, epoch: int = 1) -> None:
+    """A run stopped after ``epoch``'s checkpoint and resumed gives the uninterrupted run's results and losses."""
+    full = fit(cfg, tmp_path / "full")
+    undo = interrupt_after_checkpoint(monkeypatch, epoch=epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "cut")
+    undo()
+    assert fit(cfg, tmp_path / "cut", resume=True) == full
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "full")
+
+
 def check_results(results: dict):
     assert set(results) >= {"base", "new", "hm"}
     for half, n in (("base", 32), ("new", 24)):  # 7 synthetic classes: 4 base, 3 new, 8 test images each

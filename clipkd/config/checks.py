@@ -124,9 +124,43 @@ def check_kgcoop_config(cfg: CfgNode) -> None:
         raise ConfigError(f"KGCOOP.W must be a finite number >= 0 (got {cfg.KGCOOP.W}); KgCoOp uses 8.0")
 
 
+def check_label_free_config(cfg: CfgNode) -> None:
+    """What label-free (DISTILL.LABEL_FREE) and class-agnostic (DISTILL.CLASS_AGNOSTIC, KDPL-CA) training refuse:
+    anything that learns from labels, and for KDPL-CA a classifier or a teacher prompt tied to the dataset."""
+    d = cfg.DISTILL
+    key = "DISTILL.CLASS_AGNOSTIC" if d.CLASS_AGNOSTIC else "DISTILL.LABEL_FREE"
+    why = "trains without the dataset's class names or labels" if d.CLASS_AGNOSTIC else "never uses labels"
+    if d.CE_WEIGHT > 0:
+        raise ConfigError(f"DISTILL.CE_WEIGHT {d.CE_WEIGHT:g} is a label loss and {key} True {why}: set "
+                          f"DISTILL.CE_WEIGHT 0 or {key} False")
+    if d.DKD_TARGET == "label":
+        raise ConfigError(f"DISTILL.DKD_TARGET label needs labels and {key} True {why}: use DISTILL.DKD_TARGET "
+                          f"teacher or set {key} False")
+    if not d.CLASS_AGNOSTIC:
+        return
+    if d.OBJECTIVE != "kd":  # e.g. PromptSRC's frozen references are made once, per training class
+        raise ConfigError(f"DISTILL.OBJECTIVE {d.OBJECTIVE} keeps per-class references of the training classes and "
+                          "DISTILL.CLASS_AGNOSTIC True trains over the names each batch picks: use DISTILL.OBJECTIVE "
+                          "kd or set DISTILL.CLASS_AGNOSTIC False")
+    student = cfg.MODEL.STUDENT.TYPE
+    if STUDENTS.attribute(student, "needs_teacher"):  # its class embeddings are the teacher's (PromptKD's)
+        fits = [n for n in STUDENTS if not STUDENTS.attribute(n, "needs_teacher")
+                and not STUDENTS.attribute(n, "objectives", ())]  # tied to its own objective, refused above
+        raise ConfigError(f"DISTILL.CLASS_AGNOSTIC needs a student with its own text tower for the names each "
+                          f"batch picks; MODEL.STUDENT.TYPE {student} does not "
+                          f"({STUDENTS.attribute(student, 'needs_teacher_reason')}): use MODEL.STUDENT.TYPE "
+                          f"{' or '.join(fits)}, or DISTILL.CLASS_AGNOSTIC False")
+    if cfg.MODEL.TEACHER.TEMPLATES == "dataset":
+        raise ConfigError("DISTILL.CLASS_AGNOSTIC must not tell the teacher the dataset's domain, and "
+                          "MODEL.TEACHER.TEMPLATES dataset uses its template: set MODEL.TEACHER.TEMPLATES photo "
+                          "(KDPL's \"a photo of a {}.\") or ensemble")
+
+
 def check_config(cfg: Any) -> None:
     """Every combination of settings a training run refuses on the config alone (ConfigError, one line)."""
     d = cfg.DISTILL
+    if d.LABEL_FREE or d.CLASS_AGNOSTIC:
+        check_label_free_config(cfg)
     if d.CE_WEIGHT > 0 and d.PROTOCOL != "inductive":
         raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
                           "set it to 0 or use DISTILL.PROTOCOL inductive")

@@ -56,7 +56,8 @@ _C.MODEL.TEACHER.CHECKPOINT = ""
 # True in the recipes that distil from a PromptSRC-prompted teacher (PromptKD, ABKD): such a run refuses to start
 # without MODEL.TEACHER.CHECKPOINT, so a zero-shot teacher is always an explicit choice (CHECKPOINT zero-shot).
 _C.MODEL.TEACHER.PROMPTED = False
-_C.MODEL.TEACHER.TEMPLATES = "dataset"  # dataset (PROTOCOL template) | ensemble (CLIP's 80 ImageNet templates)
+# dataset (PROTOCOL template) | ensemble (CLIP's 80 ImageNet templates) | photo ("a photo of a {}.", KDPL-CA's)
+_C.MODEL.TEACHER.TEMPLATES = "dataset"
 _C.MODEL.STUDENT = CN()
 _C.MODEL.STUDENT.NAME = "ViT-B-16"
 _C.MODEL.STUDENT.PRETRAINED = ""
@@ -137,6 +138,19 @@ _C.DISTILL.OBJECTIVE = "kd"  # kd | promptsrc | kgcoop (kd + KgCoOp's term, KGCO
 # reused by later runs of the same stream (other sweep cells, reruns); "" = off. Exact: results do not change.
 # Safe to delete at any time (clipkd.engine.teacher_features).
 _C.DISTILL.TEACHER_CACHE = ""
+# Label-free distillation (KDPL): the objective never receives the labels; a label loss is refused.
+_C.DISTILL.LABEL_FREE = False
+# KDPL-CA: no class names of the dataset in training: per batch the teacher picks KDPL.K_MAX names of
+# KDPL.DICTIONARY, over which teacher and student are distilled (clipkd.methods.kdpl). Label-free too.
+_C.DISTILL.CLASS_AGNOSTIC = False
+# The teacher's logits = this model's CLIP logit scale x its cosines: teacher | student (KDPL's teacher uses the
+# student's logit scale; for trained CLIPs both are the clamped 100).
+_C.DISTILL.TEACHER_LOGIT_SCALE = "teacher"
+
+# ---------------------------------------------------------------- KDPL-CA (DISTILL.CLASS_AGNOSTIC)
+_C.KDPL = CN()
+_C.KDPL.K_MAX = 1000  # dictionary names per batch, by the teacher's batch-mean probability (KDPL's K_MAX)
+_C.KDPL.DICTIONARY = ""  # class names: KDPL's classnames_dictionay.csv (column ClassName) or one per line
 
 # ---------------------------------------------------------------- PromptSRC (DISTILL.OBJECTIVE promptsrc)
 _C.PROMPTSRC = CN()
@@ -175,6 +189,7 @@ _FIXED_CHOICES: dict[str, tuple[str, ...]] = {
     "INPUT.INTERPOLATION": ("bicubic", "bilinear", "nearest"),
     "DISTILL.PROTOCOL": ("inductive", "transductive"),
     "DISTILL.DKD_TARGET": ("teacher", "label"),
+    "DISTILL.TEACHER_LOGIT_SCALE": ("teacher", "student"),
     "OPTIM.LR_SCHEDULER": ("cosine", "constant"),
     "OPTIM.PRECISION": ("auto", "fp32", "bf16", "fp16"),
     "TEST.FINAL_MODEL": ("last", "val", "best_base_test"),

@@ -216,6 +216,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("DISTILL.TTM_EXPONENT", lambda v: v > 0, "> 0", "e.g. 0.1-0.5 (1 is plain KD)"),
     ("DISTILL.DIST_BETA", lambda v: v >= 0, ">= 0", "the weight of DIST's inter-class term"),
     ("DISTILL.DIST_GAMMA", lambda v: v >= 0, ">= 0", "the weight of DIST's intra-class term"),
+    ("KDPL.K_MAX", lambda v: v >= 1, ">= 1", "the dictionary names distilled per batch (KDPL: 1000)"),
     ("MODEL.PROMPT.N_CTX_VISION", lambda v: v >= 0, ">= 0", "prompt tokens per layer; 0 means no vision prompts"),
     ("MODEL.PROMPT.N_CTX_TEXT", lambda v: v >= 0, ">= 0", "prompt tokens per layer; 0 means no text prompts"),
     ("MODEL.PROMPT.DEPTH_VISION", lambda v: v >= 0, ">= 0", "prompted layers; 0 means no vision prompts"),

@@ -10,7 +10,7 @@ from yacs.config import CfgNode as CN
 ZERO_SHOT = "zero-shot"  # MODEL.TEACHER.CHECKPOINT value that chooses the zero-shot teacher explicitly
 
 # Keys whose value, when set, is a path.
-PATH_KEYS = ("OUTPUT_DIR", "DATASET.ROOT", "MODEL.TEACHER.CHECKPOINT", "DISTILL.TEACHER_CACHE")
+PATH_KEYS = ("OUTPUT_DIR", "DATASET.ROOT", "MODEL.TEACHER.CHECKPOINT", "DISTILL.TEACHER_CACHE", "KDPL.DICTIONARY")
 # Keys that hold an open_clip tag ("openai") or a local weights file: a path when it looks like one or exists.
 WEIGHT_KEYS = ("MODEL.TEACHER.PRETRAINED", "MODEL.STUDENT.PRETRAINED")
 

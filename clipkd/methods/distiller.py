@@ -11,11 +11,17 @@ family (:mod:`clipkd.methods.kd`: a divergence between teacher and student class
 cross-entropy on labels) or PromptSRC's self-regularised prompt learning (:mod:`clipkd.methods.promptsrc`, which trains the prompted
 teachers). Both implement the same :class:`Objective` call; an objective that sets ``needs_features`` also
 gets the batch's images and the student's normalised features (:class:`StudentFeatures`).
+
+Three options serve KDPL's label-free and class-agnostic distillation (:mod:`clipkd.methods.kdpl`):
+``label_free`` (the objective gets ``labels=None``, so no label can reach the loss), ``select`` (each batch
+trains over the classes it picks from the teacher's logits over all the Distiller's class names; the teacher's
+embeddings of all of them are still computed once) and ``teacher_scale`` (KDPL multiplies the teacher's cosines
+by the student's logit scale, not the teacher's own).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -27,7 +33,7 @@ from clipkd.registry import OBJECTIVES
 
 class StepOutput(NamedTuple):
     loss: Tensor  # what backward() is called on
-    logits: Tensor  # the student's, over the training classes
+    logits: Tensor  # the student's, over the training classes (class-agnostic: the batch's picked classes)
     terms: dict[str, Tensor]  # detached parts of the loss, for logging
 
 
@@ -42,7 +48,8 @@ class StudentFeatures(NamedTuple):
 
 
 class Objective(Protocol):
-    """A training objective over one batch's logits (the teacher's are None when it needs no teacher).
+    """A training objective over one batch's logits (the teacher's are None when it needs no teacher; the labels
+    None in a label-free run, which only objectives without ``needs_labels`` take).
 
     ``needs_features`` (optional, False when absent): the objective also wants :class:`StudentFeatures`,
     passed as ``features=``; the others are called with the logits and labels only.
@@ -57,7 +64,7 @@ class Objective(Protocol):
     needs_labels: bool
     needs_features: bool
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor,
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None,
                  features: StudentFeatures | None = None) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def end_epoch(self, epoch: int, student: nn.Module) -> None: ...
@@ -88,16 +95,24 @@ class Distiller(nn.Module):
     """Student + frozen teacher + objective; ``forward(images, labels)`` gives the batch's loss."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, classnames: Sequence[str],
-                 objective: Objective) -> None:
+                 objective: Objective, *, label_free: bool = False,
+                 select: Callable[[Tensor], Tensor] | None = None, teacher_scale: float | None = None) -> None:
         super().__init__()
         if objective.needs_teacher and teacher is None:
             raise ValueError("this objective needs a teacher")
+        if label_free and objective.needs_labels:
+            raise ValueError("a label-free Distiller cannot train an objective that needs labels")
+        if select is not None and not (objective.needs_teacher and label_free):
+            raise ValueError("per-batch classes are picked by the teacher, and labels would not match them")
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # frozen, deliberately not a submodule (see module doc)
         self.classnames = list(classnames)
         self.objective = objective
         self.teacher_text = teacher.text_features(self.classnames) if objective.needs_teacher else None
         self.needs_features = bool(getattr(objective, "needs_features", False))  # optional in the Objective protocol
+        self.label_free = label_free
+        self.select = select  # teacher logits [B, C] -> this batch's class indices [K]
+        self.teacher_scale = teacher_scale  # multiplies the teacher's cosines; None: the teacher's own logit scale
 
     def train(self, mode: bool = True) -> Distiller:
         self.student.train(mode)  # the teacher stays in eval mode
@@ -109,19 +124,27 @@ class Distiller(nn.Module):
         """The teacher's logits of a batch; ``features``: its image features when already at hand (taken once
         per batch for several students, or read from the teacher cache), else computed from ``images``."""
         if features is None:
-            return class_logits(self.teacher, images, class_features=self.teacher_text)
-        return self.teacher.logit_scale * features @ self.teacher_text.t()  # what class_logits computes
+            features = self.teacher.image_features(images)
+        scale = self.teacher.logit_scale if self.teacher_scale is None else self.teacher_scale
+        return scale * features @ self.teacher_text.t()  # class_logits, at the chosen scale
 
     def forward(self, images: Tensor, labels: Tensor, teacher_features: Tensor | None = None) -> StepOutput:
         # class_logits(self.student, images, self.classnames), step by step: some objectives see the features.
+        t_logits = self.teacher_logits(images, teacher_features) if self.objective.needs_teacher else None
+        classnames = self.classnames
+        if self.select is not None:  # this batch's classes, picked by the teacher
+            picked = self.select(t_logits)
+            t_logits = t_logits[:, picked]
+            classnames = [self.classnames[i] for i in picked.tolist()]
+        if self.label_free:
+            labels = None
         image_features = self.student.image_features(images)
         if getattr(self.student, "conditional", False):  # class features per image [B, C, D] (CoCoOp)
-            text_features = self.student.conditional_text_features(image_features, self.classnames)
+            text_features = self.student.conditional_text_features(image_features, classnames)
             logits = self.student.logit_scale * torch.einsum("bd,bcd->bc", image_features, text_features)
         else:
-            text_features = self.student.text_features(self.classnames)
+            text_features = self.student.text_features(classnames)
             logits = self.student.logit_scale * image_features @ text_features.t()
-        t_logits = self.teacher_logits(images, teacher_features) if self.objective.needs_teacher else None
         if self.needs_features:
             features = StudentFeatures(images, image_features, text_features)
             loss, terms = self.objective(logits, t_logits, labels, features=features)

@@ -83,10 +83,12 @@ class KDObjective:
 def build_kd_objective(cfg: CfgNode, student: nn.Module | None = None,
                        classnames: Sequence[str] = ()) -> KDObjective:
     """DISTILL.OBJECTIVE kd: ``DISTILL.WEIGHT * DISTILL.LOSS + DISTILL.CE_WEIGHT * CE`` (student and class names
-    unused). In the transductive protocol a loss that needs a target class (DKD) takes the teacher's argmax, or
-    with DISTILL.DKD_TARGET label the label of every training image (ABKD's CLIP code)."""
+    unused). In the transductive protocol and in label-free runs a loss that needs a target class (DKD) takes the
+    teacher's argmax, or (transductive) with DISTILL.DKD_TARGET label the label of every training image (ABKD's
+    CLIP code)."""
     d = cfg.DISTILL
     transductive = d.PROTOCOL == "transductive"
+    label_free = d.LABEL_FREE or d.CLASS_AGNOSTIC  # no labels reach the objective: DKD's target is the teacher's
     return KDObjective(build_distill_loss_from_cfg(cfg) if d.WEIGHT > 0 else None, d.WEIGHT, d.CE_WEIGHT,
-                       target_from_teacher=transductive and d.DKD_TARGET == "teacher",
+                       target_from_teacher=(transductive or label_free) and d.DKD_TARGET == "teacher",
                        all_images=transductive)

@@ -48,6 +48,12 @@ def ensemble_templates(cfg: CfgNode | None = None, template: str | None = None) 
     return tuple(OPENAI_IMAGENET_TEMPLATES)
 
 
+def photo_template(cfg: CfgNode | None = None, template: str | None = None) -> tuple[str, ...]:
+    """MODEL.TEACHER.TEMPLATES photo: "a photo of a {}." for every dataset (KDPL-CA's teacher prompt, which must
+    not name the dataset's domain); the arguments are not used."""
+    return ("a photo of a {}.",)
+
+
 class Teacher(nn.Module):
     """Frozen CLIP teacher with cached class embeddings.
 

@@ -11,6 +11,7 @@ from clipkd.data.rundata import RunData
 from clipkd.data.specs import get_spec
 from clipkd.engine import runtime
 from clipkd.errors import ConfigError
+from clipkd.methods.kdpl import training_classes
 from clipkd.models.factory import register_model_configs
 from clipkd.registry import STUDENTS
 
@@ -59,6 +60,7 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
     """The combinations that would otherwise fail deep inside a step, or train something meaningless, and need
     more than the config (the data, model configs, the device; what the config alone decides is check_config)."""
     check_teacher(cfg)
+    training_classes(cfg, data.train.classnames)  # KDPL-CA: its dictionary is there, and holds K_MAX names
     if cfg.TEST.FINAL_MODEL == "val" and not data.select.val:
         raise ConfigError(f"{data.spec.name} has no held-out val split (its val would be the test set); "
                           "use TEST.FINAL_MODEL last")

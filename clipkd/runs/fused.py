@@ -50,7 +50,8 @@ from clipkd.runs.run import Run
 # (data, seed, input, loader, teacher) makes the stream and must agree; of these prefixes, the keys in
 # STREAM_KEYS shape the stream too.
 PER_STUDENT = ("OUTPUT_DIR", "DISTILL.", "OPTIM.", "MODEL.STUDENT.", "MODEL.PROMPT.", "TEST.", "PROMPTSRC.",
-               "KGCOOP.")
+               "KGCOOP.",
+               "KDPL.")
 STREAM_KEYS = ("DISTILL.PROTOCOL", "DISTILL.TEACHER_CACHE", "OPTIM.PRECISION")
 
 

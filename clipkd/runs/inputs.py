@@ -6,8 +6,9 @@ a dataset re-downloaded or re-split, a teacher retrained into the same folder. T
 * the dataset: per list the run reads (each half's train / val / test, the transductive train list), the number
   of classes and images and a SHA-256 over the class names, image names, labels and image file sizes (the
   image bytes themselves are not read: an image rewritten with the same size goes unnoticed);
-* each weight file the config names (``MODEL.TEACHER.CHECKPOINT``, a local ``MODEL.*.PRETRAINED``): its size,
-  modification time and, up to :data:`HASH_LIMIT` bytes, its SHA-256 (then an identical copy is the same file).
+* each weight file the config names (``MODEL.TEACHER.CHECKPOINT``, a local ``MODEL.*.PRETRAINED``) and KDPL-CA's
+  ``KDPL.DICTIONARY``: its size, modification time and, up to :data:`HASH_LIMIT` bytes, its SHA-256 (then an
+  identical copy is the same file).
 
 A difference is one error naming the key, the path, what differs and the fix. A run without the record (written
 by an older clipkd) is not checked.
@@ -85,6 +86,8 @@ def _weight_files(cfg: CfgNode, teacher: bool) -> dict[str, Path | None]:
                        ("MODEL.STUDENT.PRETRAINED", cfg.MODEL.STUDENT.PRETRAINED)):
         if os.path.isabs(value):  # a local file (clipkd.config.paths made it absolute), not an open_clip tag
             files[key] = Path(value) if os.path.isfile(value) else None
+    if teacher and cfg.DISTILL.CLASS_AGNOSTIC and cfg.KDPL.DICTIONARY:  # KDPL-CA's training class names
+        files["KDPL.DICTIONARY"] = Path(cfg.KDPL.DICTIONARY) if os.path.isfile(cfg.KDPL.DICTIONARY) else None
     return files
 
 
