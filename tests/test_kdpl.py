@@ -237,10 +237,31 @@ def test_class_agnostic_under_torchrun_picks_one_set_for_the_whole_batch(synth_r
     assert all(torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4) for k in one)
 
 
-@pytest.mark.parametrize("method", ["kdpl_ivlp", "kdpl_promptkd"])
+KDPL_RECIPES = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("kdpl_*.yaml") if "_ca_" not in p.stem)
+KDPL_CA_RECIPES = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("kdpl_ca_*.yaml"))
+
+
+def test_every_student_has_its_kdpl_recipes():
+    from clipkd.registry import STUDENTS
+
+    assert {f"kdpl_{s}" for s in STUDENTS if s != "kgcoop"} <= set(KDPL_RECIPES)  # KgCoOp: no KDPL trainer
+    ca_able = {s for s in STUDENTS if not STUDENTS.attribute(s, "needs_teacher") and not STUDENTS.attribute(
+        s, "objectives", ())}  # what DISTILL.CLASS_AGNOSTIC accepts (kgcoop, promptsrc: per-class references)
+    assert {f"kdpl_ca_{s}" for s in ca_able} <= set(KDPL_CA_RECIPES)
+
+
+@pytest.mark.parametrize("method", KDPL_RECIPES)
 def test_label_free_recipes_train(synth_root, tmp_path, method):
-    check_results(fit(config(synth_root, method, "OPTIM.MAX_EPOCH", "1"), tmp_path / method))
+    check_results(fit(config(synth_root, method, "OPTIM.MAX_EPOCH", "1", "DATALOADER.TRAIN_X.BATCH_SIZE", "4"),
+                      tmp_path / method))
     assert "label-free" in (tmp_path / method / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("method", KDPL_CA_RECIPES)
+def test_class_agnostic_recipes_train(synth_root, tmp_path, method):
+    check_results(fit(config(synth_root, method, "OPTIM.MAX_EPOCH", "1", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
+                             *ca(tmp_path, 3)), tmp_path / method))
+    assert "class-agnostic" in (tmp_path / method / "log.txt").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ KDPL-CA runs

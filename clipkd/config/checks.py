@@ -112,14 +112,12 @@ def check_student_objective(cfg: CfgNode) -> None:
 
 
 def check_kgcoop_config(cfg: CfgNode) -> None:
-    """KgCoOp's objective and student go together: the objective needs the student's hand-crafted class
-    embeddings, and the student without its regulariser is CoOp (say so rather than train CoOp under its name)."""
-    objective, student = cfg.DISTILL.OBJECTIVE, str(cfg.MODEL.STUDENT.TYPE).lower()
-    if (objective == "kgcoop") != (student == "kgcoop"):
-        fix = ("set MODEL.STUDENT.TYPE kgcoop" if objective == "kgcoop"
-               else "set DISTILL.OBJECTIVE kgcoop, or MODEL.STUDENT.TYPE coop for CoOp without KgCoOp's term")
-        raise ConfigError(f"DISTILL.OBJECTIVE {objective} with MODEL.STUDENT.TYPE {student}: KgCoOp's student and "
-                          f"objective go together; {fix}")
+    """KgCoOp's objective needs the kgcoop student's hand-crafted class embeddings (the student, in turn, declares
+    that it trains with this objective only: :func:`check_student_objective`)."""
+    student = str(cfg.MODEL.STUDENT.TYPE).lower()
+    if cfg.DISTILL.OBJECTIVE == "kgcoop" and student != "kgcoop":
+        raise ConfigError(f"DISTILL.OBJECTIVE kgcoop with MODEL.STUDENT.TYPE {student}: KgCoOp's term needs the "
+                          "kgcoop student's hand-crafted class embeddings; set MODEL.STUDENT.TYPE kgcoop")
     if not (math.isfinite(cfg.KGCOOP.W) and cfg.KGCOOP.W >= 0):
         raise ConfigError(f"KGCOOP.W must be a finite number >= 0 (got {cfg.KGCOOP.W}); KgCoOp uses 8.0")
 

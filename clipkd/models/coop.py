@@ -90,6 +90,9 @@ class CoOpStudent(IVLPStudent):
 class KgCoOpStudent(CoOpStudent):
     """CoOp plus the frozen hand-crafted class embeddings KgCoOp regularises the learned ones towards."""
 
+    objectives = ("kgcoop",)
+    objectives_reason = "it is CoOp trained with KgCoOp's knowledge-guided term; for CoOp without it use coop"
+
     def __init__(self, clip_model: nn.Module, tokenizer: Callable[[Sequence[str]], torch.Tensor], *,
                  n_ctx: int = 4, ctx_init: str = "a photo of a") -> None:
         super().__init__(clip_model, tokenizer, n_ctx=n_ctx, ctx_init=ctx_init)
