@@ -31,7 +31,12 @@ DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
 def loss_params(name: str, divergence: str | None = None) -> tuple[str, ...]:
     """The parameters DISTILL.LOSS ``name`` takes (with ``divergence``, for a method that has one); alpha and
     beta belong to the ab divergence, so a method takes them only when its divergence is ab."""
-    names = tuple(p for p in LOSSES.arguments(name) if p not in DATA_ARGS)
+    return _settings(LOSSES.arguments(name), divergence)
+
+
+def _settings(arguments: tuple[str, ...], divergence: str | None) -> tuple[str, ...]:
+    """:func:`loss_params` of a loss function whose arguments are ``arguments``."""
+    names = tuple(p for p in arguments if p not in DATA_ARGS)
     if "divergence" in names and (divergence or PARAMS["divergence"].default) != "ab":
         names = tuple(p for p in names if p not in ("alpha", "beta"))
     return names
@@ -40,16 +45,19 @@ def loss_params(name: str, divergence: str | None = None) -> tuple[str, ...]:
 def check_loss_keys(cfg: CfgNode) -> tuple[str, ...]:
     """A DISTILL.* key of a loss parameter (DISTILL.<PARAM>, e.g. DISTILL.TTM_EXPONENT for ``ttm_exponent``)
     that DISTILL.LOSS does not take must stay at its default: a changed value would be ignored silently.
-    Returns the parameters the loss takes."""
+    Returns the parameters the loss takes. The other losses' arguments are read only to name those that take
+    a changed key."""
     d = cfg.DISTILL
     name = LOSSES.check(d.LOSS)
-    divergence = d.DIVERGENCE if "divergence" in LOSSES.arguments(name) else None
-    takes = loss_params(name, divergence)
-    params = {p for n in LOSSES for p in loss_params(n, "ab")}
+    arguments = LOSSES.arguments(name)
+    divergence = d.DIVERGENCE if "divergence" in arguments else None
+    takes = _settings(arguments, divergence)
     for param, spec in PARAMS.items():
         field = spec.key.split(".", 1)[1]
-        if param in params and param not in takes and d[field] != spec.default:
-            users = [n for n in LOSSES if param in LOSSES.arguments(n)]
+        if param in takes or d[field] == spec.default:
+            continue
+        users = [n for n in LOSSES if param in LOSSES.arguments(n)]
+        if users:
             hint = (" (alpha and beta apply when DISTILL.DIVERGENCE is ab)"
                     if param in ("alpha", "beta") and divergence is not None else "")
             raise ConfigError(f"DISTILL.{field} {d[field]!r} does not apply to DISTILL.LOSS {name}{hint}; "
@@ -57,7 +65,7 @@ def check_loss_keys(cfg: CfgNode) -> tuple[str, ...]:
                               f"{spec.default!r}")
     # DISTILL.DKD_TARGET picks DKD's target class: it needs a loss that takes one.
     default_target = get_cfg_defaults().DISTILL.DKD_TARGET
-    if d.DKD_TARGET != default_target and "target" not in LOSSES.arguments(name):
+    if d.DKD_TARGET != default_target and "target" not in arguments:
         users = [n for n in LOSSES if "target" in LOSSES.arguments(n)]
         raise ConfigError(f"DISTILL.DKD_TARGET {d.DKD_TARGET!r} does not apply to DISTILL.LOSS {name}; it is used "
                           f"by {', '.join(users)}: remove it or set it back to {default_target!r}")

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from clipkd.config.paths import ZERO_SHOT
+from clipkd.config.defaults import ZERO_SHOT
 from clipkd.engine.runtime import resolve_precision
 from clipkd.errors import ConfigError
 from clipkd.fileio import OutputError, atomic_write, atomic_write_text, stale_temp_files, write_failure

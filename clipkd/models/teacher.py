@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from clipkd.config.paths import ZERO_SHOT  # noqa: F401 - re-exported: MODEL.TEACHER.CHECKPOINT "zero-shot"
+from clipkd.config.defaults import ZERO_SHOT  # noqa: F401 - re-exported: MODEL.TEACHER.CHECKPOINT "zero-shot"
 from clipkd.data.specs import get_spec
 from clipkd.errors import ConfigError, ModelError
 from clipkd.models.factory import create_clip

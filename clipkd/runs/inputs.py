@@ -1,6 +1,6 @@
 """What a run read, recorded when it starts (``inputs.json``) and compared when it is resumed or re-evaluated.
 
-A run's config names its inputs by absolute path (:mod:`clipkd.config.paths`), but the files there can change:
+A run's config names its inputs by absolute path (:func:`clipkd.config.merge.absolute_paths`), but the files there can change:
 a dataset re-downloaded or re-split, a teacher retrained into the same folder. The record is cheap and honest:
 
 * the dataset: per list the run reads (each half's train / val / test, the transductive train list), the number
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from clipkd.config.paths import ZERO_SHOT
+from clipkd.config.defaults import ZERO_SHOT
 from clipkd.errors import DataError, ModelError
 from clipkd.models.teacher import resolve_teacher_checkpoint
 
@@ -83,7 +83,7 @@ def _weight_files(cfg: CfgNode, teacher: bool) -> dict[str, Path | None]:
             files["MODEL.TEACHER.CHECKPOINT"] = None
     for key, value in (("MODEL.TEACHER.PRETRAINED", cfg.MODEL.TEACHER.PRETRAINED),
                        ("MODEL.STUDENT.PRETRAINED", cfg.MODEL.STUDENT.PRETRAINED)):
-        if os.path.isabs(value):  # a local file (clipkd.config.paths made it absolute), not an open_clip tag
+        if os.path.isabs(value):  # a local file (clipkd.config.merge made it absolute), not an open_clip tag
             files[key] = Path(value) if os.path.isfile(value) else None
     return files
 
