@@ -237,7 +237,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("DATALOADER.TEST.BATCH_SIZE", lambda v: v >= 1, ">= 1", ""),
     ("DISTILL.WEIGHT", lambda v: v >= 0, ">= 0", "0 turns distillation off"),
     ("DISTILL.CE_WEIGHT", lambda v: v >= 0, ">= 0", "0 turns the label loss off"),
-    *((spec.key, spec.ok, spec.bound, spec.fix) for spec in PARAMS.values() if spec.bound),  # the loss parameters
+    *[(spec.key, spec.ok, spec.bound, spec.fix) for spec in PARAMS.values() if spec.bound],  # the loss parameters
     ("MODEL.PROMPT.N_CTX_VISION", lambda v: v >= 0, ">= 0", "prompt tokens per layer; 0 means no vision prompts"),
     ("MODEL.PROMPT.N_CTX_TEXT", lambda v: v >= 0, ">= 0", "prompt tokens per layer; 0 means no text prompts"),
     ("MODEL.PROMPT.DEPTH_VISION", lambda v: v >= 0, ">= 0", "prompted layers; 0 means no vision prompts"),
