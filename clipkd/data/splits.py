@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-from clipkd.data.cache import default_cache_dir, draw_path, load_draw, save_draw, split_digest
+from clipkd.data.cache import cached_draw
 from clipkd.data.fewshot import classnames_for_prompts, sample_few_shot, subsample_classes
 from clipkd.data.readers import read_dataset
 from clipkd.data.records import Datum
@@ -62,22 +61,9 @@ def resolve_split(
     full = read_dataset(root, spec)
     sample_val = spec.layout != LAYOUT_IMAGENET
     if shots > 0:
-        digest = split_digest(full.train, full.val)
-        path = None
-        if cache_dir is not False:
-            base = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]
-            path = draw_path(base, spec.stem, shots, seed, digest)
-        drawn = load_draw(path, digest, full.train, full.val) if path is not None else None
-        if drawn is None:
-            drawn = sample_few_shot(
-                full.train, full.val, shots, seed, sample_val=sample_val, warn_source=f"{spec.name}: "
-            )
-            if path is not None:
-                try:
-                    save_draw(path, digest, spec.stem, shots, seed, *drawn)
-                except OSError as exc:  # a read-only cache must not stop a run
-                    warnings.warn(f"could not cache the few-shot draw at {path}: {exc}", stacklevel=2)
-        train, val = drawn
+        draw = functools.partial(sample_few_shot, full.train, full.val, shots, seed, sample_val=sample_val,
+                                 warn_source=f"{spec.name}: ")
+        train, val = cached_draw(cache_dir, spec.stem, shots, seed, full.train, full.val, draw)
     else:
         train, val = list(full.train), list(full.val)
     train, val, test = subsample_classes(train, val, full.test, subsample=subsample)
