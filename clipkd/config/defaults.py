@@ -6,7 +6,7 @@ users of CoOp / PromptKD configs feel at home. A key that is not here is an erro
 
 from __future__ import annotations
 
-import math
+from math import isfinite
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -92,10 +92,6 @@ class Param:
     fix: str = ""
 
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
 _DIVERGENCE_NAMES = DIVERGENCES.names()
 
 # Every parameter a loss may take (an argument of its registered function, clipkd.registry.LOSSES): the one table
@@ -106,28 +102,28 @@ PARAMS: dict[str, Param] = {name: Param(f"DISTILL.{name.upper()}", *row) for nam
     # inside dkd (its non-target part), lsd, ttm: kl | ab | rkl | js | skl
     ("divergence", "kl", lambda v: v in _DIVERGENCE_NAMES, f"one of {', '.join(_DIVERGENCE_NAMES)}"),
     # of the alpha-beta divergence (DISTILL.LOSS ab, or DISTILL.DIVERGENCE ab)
-    ("alpha", 0.8, _finite, "a finite real number"),
-    ("beta", 0.3, _finite, "a finite real number"),
+    ("alpha", 0.8, isfinite, "a finite real number"),
+    ("beta", 0.3, isfinite, "a finite real number"),
     # all but ttm (whose teacher temperature is 1 / TTM_EXPONENT)
-    ("temperature", 1.0, lambda v: _finite(v) and v > 0, "a finite real number > 0", "> 0",
+    ("temperature", 1.0, lambda v: isfinite(v) and v > 0, "a finite real number > 0", "> 0",
      "1 uses the logits as they are"),
     # DKD: weight of the target-class part (binary KL)
-    ("dkd_alpha", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0", ">= 0",
+    ("dkd_alpha", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0",
      "the weight of DKD's target-class part"),
     # DKD: weight of the non-target part (DISTILL.DIVERGENCE)
-    ("dkd_beta", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0", ">= 0",
+    ("dkd_beta", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0",
      "the weight of DKD's non-target part"),
     # DKD: the loss ramps as min(epoch / DKD_WARMUP, 1), epochs from 1; 0 = no ramp
-    ("dkd_warmup", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0 (epochs; 0 = no warm-up)",
+    ("dkd_warmup", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0 (epochs; 0 = no warm-up)",
      ">= 0", "epochs of DKD's ramp; 0 means none"),
     # TTM: the teacher's probabilities to this power, renormalised
-    ("ttm_exponent", 0.1, lambda v: _finite(v) and v > 0, "a finite real number > 0", "> 0",
+    ("ttm_exponent", 0.1, lambda v: isfinite(v) and v > 0, "a finite real number > 0", "> 0",
      "e.g. 0.1-0.5 (1 is plain KD)"),
     # DIST: weight of the inter-class (per sample) correlation term
-    ("dist_beta", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0", ">= 0",
+    ("dist_beta", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0",
      "the weight of DIST's inter-class term"),
     # DIST: weight of the intra-class (per class, across the batch) term
-    ("dist_gamma", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0", ">= 0",
+    ("dist_gamma", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0",
      "the weight of DIST's intra-class term"),
 )}
 for _spec in PARAMS.values():

@@ -15,9 +15,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from yacs.config import CfgNode
 
-from clipkd.data.loaders import ImageListDataset, build_loader
+from clipkd.data.loaders import ImageListDataset, build_loader, build_transform
 from clipkd.data.splits import ResolvedSplit
-from clipkd.data.transforms import build_transform
 from clipkd.engine import runtime
 from clipkd.metrics import harmonic_mean
 

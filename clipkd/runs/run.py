@@ -20,10 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
 from clipkd.config import build_config, check_config
-from clipkd.data.loaders import ImageListDataset
+from clipkd.data.loaders import ImageListDataset, build_transform
 from clipkd.data.rundata import RunData, prepare_data
 from clipkd.data.specs import get_spec
-from clipkd.data.transforms import build_transform
 from clipkd.engine import runtime
 from clipkd.engine.checkpoint import load_checkpoint
 from clipkd.engine.evaluate import evaluate_half, evaluate_halves, predict_half, score_halves
