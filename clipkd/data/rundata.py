@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from yacs.config import CfgNode
 
 from clipkd.data.specs import DatasetSpec, get_spec
-from clipkd.data.splits import ResolvedSplit, resolve_split
+from clipkd.data.splits import ResolvedSplit, resolve_halves
 from clipkd.errors import ConfigError
 
 
@@ -34,9 +34,10 @@ def prepare_data(cfg: CfgNode) -> RunData:
     spec = get_spec(cfg.DATASET.NAME)
     shots, seed = cfg.DATASET.NUM_SHOTS, cfg.SEED
     names = ("base", "new") if cfg.DATASET.SUBSAMPLE_CLASSES == "base" else ("all",)
-    halves = {h: resolve_split(cfg.DATASET.ROOT, spec, shots, seed, h) for h in names}
-    if cfg.DISTILL.PROTOCOL == "inductive":
-        train = halves.get("base") or halves["all"]
-    else:  # transductive (PromptKD): train images of all classes, labels unused, logits over all classes
-        train = halves.get("all") or resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "all")
+    inductive = cfg.DISTILL.PROTOCOL == "inductive"
+    # transductive (PromptKD): train images of all classes, labels unused, logits over all classes
+    needed = names if inductive or "all" in names else (*names, "all")
+    resolved = resolve_halves(cfg.DATASET.ROOT, spec, shots, seed, needed)  # one read, one draw
+    halves = {h: resolved[h] for h in names}
+    train = (halves.get("base") or halves["all"]) if inductive else resolved["all"]
     return RunData(spec, train, halves)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from clipkd.data.cache import cached_draw
@@ -55,9 +56,22 @@ def resolve_split(
 
     ``cache_dir``: None = default cache location, False = no cache, else a folder.
     """
+    return resolve_halves(root, dataset, shots, seed, (subsample,), cache_dir)[subsample]
+
+
+def resolve_halves(
+    root: str | os.PathLike,
+    dataset: str | DatasetSpec,
+    shots: int,
+    seed: int,
+    halves: Sequence[str],
+    cache_dir: str | os.PathLike | None | bool = None,
+) -> dict[str, ResolvedSplit]:
+    """:func:`resolve_split` of each of ``halves`` (e.g. base and new), from one read of the dataset and one
+    draw: the draw is over all classes, so every half of a run shares it."""
     spec = dataset if isinstance(dataset, DatasetSpec) else get_spec(dataset)
     if spec.test_only:
-        return _resolve_test_only(root, spec, subsample)
+        return {half: _resolve_test_only(root, spec, half) for half in halves}
     full = read_dataset(root, spec)
     sample_val = spec.layout != LAYOUT_IMAGENET
     if shots > 0:
@@ -66,8 +80,12 @@ def resolve_split(
         train, val = cached_draw(cache_dir, spec.stem, shots, seed, full.train, full.val, draw)
     else:
         train, val = list(full.train), list(full.val)
-    train, val, test = subsample_classes(train, val, full.test, subsample=subsample)
-    return ResolvedSplit(spec, full.dataset_dir, classnames_for_prompts(train), train, val, test)
+    out = {}
+    for half in halves:
+        half_train, half_val, half_test = subsample_classes(train, val, full.test, subsample=half)
+        out[half] = ResolvedSplit(spec, full.dataset_dir, classnames_for_prompts(half_train), half_train, half_val,
+                                  half_test)
+    return out
 
 
 def _resolve_test_only(root: str | os.PathLike, spec: DatasetSpec, subsample: str) -> ResolvedSplit:
