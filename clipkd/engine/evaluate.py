@@ -216,25 +216,25 @@ def evaluate_half(
 
 def evaluate_halves(
     model: Any, halves: dict[str, ResolvedSplit], cfg: CfgNode, device: torch.device,
-    autocast: Callable[[], Any] = contextlib.nullcontext, log: Callable[[str], None] | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext, log: Callable[..., None] | None = None,
     feature_cache: Any = None,
 ) -> dict:
     """``{"base": {...}, "new": {...}, "hm": ...}`` (or ``{"all": ...}``) on the halves' test lists; the Dassl
-    result lines go to ``log``; ``feature_cache`` as in :func:`predict_half`."""
+    result lines go to ``log``, a block per call (the lines as its arguments, as
+    :meth:`clipkd.engine.runlog.RunLog.info` takes them); ``feature_cache`` as in :func:`predict_half`."""
     predictions = {name: predict_half(model, split, cfg, device, autocast, feature_cache=feature_cache)
                    for name, split in halves.items()}
     return score_halves(predictions, halves, log)
 
 
 def score_halves(predictions: dict[str, tuple[torch.Tensor, torch.Tensor]], halves: dict[str, ResolvedSplit],
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[..., None] | None = None) -> dict:
     """:func:`evaluate_halves`' results from each half's (predicted, true) labels, e.g. :func:`predict_many`'s."""
     metrics = {}
     for name, split in halves.items():
         metrics[name] = classification_metrics(*predictions[name], len(split.classnames))
         if log is not None:
-            for line in format_dassl_lines(name, metrics[name]):
-                log(line)
+            log(*format_dassl_lines(name, metrics[name]))
     results = results_payload(metrics)
     if log is not None and "hm" in results:
         log(f"* base: {metrics['base']['accuracy']:.2f}%  new: {metrics['new']['accuracy']:.2f}%  "
