@@ -10,7 +10,8 @@ sizes against the data, fp16 without CUDA) is checked by the run itself, not her
 Imports neither torch nor open_clip: ``config show`` answers at once. Which settings a loss takes is read from
 its registered function's signature (:meth:`clipkd.registry.Registry.arguments`), their keys and defaults from
 the table of loss parameters (:data:`clipkd.config.defaults.PARAMS`), what a student has from its registered
-class's declarations (:meth:`clipkd.registry.Registry.attribute`).
+class's declarations (:meth:`clipkd.registry.Registry.attribute`), what an objective cannot train with from the
+``check_config`` it is registered with (:meth:`clipkd.registry.Registry.declared`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from yacs.config import CfgNode
 
 from clipkd.config.defaults import PARAMS, get_cfg_defaults
 from clipkd.errors import ConfigError
-from clipkd.registry import LOSSES, STUDENTS
+from clipkd.registry import LOSSES, OBJECTIVES, STUDENTS
 
 # A loss function's arguments that are data, not settings.
 DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
@@ -108,15 +109,20 @@ def check_promptsrc_config(cfg: CfgNode) -> None:
     gpa_weights(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD)  # ConfigError for a bad std or mean
 
 
+def check_kd_config(cfg: CfgNode) -> None:
+    """The KD objective's (DISTILL.OBJECTIVE kd) check: the loss keys, when it builds DISTILL.LOSS (WEIGHT > 0)."""
+    if cfg.DISTILL.WEIGHT > 0:
+        check_loss_keys(cfg)
+
+
 def check_config(cfg: Any) -> None:
     """Every combination of settings a training run refuses on the config alone (ConfigError, one line)."""
     d = cfg.DISTILL
     if d.CE_WEIGHT > 0 and d.PROTOCOL != "inductive":
         raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
                           "set it to 0 or use DISTILL.PROTOCOL inductive")
-    if d.OBJECTIVE == "promptsrc":
-        check_promptsrc_config(cfg)
+    objective_check = OBJECTIVES.declared(d.OBJECTIVE, "check_config")  # what the objective cannot train with
+    if objective_check is not None:
+        objective_check(cfg)
     if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
-    if d.OBJECTIVE == "kd" and d.WEIGHT > 0:  # the KD objective builds DISTILL.LOSS only then
-        check_loss_keys(cfg)
