@@ -410,3 +410,22 @@ def test_a_run_stopped_by_a_full_cache_disk_keeps_its_checkpoint_and_cache(synth
     (entry,) = cache.iterdir()
     assert sorted(p.name for p in entry.iterdir()) == ["epoch-0001-rank0.pt", "key.json"]
     assert fit(cfg, tmp_path / "run", resume=True) == fit(config(synth_root, "abkd_promptkd"), tmp_path / "plain")
+
+
+@pytest.mark.parametrize("content", ["torn", "pickle"])
+def test_a_cache_files_read_failure_is_told_as_a_checkpoints_is(tmp_path, content):
+    """One rule says why torch.load refused a file: the teacher cache's message gives load_error_cause's words."""
+    from clipkd.models.state import load_error_cause
+
+    entry = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()
+    path = entry.path / "epoch-0001-rank0.pt"
+    if content == "torn":
+        fill(entry, 0)
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        torch.save({"key": entry.key, "features": NotTensors()}, path)
+    with pytest.raises(Exception) as refused:
+        torch.load(path, map_location="cpu", weights_only=True)
+    with pytest.raises(ConfigError) as err:
+        entry.load(path.name)
+    assert f"cannot be read ({load_error_cause(refused.value)}): it is damaged" in str(err.value)
