@@ -20,8 +20,9 @@ from clipkd.data.splits import ResolvedSplit
 from clipkd.engine import runtime
 from clipkd.metrics import harmonic_mean
 
-__all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate_half", "evaluate_halves",
-           "score_halves", "classification_metrics", "results_payload", "format_dassl_lines", "dassl_log_lines"]
+__all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate_half", "epoch_selection",
+           "evaluate_halves", "score_halves", "classification_metrics", "results_payload", "format_dassl_lines",
+           "dassl_log_lines"]
 
 
 @torch.no_grad()
@@ -212,6 +213,17 @@ def evaluate_half(
     """Accuracy / macro-F1 of ``model`` on one half, among that half's classes only."""
     pred, true = predict_half(model, split, cfg, device, autocast, items, feature_cache)
     return classification_metrics(pred, true, len(split.classnames))
+
+
+def epoch_selection(model: Any, split: ResolvedSplit, cfg: CfgNode,
+                    device: torch.device) -> Callable[[], float] | None:
+    """How TEST.FINAL_MODEL measures an epoch to pick the final one: ``model``'s accuracy on ``split``'s few-shot
+    val list (val) or on its test list (best_base_test, the reference code's choice); None for last."""
+    if cfg.TEST.FINAL_MODEL == "last":
+        return None
+    items = "val" if cfg.TEST.FINAL_MODEL == "val" else "test"
+    autocast, _ = runtime.autocast_for(cfg.OPTIM.PRECISION, device)
+    return lambda: evaluate_half(model, split, cfg, device, autocast, items=items)["accuracy"]
 
 
 def evaluate_halves(

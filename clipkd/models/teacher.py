@@ -209,6 +209,12 @@ def build_teacher(cfg: CfgNode, template: str | None = None, *, device: str | to
     return Teacher(clip_model, tokenizer, prompts=prompts, prompts_source=f"checkpoint {path}")
 
 
+def teacher_description(cfg: CfgNode) -> str:
+    """What results.json records as the teacher: "zero-shot" or "prompted: <checkpoint>"."""
+    ckpt = cfg.MODEL.TEACHER.CHECKPOINT
+    return f"prompted: {ckpt}" if ckpt and ckpt != ZERO_SHOT else "zero-shot"
+
+
 def resolve_teacher_checkpoint(cfg: CfgNode) -> Path:
     """The file MODEL.TEACHER.CHECKPOINT names: a checkpoint file (clipkd ``model.pt``, Dassl
     ``model-best.pth.tar`` / ``model.pth.tar-N``), a clipkd run folder, a Dassl ``VLPromptLearner`` folder (or

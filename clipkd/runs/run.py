@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
 from clipkd.config import build_config, check_config
@@ -25,7 +24,7 @@ from clipkd.data.rundata import RunData, prepare_data
 from clipkd.data.specs import get_spec
 from clipkd.engine import runtime
 from clipkd.engine.checkpoint import load_checkpoint
-from clipkd.engine.evaluate import evaluate_half, evaluate_halves, predict_half, score_halves
+from clipkd.engine.evaluate import epoch_selection, evaluate_halves, predict_half, score_halves
 from clipkd.engine.loop import train_epochs
 from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.runtime import autocast_for, seed_everything
@@ -35,19 +34,13 @@ from clipkd.errors import ConfigError, TrainingError
 from clipkd.methods.distiller import Distiller, build_objective
 from clipkd.models.state import read_state_dict, resolve_checkpoint_file
 from clipkd.models.student import build_student
-from clipkd.models.teacher import ZERO_SHOT, build_teacher
+from clipkd.models.teacher import build_teacher, teacher_description
 from clipkd.models.zeroshot import build_zero_shot
 from clipkd.rundir import CONFIG_FILE, INPUTS_FILE, MODEL_FILE, RunDir
 from clipkd.runs.checks import check_setup, check_teacher, check_trainable, needs_teacher
 from clipkd.runs.inputs import check_inputs, read_record, record_inputs
 
 WHICH = ("final", "teacher", "student")  # trained student, configured teacher, zero-shot student CLIP
-
-
-def teacher_description(cfg: CfgNode) -> str:
-    """What results.json records as the teacher: "zero-shot" or "prompted: <checkpoint>"."""
-    ckpt = cfg.MODEL.TEACHER.CHECKPOINT
-    return f"prompted: {ckpt}" if ckpt and ckpt != ZERO_SHOT else "zero-shot"
 
 
 class Run:
@@ -228,17 +221,9 @@ class Run:
         cfg, data, student = self.cfg, self.data, self.student
         objective = build_objective(cfg, student, data.train.classnames)
         distiller = Distiller(student, self.teacher, data.train.classnames, objective)
-        model: torch.nn.Module = distiller
-        if runtime.world_size() > 1:
-            model = DistributedDataParallel(distiller, device_ids=[self.device.index]
-                                            if self.device.type == "cuda" else None)
-        validate = None
-        if cfg.TEST.FINAL_MODEL != "last":  # val: the few-shot val split; best_base_test: the test split
-            items = "val" if cfg.TEST.FINAL_MODEL == "val" else "test"
-            autocast, _ = autocast_for(cfg.OPTIM.PRECISION, self.device)
-            validate = (lambda: evaluate_half(student, data.select, cfg, self.device, autocast,
-                                              items=items)["accuracy"])
-        trainer = Trainer(distiller, model, cfg, self.dir, self.device, validate)
+        model = runtime.distribute(distiller, self.device)
+        trainer = Trainer(distiller, model, cfg, self.dir, self.device,
+                          epoch_selection(student, data.select, cfg, self.device))
         dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
         if self.teacher is not None:
             entry = None
