@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from yacs.config import CfgNode
 
@@ -18,6 +19,9 @@ class RunData:
     spec: DatasetSpec
     train: ResolvedSplit  # what the student learns from
     halves: dict[str, ResolvedSplit]  # evaluated halves: base + new (base-to-new) or all (few-shot setting)
+    # What is derived from these lists once for every run that shares them (a fused group's cells), e.g. the
+    # record of their files that inputs.json keeps (clipkd.runs.inputs).
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def select(self) -> ResolvedSplit:
