@@ -25,6 +25,8 @@ from clipkd.config.defaults import PARAMS, get_cfg_defaults
 from clipkd.errors import ConfigError
 from clipkd.registry import LOSSES, OBJECTIVES, STUDENTS
 
+_DKD_TARGET_DEFAULT = get_cfg_defaults().DISTILL.DKD_TARGET
+
 # A loss function's arguments that are data, not settings.
 DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
 
@@ -65,7 +67,7 @@ def check_loss_keys(cfg: CfgNode) -> tuple[str, ...]:
                               f"it is used by {', '.join(users)}: remove it or set it back to "
                               f"{spec.default!r}")
     # DISTILL.DKD_TARGET picks DKD's target class: it needs a loss that takes one.
-    default_target = get_cfg_defaults().DISTILL.DKD_TARGET
+    default_target = _DKD_TARGET_DEFAULT
     if d.DKD_TARGET != default_target and "target" not in arguments:
         users = [n for n in LOSSES if "target" in LOSSES.arguments(n)]
         raise ConfigError(f"DISTILL.DKD_TARGET {d.DKD_TARGET!r} does not apply to DISTILL.LOSS {name}; it is used "

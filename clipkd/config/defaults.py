@@ -98,6 +98,10 @@ _DIVERGENCE_NAMES = DIVERGENCES.names()
 # of their defaults and ranges. Each row makes its DISTILL.<PARAM> key below; the loss builder
 # (clipkd.losses.build), check_loss_keys (clipkd.config.checks) and validate (clipkd.config.merge) read it. A loss
 # whose parameters are all here needs no new key.
+# (ok, must, bound) of the two ranges most parameters have
+_POSITIVE = (lambda v: isfinite(v) and v > 0, "a finite real number > 0", "> 0")
+_NON_NEGATIVE = (lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0")
+
 PARAMS: dict[str, Param] = {name: Param(f"DISTILL.{name.upper()}", *row) for name, *row in (
     # inside dkd (its non-target part), lsd, ttm: kl | ab | rkl | js | skl
     ("divergence", "kl", lambda v: v in _DIVERGENCE_NAMES, f"one of {', '.join(_DIVERGENCE_NAMES)}"),
@@ -105,26 +109,20 @@ PARAMS: dict[str, Param] = {name: Param(f"DISTILL.{name.upper()}", *row) for nam
     ("alpha", 0.8, isfinite, "a finite real number"),
     ("beta", 0.3, isfinite, "a finite real number"),
     # all but ttm (whose teacher temperature is 1 / TTM_EXPONENT)
-    ("temperature", 1.0, lambda v: isfinite(v) and v > 0, "a finite real number > 0", "> 0",
-     "1 uses the logits as they are"),
+    ("temperature", 1.0, *_POSITIVE, "1 uses the logits as they are"),
     # DKD: weight of the target-class part (binary KL)
-    ("dkd_alpha", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0",
-     "the weight of DKD's target-class part"),
+    ("dkd_alpha", 1.0, *_NON_NEGATIVE, "the weight of DKD's target-class part"),
     # DKD: weight of the non-target part (DISTILL.DIVERGENCE)
-    ("dkd_beta", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0",
-     "the weight of DKD's non-target part"),
+    ("dkd_beta", 1.0, *_NON_NEGATIVE, "the weight of DKD's non-target part"),
     # DKD: the loss ramps as min(epoch / DKD_WARMUP, 1), epochs from 1; 0 = no ramp
-    ("dkd_warmup", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0 (epochs; 0 = no warm-up)",
-     ">= 0", "epochs of DKD's ramp; 0 means none"),
+    ("dkd_warmup", 1.0, _NON_NEGATIVE[0], "a finite real number >= 0 (epochs; 0 = no warm-up)", ">= 0",
+     "epochs of DKD's ramp; 0 means none"),
     # TTM: the teacher's probabilities to this power, renormalised
-    ("ttm_exponent", 0.1, lambda v: isfinite(v) and v > 0, "a finite real number > 0", "> 0",
-     "e.g. 0.1-0.5 (1 is plain KD)"),
+    ("ttm_exponent", 0.1, *_POSITIVE, "e.g. 0.1-0.5 (1 is plain KD)"),
     # DIST: weight of the inter-class (per sample) correlation term
-    ("dist_beta", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0",
-     "the weight of DIST's inter-class term"),
+    ("dist_beta", 1.0, *_NON_NEGATIVE, "the weight of DIST's inter-class term"),
     # DIST: weight of the intra-class (per class, across the batch) term
-    ("dist_gamma", 1.0, lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0",
-     "the weight of DIST's intra-class term"),
+    ("dist_gamma", 1.0, *_NON_NEGATIVE, "the weight of DIST's intra-class term"),
 )}
 for _spec in PARAMS.values():
     setattr(_C.DISTILL, _spec.key.split(".", 1)[1], _spec.default)

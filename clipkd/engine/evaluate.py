@@ -16,6 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 from yacs.config import CfgNode
 
 from clipkd.data.loaders import ImageListDataset, build_loader, build_transform
+from clipkd.data.rundata import RunData
 from clipkd.data.splits import ResolvedSplit
 from clipkd.engine import runtime
 from clipkd.metrics import harmonic_mean
@@ -215,13 +216,14 @@ def evaluate_half(
     return classification_metrics(pred, true, len(split.classnames))
 
 
-def epoch_selection(model: Any, split: ResolvedSplit, cfg: CfgNode,
-                    device: torch.device) -> Callable[[], float] | None:
-    """How TEST.FINAL_MODEL measures an epoch to pick the final one: ``model``'s accuracy on ``split``'s few-shot
-    val list (val) or on its test list (best_base_test, the reference code's choice); None for last."""
+def epoch_selection(model: Any, data: RunData, cfg: CfgNode, device: torch.device) -> Callable[[], float] | None:
+    """How TEST.FINAL_MODEL measures an epoch to pick the final one: ``model``'s accuracy on the few-shot val
+    list (val) or on the test list (best_base_test, the reference code's choice) of ``data.select``; None for
+    last."""
     if cfg.TEST.FINAL_MODEL == "last":
         return None
     items = "val" if cfg.TEST.FINAL_MODEL == "val" else "test"
+    split = data.select
     autocast, _ = runtime.autocast_for(cfg.OPTIM.PRECISION, device)
     return lambda: evaluate_half(model, split, cfg, device, autocast, items=items)["accuracy"]
 

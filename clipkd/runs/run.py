@@ -206,7 +206,7 @@ class Run:
             require_tensorboard()
         check_config(cfg)  # what the config alone decides (clipkd config show runs the same)
         check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
-        check_setup(cfg, self.data, runtime.world_size())
+        check_setup(cfg, self.data, runtime.world_size(), self.device)
         if resume:
             self.check_inputs()
         # what this run reads, recorded once (also when a run killed before recording resumes)
@@ -223,7 +223,7 @@ class Run:
         distiller = Distiller(student, self.teacher, data.train.classnames, objective)
         model = runtime.distribute(distiller, self.device)
         trainer = Trainer(distiller, model, cfg, self.dir, self.device,
-                          epoch_selection(student, data.select, cfg, self.device))
+                          epoch_selection(student, data, cfg, self.device))
         dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
         if self.teacher is not None:
             entry = None
