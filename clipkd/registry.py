@@ -129,18 +129,21 @@ class Registry:
     order, which is the order messages list them in.
     """
 
-    def __init__(self, key: str, entries: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, key: str, entries: Mapping[str, Any] | None = None,
+                 declared: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.key = key
         self._targets: dict[str, Any] = {}
         self._resolved: dict[str, Any] = {}
+        self._declared: dict[str, dict[str, Any]] = {}
         for name, target in (entries or {}).items():
-            self.register(name, target)
+            self.register(name, target, **(declared or {}).get(name, {}))
 
-    def register(self, name: str, target: Any = _MISSING) -> Any:
-        """Add ``name``; without ``target``, a decorator that registers what it decorates and returns it."""
+    def register(self, name: str, target: Any = _MISSING, **declared: Any) -> Any:
+        """Add ``name``; without ``target``, a decorator that registers what it decorates and returns it.
+        ``declared``: what the name declares beside its target, read without importing it (:meth:`declared`)."""
         if target is _MISSING:
             def decorator(obj: Any) -> Any:
-                self.register(name, obj)
+                self.register(name, obj, **declared)
                 return obj
 
             return decorator
@@ -149,6 +152,7 @@ class Registry:
         if name in self._targets:
             raise ValueError(f"{self.key}: {name!r} is registered already")
         self._targets[name] = target
+        self._declared[name] = dict(declared)
         return target
 
     def names(self) -> tuple[str, ...]:
@@ -225,6 +229,13 @@ class Registry:
             return getattr(self.get(key), attr)
         return getattr(self.get(key), attr, default)
 
+    def declared(self, name: object, what: str) -> Any:
+        """What ``name`` was registered with as ``what`` (e.g. an objective's ``check_config``), None when
+        nothing: an import path ``"package.module:attribute"`` is imported now (it must not import torch where
+        the config reads it), any other object is returned as is. Never imports the name's target."""
+        value = self._declared[self.check(name)].get(what)
+        return _resolve(value) if isinstance(value, str) else value
+
     def get(self, name: object) -> Any:
         """The target of ``name``, importing it on first use (ConfigError for an unknown name)."""
         key = self.check(name)
@@ -267,10 +278,16 @@ DIVERGENCES = Registry("DISTILL.DIVERGENCE", {
 })
 
 # Builders (cfg, student, classnames) -> objective: what a training step's loss is (clipkd.methods.distiller).
+# Each declares check_config: cfg -> None, the settings it cannot train with (ConfigError), torch-free, which
+# clipkd.config.check_config (clipkd train, clipkd config show) runs.
 OBJECTIVES = Registry("DISTILL.OBJECTIVE", {
     "kd": "clipkd.methods.kd:build_kd_objective",
     "promptsrc": "clipkd.methods.promptsrc:build_promptsrc_objective",
     "kgcoop": "clipkd.methods.kgcoop:build_kgcoop_objective",
+}, declared={
+    "kd": {"check_config": "clipkd.config.checks:check_kd_config"},
+    "promptsrc": {"check_config": "clipkd.config.checks:check_promptsrc_config"},
+    "kgcoop": {"check_config": "clipkd.config.checks:check_kgcoop_config"},
 })
 
 OPTIMIZERS = Registry("OPTIM.NAME", {

@@ -49,3 +49,24 @@ def test_corrupt_cache_file_is_ignored(synth_root, private_cache):
     for path in (private_cache / "fewshot" / "ucf101").glob("*.json"):
         path.write_text("{not json")
     assert resolve_split(synth_root, "ucf101", 1, 3, "new") == good
+
+
+def test_cached_draw_draws_once_per_lists_and_key(tmp_path):
+    """The whole draw cache is one call: a miss draws and writes, a hit reads, False never caches."""
+    from clipkd.data.cache import cached_draw
+    from clipkd.data.records import Datum
+
+    train = [Datum(f"c{i % 2}/{i}.jpg", i % 2, f"c{i % 2}") for i in range(6)]
+    val = train[:2]
+    calls = []
+
+    def draw():
+        calls.append(1)
+        return train[:2], val[:1]
+
+    first = cached_draw(tmp_path, "dtd", 1, 7, train, val, draw)
+    again = cached_draw(tmp_path, "dtd", 1, 7, train, val, draw)
+    assert first == again == (train[:2], val[:1]) and len(calls) == 1
+    cached_draw(tmp_path, "dtd", 1, 8, train, val, draw)  # another seed: another draw
+    cached_draw(False, "dtd", 1, 7, train, val, draw)
+    assert len(calls) == 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -225,3 +227,25 @@ def test_check_root_that_is_a_file(tmp_path, capsys):
     for argv in (["data", "check", "--root", str(file)], _split_cmd(file, "dtd")):
         rc, _, err = run(argv, capsys)
         assert rc == 2 and f"DATA root {file} is a file, not a folder" in err and "does not exist" not in err
+
+
+def _help(parser, argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    return out.getvalue()
+
+
+def test_a_command_builds_only_its_own_parser():
+    """`clipkd CMD` imports CMD's module alone; its --help (and the full --help) read as with every parser."""
+    code = ("import sys; from clipkd.cli.main import main; rc = main(['config', 'show', '--diff']); "
+            "mods = sorted(m for m in sys.modules if m.startswith('clipkd.cli.') and m != 'clipkd.cli.main'); "
+            "assert rc == 0 and mods == ['clipkd.cli.config_cmd'], mods")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    from clipkd.cli.main import build_parser
+
+    full = build_parser()
+    for cmd in ("data", "train", "eval", "demo", "toy", "report", "sweep", "config"):
+        assert _help(build_parser(cmd), [cmd, "--help"]) == _help(full, [cmd, "--help"]), cmd
+    assert _help(build_parser("nonsense"), ["--help"]) == _help(full, ["--help"])
+    assert "report" in _help(full, ["--help"])

@@ -361,3 +361,43 @@ def test_check_config_refuses_what_training_refuses_without_torch():
             "    assert 'DISTILL.DIVERGENCE' in str(exc) and 'does not apply to DISTILL.LOSS ab' in str(exc), exc\n"
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------ issue 17
+def test_choices_are_one_plain_dict_read_now():
+    """validate() reads the allowed values once per merge, as a dict (the registries' names as they are now)."""
+    from clipkd.config.defaults import CHOICES, choices
+
+    now = choices()
+    assert type(now) is dict and list(now.items()) == list(CHOICES.items())
+
+
+def test_loss_parameter_ranges_are_checked_from_their_table_rows():
+    """The range validate() checks for a loss parameter's key is the one its PARAMS row declares (no twin)."""
+    from clipkd.config.defaults import PARAMS
+
+    ranged = {p for p, spec in PARAMS.items() if spec.bound}
+    assert ranged == {"temperature", "dkd_alpha", "dkd_beta", "dkd_warmup", "ttm_exponent", "dist_beta",
+                      "dist_gamma"}
+    for param in ranged:
+        spec = PARAMS[param]
+        bad = "0" if spec.bound == "> 0" else "-1"
+        with pytest.raises(ConfigError, match=re.escape(f"{spec.key} must be {spec.bound} (got {float(bad)!r}); "
+                                                        f"{spec.fix}")):
+            build_config([], [spec.key, bad])
+
+
+def test_check_loss_keys_reads_the_configured_loss_only(monkeypatch):
+    """A config whose loss keys are fine is checked from its own loss's arguments (one read, not one per loss)."""
+    from clipkd.config.checks import check_loss_keys
+    from clipkd.registry import LOSSES
+
+    asked = []
+    real = LOSSES.arguments
+    monkeypatch.setattr(LOSSES, "arguments", lambda name: asked.append(name) or real(name))
+    assert check_loss_keys(build_config([], ["DISTILL.LOSS", "dkd"])) == (
+        "divergence", "temperature", "dkd_alpha", "dkd_beta", "dkd_warmup")
+    assert asked == ["dkd"]
+    with pytest.raises(ConfigError, match="DISTILL.TTM_EXPONENT 0.5 does not apply to DISTILL.LOSS dkd; it is used "
+                                          "by ttm"):
+        check_loss_keys(build_config([], ["DISTILL.LOSS", "dkd", "DISTILL.TTM_EXPONENT", "0.5"]))

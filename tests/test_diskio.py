@@ -97,6 +97,15 @@ def test_metrics_append_on_full_disk_keeps_earlier_lines(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_bytes() == before  # no half line after the good ones
 
 
+def test_a_block_of_log_lines_is_one_call_each_line_its_own(tmp_path):
+    """RunLog.info takes a block (e.g. a half's Dassl result lines): each line lands as a line of its own."""
+    run_log = RunLog(tmp_path, echo=False)
+    run_log.info("=> result", "* accuracy: 50.0%")
+    run_log.info("Finish training")
+    run_log.close()
+    assert (tmp_path / "log.txt").read_text() == "=> result\n* accuracy: 50.0%\nFinish training\n"
+
+
 def test_log_line_on_full_disk_is_an_error_not_a_logging_traceback(tmp_path, capsys):
     run_log = RunLog(tmp_path, echo=False)
     run_log.info("epoch [1/2] loss 1.0")

@@ -263,3 +263,20 @@ def test_eval_of_a_student_file_needs_the_prompted_teacher_too(synth_root, tmp_p
     assert main([*args, "MODEL.TEACHER.CHECKPOINT", ""]) == 2
     assert "MODEL.TEACHER.PROMPTED True" in capsys.readouterr().err
     assert main(args) == 0  # TINY names the zero-shot teacher explicitly, as the run had
+
+
+def test_epoch_selection_is_test_final_models_measure(monkeypatch):
+    """TEST.FINAL_MODEL last selects nothing; val measures the few-shot val list, best_base_test the test list."""
+    import clipkd.engine.evaluate as evaluate_mod
+    from clipkd.config import build_config
+    from clipkd.data.rundata import RunData
+
+    asked = []
+    monkeypatch.setattr(evaluate_mod, "evaluate_half",
+                        lambda model, split, cfg, device, autocast, items: asked.append((model, split, items))
+                        or {"accuracy": 42.0})
+    device, data = torch.device("cpu"), RunData(None, "train", {"base": "s", "new": "other"})
+    assert evaluate_mod.epoch_selection("m", data, build_config(), device) is None
+    for final, items in (("val", "val"), ("best_base_test", "test")):
+        select = evaluate_mod.epoch_selection("m", data, build_config([], ["TEST.FINAL_MODEL", final]), device)
+        assert select() == 42.0 and asked[-1] == ("m", "s", items)

@@ -144,3 +144,23 @@ def test_subsample_relabels_in_order(labels, sub):
 def test_classnames_for_prompts_keep_case():
     items = [Datum("a", 1, "Annual_Crop_Land"), Datum("b", 0, "face"), Datum("c", 2, "2012_Tesla_Model_S")]
     assert classnames_for_prompts(items) == ["face", "Annual Crop Land", "2012 Tesla Model S"]
+
+
+def test_a_runs_halves_come_from_one_read_and_one_draw(synth_root, monkeypatch):
+    """prepare_data reads the dataset and draws once for base, new (and the transductive all); each half is
+    what resolve_split gives alone."""
+    import clipkd.data.splits as splits
+    from clipkd.config import build_config
+    from clipkd.data.rundata import prepare_data
+
+    reads = []
+    real = splits.read_dataset
+    monkeypatch.setattr(splits, "read_dataset", lambda *a, **k: reads.append(1) or real(*a, **k))
+    cfg = build_config([], ["DATASET.ROOT", str(synth_root), "DATASET.NAME", "oxford_pets", "DATASET.NUM_SHOTS", "2",
+                            "DATASET.SUBSAMPLE_CLASSES", "base", "DISTILL.PROTOCOL", "transductive"])
+    data = prepare_data(cfg)
+    assert len(reads) == 1
+    for half in ("base", "new"):
+        assert data.halves[half] == resolve_split(synth_root, "oxford_pets", 2, 1, half)
+    assert data.train == resolve_split(synth_root, "oxford_pets", 2, 1, "all")
+    assert all(data.train is not split for split in data.halves.values())

@@ -268,3 +268,20 @@ def test_a_cell_whose_evaluation_fails_fails_alone(synth_root, tmp_path, monkeyp
     assert dict(summary.failed) == {broken: "RuntimeError: boom"} and len(summary.done) == 2
     assert (broken / "model.pt").is_file() and not (broken / "results.json").exists()
     assert all((p / "results.json").is_file() for p in summary.done)
+
+
+def test_a_fused_group_records_its_lists_once(synth_root, tmp_path, monkeypatch):
+    """inputs.json's record of the lists (a stat of every image) is made once per group and written by every
+    cell, the same record a cell run alone writes."""
+    import clipkd.runs.inputs as inputs_mod
+
+    made, real = [], inputs_mod._list_record
+    monkeypatch.setattr(inputs_mod, "_list_record", lambda split: made.append(1) or real(split))
+    grid = build_grid(METHOD, "dtd", "0.5:1.5:0.5", "0:0:1", [1], tmp_path / "sweep", OPTS)
+    assert run_grid(grid, str(synth_root), fused=True).lines()[0].startswith("sweep: 3 done")
+    assert len(made) == 2  # base and new, once for the three cells
+    records = [json.loads((c.out / "inputs.json").read_text()) for c in grid.cells]
+    assert all(r == records[0] for r in records)
+    cell = grid.cells[0]
+    alone(grid, cell, synth_root, tmp_path / "alone")
+    assert json.loads((tmp_path / "alone" / "inputs.json").read_text()) == records[0]

@@ -158,3 +158,10 @@ def test_reports_stay_torch_free():
                                              ({"a": {"b"}, "b": set()}, [])])
 def test_cycles_finds_circles(graph, expected):
     assert cycles(graph) == expected
+
+
+def test_run_stays_a_page():
+    """Run (cfg -> data, teacher, student; fit, evaluate, load) stays within ~250 lines: what belongs to the
+    engine (DDP, epoch selection), the models (the teacher's description) or the fused sweep lives there."""
+    lines = (PKG / "runs" / "run.py").read_text(encoding="utf-8").count("\n")
+    assert lines <= 250, lines

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from clipkd.config import build_config
-from clipkd.data.loaders import ImageListDataset, build_loader
+from clipkd.data.loaders import ImageListDataset, build_loader, build_transform
 from clipkd.data.splits import resolve_split
-from clipkd.data.transforms import build_transform
 
 
 def test_loader_batches_and_seeded_shuffle(synth_root):

@@ -188,3 +188,30 @@ def test_declarations_inherited_from_a_base_in_another_module_are_read_from_sour
     assert _source_class_attribute("clipkd_probe_pkg.child:Child", "needs_teacher") is _MISSING
     assert _source_class_attribute("clipkd.models.vpt:VPTStudent", "own_text_tower") is False  # from Student
     assert _source_class_attribute("clipkd.models.student:PromptKDStudent", "min_images_per_process") == 2
+
+
+def test_objectives_declare_their_config_check_torch_free():
+    """check_config asks the objective's registration for its check (no branch on the name), without torch."""
+    code = ("import sys; from clipkd.registry import OBJECTIVES; "
+            "checks = {n: OBJECTIVES.declared(n, 'check_config') for n in OBJECTIVES}; "
+            "assert all(callable(c) for c in checks.values()), checks; "
+            "assert 'torch' not in sys.modules and 'clipkd.methods' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from clipkd.config import check_config
+    from clipkd.registry import OBJECTIVES
+
+    seen = []
+
+    def probe_check(cfg):
+        seen.append(cfg.DISTILL.OBJECTIVE)
+        raise ConfigError("DISTILL.OBJECTIVE probe_objective: refused")
+
+    OBJECTIVES.register("probe_objective", None, check_config=probe_check)
+    try:
+        cfg = build_config([], ["DISTILL.OBJECTIVE", "probe_objective"])
+        with pytest.raises(ConfigError, match="probe_objective: refused"):
+            check_config(cfg)
+        assert seen == ["probe_objective"] and OBJECTIVES.declared("probe_objective", "other") is None
+    finally:
+        OBJECTIVES._targets.pop("probe_objective", None)
+        OBJECTIVES._declared.pop("probe_objective", None)

@@ -303,8 +303,8 @@ class NotTensors:
     """What a malicious or foreign pickle may hold: an object of a class clipkd never unpickles."""
 
 
-@pytest.mark.parametrize("content", ["torn", "pickle"])
-def test_a_damaged_or_malicious_cache_file_never_suggests_the_unsafe_load(tmp_path, content):
+def damaged_file(tmp_path, content):
+    """A cache entry and its epoch-1 file, torn or holding an object clipkd never unpickles."""
     entry = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()
     path = entry.path / "epoch-0001-rank0.pt"
     if content == "torn":
@@ -312,6 +312,12 @@ def test_a_damaged_or_malicious_cache_file_never_suggests_the_unsafe_load(tmp_pa
         path.write_bytes(path.read_bytes()[:100])
     else:
         torch.save({"key": entry.key, "features": NotTensors()}, path)
+    return entry, path
+
+
+@pytest.mark.parametrize("content", ["torn", "pickle"])
+def test_a_damaged_or_malicious_cache_file_never_suggests_the_unsafe_load(tmp_path, content):
+    entry, path = damaged_file(tmp_path, content)
     with pytest.raises(ConfigError) as err:
         entry.load(path.name)
     msg = str(err.value)
@@ -410,3 +416,16 @@ def test_a_run_stopped_by_a_full_cache_disk_keeps_its_checkpoint_and_cache(synth
     (entry,) = cache.iterdir()
     assert sorted(p.name for p in entry.iterdir()) == ["epoch-0001-rank0.pt", "key.json"]
     assert fit(cfg, tmp_path / "run", resume=True) == fit(config(synth_root, "abkd_promptkd"), tmp_path / "plain")
+
+
+@pytest.mark.parametrize("content", ["torn", "pickle"])
+def test_a_cache_files_read_failure_is_told_as_a_checkpoints_is(tmp_path, content):
+    """One rule says why torch.load refused a file: the teacher cache's message gives load_error_cause's words."""
+    from clipkd.models.state import load_error_cause
+
+    entry, path = damaged_file(tmp_path, content)
+    with pytest.raises(Exception) as refused:
+        torch.load(path, map_location="cpu", weights_only=True)
+    with pytest.raises(ConfigError) as err:
+        entry.load(path.name)
+    assert f"cannot be read ({load_error_cause(refused.value)}): it is damaged" in str(err.value)

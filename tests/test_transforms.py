@@ -8,7 +8,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from clipkd.config import build_config
-from clipkd.data.transforms import build_transform
+from clipkd.data.loaders import build_transform
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

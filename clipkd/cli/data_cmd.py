@@ -9,7 +9,7 @@ import os
 import sys
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
     from clipkd.data.specs import DG_STEMS, STEMS
 
     stems = (*STEMS, *DG_STEMS)

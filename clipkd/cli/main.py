@@ -7,6 +7,7 @@ the data commands answer in about a second (torch and open_clip take several).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import warnings
@@ -16,12 +17,16 @@ from clipkd import __version__
 from clipkd.errors import ClipkdError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from clipkd.cli import data_cmd, toy_cmd, train_cmd
-    from clipkd.cli import report_cmd
-    from clipkd.cli import sweep_cmd
-    from clipkd.cli import config_cmd
+# Each command and the module (clipkd.cli.<module>) whose add_parsers adds it, in the order --help lists them.
+COMMANDS = {"data": "data_cmd", "train": "train_cmd", "eval": "train_cmd", "demo": "toy_cmd", "toy": "toy_cmd",
+            "report": "report_cmd", "sweep": "sweep_cmd", "config": "config_cmd"}
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``command`` alone when it is one of :data:`COMMANDS` (a command needs no other's parser,
+    and some read data specs or registries to build theirs); every command's otherwise (--help, no or an
+    unknown command, whose messages list them all)."""
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     parser = argparse.ArgumentParser(
         prog="clipkd",
         description="CLIP prompt tuning with knowledge distillation (alpha-beta divergence) "
@@ -31,12 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    data_cmd.add_parser(sub)
-    train_cmd.add_parsers(sub)
-    toy_cmd.add_parsers(sub)
-    report_cmd.add_parsers(sub)
-    sweep_cmd.add_parsers(sub)
-    config_cmd.add_parsers(sub)
+    for module in modules:
+        importlib.import_module(f"clipkd.cli.{module}").add_parsers(sub)
     return parser
 
 
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     args.debug = debug
     _setup_logging(debug)

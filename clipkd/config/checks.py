@@ -10,7 +10,8 @@ sizes against the data, fp16 without CUDA) is checked by the run itself, not her
 Imports neither torch nor open_clip: ``config show`` answers at once. Which settings a loss takes is read from
 its registered function's signature (:meth:`clipkd.registry.Registry.arguments`), their keys and defaults from
 the table of loss parameters (:data:`clipkd.config.defaults.PARAMS`), what a student has from its registered
-class's declarations (:meth:`clipkd.registry.Registry.attribute`).
+class's declarations (:meth:`clipkd.registry.Registry.attribute`), what an objective cannot train with from the
+``check_config`` it is registered with (:meth:`clipkd.registry.Registry.declared`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from yacs.config import CfgNode
 
 from clipkd.config.defaults import PARAMS, get_cfg_defaults
 from clipkd.errors import ConfigError
-from clipkd.registry import LOSSES, STUDENTS
+from clipkd.registry import LOSSES, OBJECTIVES, STUDENTS
+
+_DKD_TARGET_DEFAULT = get_cfg_defaults().DISTILL.DKD_TARGET
 
 # A loss function's arguments that are data, not settings.
 DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
@@ -31,7 +34,12 @@ DATA_ARGS = ("student_logits", "teacher_logits", "target", "epoch", "reduction")
 def loss_params(name: str, divergence: str | None = None) -> tuple[str, ...]:
     """The parameters DISTILL.LOSS ``name`` takes (with ``divergence``, for a method that has one); alpha and
     beta belong to the ab divergence, so a method takes them only when its divergence is ab."""
-    names = tuple(p for p in LOSSES.arguments(name) if p not in DATA_ARGS)
+    return _settings(LOSSES.arguments(name), divergence)
+
+
+def _settings(arguments: tuple[str, ...], divergence: str | None) -> tuple[str, ...]:
+    """:func:`loss_params` of a loss function whose arguments are ``arguments``."""
+    names = tuple(p for p in arguments if p not in DATA_ARGS)
     if "divergence" in names and (divergence or PARAMS["divergence"].default) != "ab":
         names = tuple(p for p in names if p not in ("alpha", "beta"))
     return names
@@ -40,24 +48,27 @@ def loss_params(name: str, divergence: str | None = None) -> tuple[str, ...]:
 def check_loss_keys(cfg: CfgNode) -> tuple[str, ...]:
     """A DISTILL.* key of a loss parameter (DISTILL.<PARAM>, e.g. DISTILL.TTM_EXPONENT for ``ttm_exponent``)
     that DISTILL.LOSS does not take must stay at its default: a changed value would be ignored silently.
-    Returns the parameters the loss takes."""
+    Returns the parameters the loss takes. The other losses' arguments are read only to name those that take
+    a changed key."""
     d = cfg.DISTILL
     name = LOSSES.check(d.LOSS)
-    divergence = d.DIVERGENCE if "divergence" in LOSSES.arguments(name) else None
-    takes = loss_params(name, divergence)
-    params = {p for n in LOSSES for p in loss_params(n, "ab")}
+    arguments = LOSSES.arguments(name)
+    divergence = d.DIVERGENCE if "divergence" in arguments else None
+    takes = _settings(arguments, divergence)
     for param, spec in PARAMS.items():
         field = spec.key.split(".", 1)[1]
-        if param in params and param not in takes and d[field] != spec.default:
-            users = [n for n in LOSSES if param in LOSSES.arguments(n)]
+        if param in takes or d[field] == spec.default:
+            continue
+        users = [n for n in LOSSES if param in LOSSES.arguments(n)]
+        if users:
             hint = (" (alpha and beta apply when DISTILL.DIVERGENCE is ab)"
                     if param in ("alpha", "beta") and divergence is not None else "")
             raise ConfigError(f"DISTILL.{field} {d[field]!r} does not apply to DISTILL.LOSS {name}{hint}; "
                               f"it is used by {', '.join(users)}: remove it or set it back to "
                               f"{spec.default!r}")
     # DISTILL.DKD_TARGET picks DKD's target class: it needs a loss that takes one.
-    default_target = get_cfg_defaults().DISTILL.DKD_TARGET
-    if d.DKD_TARGET != default_target and "target" not in LOSSES.arguments(name):
+    default_target = _DKD_TARGET_DEFAULT
+    if d.DKD_TARGET != default_target and "target" not in arguments:
         users = [n for n in LOSSES if "target" in LOSSES.arguments(n)]
         raise ConfigError(f"DISTILL.DKD_TARGET {d.DKD_TARGET!r} does not apply to DISTILL.LOSS {name}; it is used "
                           f"by {', '.join(users)}: remove it or set it back to {default_target!r}")
@@ -84,7 +95,9 @@ def check_promptsrc_config(cfg: CfgNode) -> None:
     d, p = cfg.DISTILL, cfg.PROMPTSRC
     problems = []
     def fits(name: str) -> bool:  # its regulariser needs the student's own class features, one per class
-        return STUDENTS.attribute(name, "own_text_tower") and not STUDENTS.attribute(name, "conditional", False)
+        takes = STUDENTS.attribute(name, "objectives", ())
+        return (STUDENTS.attribute(name, "own_text_tower") and not STUDENTS.attribute(name, "conditional", False)
+                and (not takes or "promptsrc" in takes))
 
     if not fits(cfg.MODEL.STUDENT.TYPE):
         problems.append(f"it trains prompts in both towers: set MODEL.STUDENT.TYPE "
@@ -99,6 +112,13 @@ def check_promptsrc_config(cfg: CfgNode) -> None:
     if problems:
         raise ConfigError("DISTILL.OBJECTIVE promptsrc: " + "; ".join(problems))
     gpa_weights(cfg.OPTIM.MAX_EPOCH, p.GPA_MEAN, p.GPA_STD)  # ConfigError for a bad std or mean
+    check_kd_config(cfg)  # its KD part
+
+
+def check_kd_config(cfg: CfgNode) -> None:
+    """The KD objective's (DISTILL.OBJECTIVE kd) check: the loss keys, when it builds DISTILL.LOSS (WEIGHT > 0)."""
+    if cfg.DISTILL.WEIGHT > 0:
+        check_loss_keys(cfg)
 
 
 def check_student_objective(cfg: CfgNode) -> None:
@@ -112,7 +132,7 @@ def check_student_objective(cfg: CfgNode) -> None:
 
 
 def check_kgcoop_config(cfg: CfgNode) -> None:
-    """KgCoOp's objective needs the kgcoop student's hand-crafted class embeddings (the student, in turn, declares
+    """The kgcoop objective's check: KgCoOp's objective needs the kgcoop student's hand-crafted class embeddings (the student, in turn, declares
     that it trains with this objective only: :func:`check_student_objective`)."""
     student = str(cfg.MODEL.STUDENT.TYPE).lower()
     if cfg.DISTILL.OBJECTIVE == "kgcoop" and student != "kgcoop":
@@ -120,6 +140,7 @@ def check_kgcoop_config(cfg: CfgNode) -> None:
                           "kgcoop student's hand-crafted class embeddings; set MODEL.STUDENT.TYPE kgcoop")
     if not (math.isfinite(cfg.KGCOOP.W) and cfg.KGCOOP.W >= 0):
         raise ConfigError(f"KGCOOP.W must be a finite number >= 0 (got {cfg.KGCOOP.W}); KgCoOp uses 8.0")
+    check_kd_config(cfg)  # its KD part
 
 
 def check_label_free_config(cfg: CfgNode) -> None:
@@ -163,10 +184,8 @@ def check_config(cfg: Any) -> None:
         raise ConfigError("DISTILL.CE_WEIGHT needs labels, which the transductive protocol does not use; "
                           "set it to 0 or use DISTILL.PROTOCOL inductive")
     check_student_objective(cfg)
-    if d.OBJECTIVE == "promptsrc":
-        check_promptsrc_config(cfg)
-    check_kgcoop_config(cfg)
+    objective_check = OBJECTIVES.declared(d.OBJECTIVE, "check_config")  # what the objective cannot train with
+    if objective_check is not None:
+        objective_check(cfg)
     if d.WEIGHT == 0 and d.CE_WEIGHT == 0:
         raise ConfigError("nothing to learn from: DISTILL.WEIGHT and DISTILL.CE_WEIGHT are both 0")
-    if d.WEIGHT > 0:  # every objective distils through its KD part (DISTILL.LOSS), built only then
-        check_loss_keys(cfg)

@@ -6,7 +6,7 @@ users of CoOp / PromptKD configs feel at home. A key that is not here is an erro
 
 from __future__ import annotations
 
-import math
+from math import isfinite
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +53,7 @@ _C.MODEL.TEACHER.QUICK_GELU = False
 # The prompted teacher's prompts: a clipkd run folder or its model.pt (scripts/teacher.sh trains one), or a
 # PromptKD/PromptSRC file as released (model-best.pth.tar) or their folder layout; "zero-shot" (or "") = none.
 _C.MODEL.TEACHER.CHECKPOINT = ""
+ZERO_SHOT = "zero-shot"  # the MODEL.TEACHER.CHECKPOINT value that chooses the zero-shot teacher explicitly
 # True in the recipes that distil from a PromptSRC-prompted teacher (PromptKD, ABKD): such a run refuses to start
 # without MODEL.TEACHER.CHECKPOINT, so a zero-shot teacher is always an explicit choice (CHECKPOINT zero-shot).
 _C.MODEL.TEACHER.PROMPTED = False
@@ -81,48 +82,49 @@ _C.DISTILL.LOSS = "ab"
 
 @dataclass(frozen=True)
 class Param:
-    """A loss parameter: its config key (DISTILL.<PARAM>), default and valid values."""
+    """A loss parameter: its config key (DISTILL.<PARAM>), default and valid values; ``bound`` (e.g. "> 0") is
+    the range :func:`clipkd.config.validate` checks on every merge (with ``fix`` as the hint), "" for none."""
 
     key: str
     default: Any
     ok: Callable[[Any], bool]
     must: str  # what ok() means, for the error
-
-
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
-def _param(name: str, default: Any, ok: Callable[[Any], bool], must: str) -> tuple[str, Param]:
-    return name, Param(f"DISTILL.{name.upper()}", default, ok, must)
+    bound: str = ""
+    fix: str = ""
 
 
 _DIVERGENCE_NAMES = DIVERGENCES.names()
 
 # Every parameter a loss may take (an argument of its registered function, clipkd.registry.LOSSES): the one table
-# of their defaults. Each row makes its DISTILL.<PARAM> key below; the loss builder (clipkd.losses.build) and
-# check_loss_keys (clipkd.config.checks) read it. A loss whose parameters are all here needs no new key.
-PARAMS: dict[str, Param] = dict([
+# of their defaults and ranges. Each row makes its DISTILL.<PARAM> key below; the loss builder
+# (clipkd.losses.build), check_loss_keys (clipkd.config.checks) and validate (clipkd.config.merge) read it. A loss
+# whose parameters are all here needs no new key.
+# (ok, must, bound) of the two ranges most parameters have
+_POSITIVE = (lambda v: isfinite(v) and v > 0, "a finite real number > 0", "> 0")
+_NON_NEGATIVE = (lambda v: isfinite(v) and v >= 0, "a finite real number >= 0", ">= 0")
+
+PARAMS: dict[str, Param] = {name: Param(f"DISTILL.{name.upper()}", *row) for name, *row in (
     # inside dkd (its non-target part), lsd, ttm: kl | ab | rkl | js | skl
-    _param("divergence", "kl", lambda v: v in _DIVERGENCE_NAMES, f"one of {', '.join(_DIVERGENCE_NAMES)}"),
+    ("divergence", "kl", lambda v: v in _DIVERGENCE_NAMES, f"one of {', '.join(_DIVERGENCE_NAMES)}"),
     # of the alpha-beta divergence (DISTILL.LOSS ab, or DISTILL.DIVERGENCE ab)
-    _param("alpha", 0.8, _finite, "a finite real number"),
-    _param("beta", 0.3, _finite, "a finite real number"),
+    ("alpha", 0.8, isfinite, "a finite real number"),
+    ("beta", 0.3, isfinite, "a finite real number"),
     # all but ttm (whose teacher temperature is 1 / TTM_EXPONENT)
-    _param("temperature", 1.0, lambda v: _finite(v) and v > 0, "a finite real number > 0"),
+    ("temperature", 1.0, *_POSITIVE, "1 uses the logits as they are"),
     # DKD: weight of the target-class part (binary KL)
-    _param("dkd_alpha", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
+    ("dkd_alpha", 1.0, *_NON_NEGATIVE, "the weight of DKD's target-class part"),
     # DKD: weight of the non-target part (DISTILL.DIVERGENCE)
-    _param("dkd_beta", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
+    ("dkd_beta", 1.0, *_NON_NEGATIVE, "the weight of DKD's non-target part"),
     # DKD: the loss ramps as min(epoch / DKD_WARMUP, 1), epochs from 1; 0 = no ramp
-    _param("dkd_warmup", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0 (epochs; 0 = no warm-up)"),
+    ("dkd_warmup", 1.0, _NON_NEGATIVE[0], "a finite real number >= 0 (epochs; 0 = no warm-up)", ">= 0",
+     "epochs of DKD's ramp; 0 means none"),
     # TTM: the teacher's probabilities to this power, renormalised
-    _param("ttm_exponent", 0.1, lambda v: _finite(v) and v > 0, "a finite real number > 0"),
+    ("ttm_exponent", 0.1, *_POSITIVE, "e.g. 0.1-0.5 (1 is plain KD)"),
     # DIST: weight of the inter-class (per sample) correlation term
-    _param("dist_beta", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
+    ("dist_beta", 1.0, *_NON_NEGATIVE, "the weight of DIST's inter-class term"),
     # DIST: weight of the intra-class (per class, across the batch) term
-    _param("dist_gamma", 1.0, lambda v: _finite(v) and v >= 0, "a finite real number >= 0"),
-])
+    ("dist_gamma", 1.0, *_NON_NEGATIVE, "the weight of DIST's intra-class term"),
+)}
 for _spec in PARAMS.values():
     setattr(_C.DISTILL, _spec.key.split(".", 1)[1], _spec.default)
 
@@ -196,11 +198,15 @@ _FIXED_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Choices(Mapping[str, tuple[str, ...]]):
-    """Key -> allowed values: the fixed choices above, and the names of each registry in clipkd.registry
+def choices() -> dict[str, tuple[str, ...]]:
+    """Key -> allowed values, now: the fixed choices above, then the names of each registry in clipkd.registry
     (MODEL.TEACHER.TEMPLATES, MODEL.STUDENT.TYPE, DISTILL.LOSS, DISTILL.DIVERGENCE, DISTILL.OBJECTIVE,
-    OPTIM.NAME), read when
-    asked, so a name registered later is accepted too."""
+    OPTIM.NAME), so a name registered later is accepted too."""
+    return {**_FIXED_CHOICES, **{key: registry.names() for key, registry in REGISTRIES.items()}}
+
+
+class _Choices(Mapping[str, tuple[str, ...]]):
+    """:func:`choices` as a mapping, read when asked."""
 
     def __getitem__(self, key: str) -> tuple[str, ...]:
         if key in REGISTRIES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +18,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
-from clipkd.config.defaults import CHOICES, get_cfg_defaults
-from clipkd.config.paths import absolute_paths
+from clipkd.config.defaults import PARAMS, ZERO_SHOT, choices, get_cfg_defaults
 from clipkd.errors import ConfigError
 
 
@@ -144,10 +144,38 @@ def merge_overrides(cfg: CN, opts: Sequence[str]) -> None:
         cfg.freeze()
 
 
+# Keys whose value, when set, is a path: made absolute when a config is built, so a run's config.yaml names the
+# same files from any working directory (clipkd eval --run, --resume elsewhere never pick up other data).
+PATH_KEYS = ("OUTPUT_DIR", "DATASET.ROOT", "MODEL.TEACHER.CHECKPOINT", "DISTILL.TEACHER_CACHE", "KDPL.DICTIONARY")
+# Keys that hold an open_clip tag ("openai") or a local weights file: a path when it looks like one or exists.
+WEIGHT_KEYS = ("MODEL.TEACHER.PRETRAINED", "MODEL.STUDENT.PRETRAINED")
+
+
+def _is_path(value: str) -> bool:
+    return "/" in value or os.sep in value or value.startswith(("~", ".")) or os.path.exists(value)
+
+
+def absolute_paths(cfg: CN) -> None:
+    """Rewrite relative paths in ``cfg`` (in place, unfrozen) as absolute ones, read from the working directory;
+    ``~`` is expanded. Symlinks are kept as written."""
+    for key in PATH_KEYS + WEIGHT_KEYS:
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        value = node[leaf]
+        if not isinstance(value, str) or value.strip() in ("", ZERO_SHOT):
+            continue
+        if key in WEIGHT_KEYS and not _is_path(value):
+            continue
+        node[leaf] = os.path.abspath(os.path.expanduser(value))
+
+
 def build_config(
     files: Iterable[str | Path] = (), overrides: Sequence[str] = (), freeze: bool = True
 ) -> CN:
-    """Defaults <- each file in order (dataset yaml, then method yaml) <- command-line overrides."""
+    """Defaults <- each file in order (dataset yaml, then method yaml) <- command-line overrides; paths made
+    absolute (:func:`absolute_paths`)."""
     cfg = get_cfg_defaults()
     for f in files:
         merge_file(cfg, f)
@@ -181,7 +209,7 @@ def _show(value: Any) -> str:
     return repr(list(value)) if isinstance(value, (tuple, list)) else repr(value)
 
 
-# Fixes to add when a key's value is not one of its CHOICES.
+# Fixes to add when a key's value is not one of its choices.
 _CHOICE_HINTS = {
     "DATASET.SUBSAMPLE_CLASSES": "base trains on the base classes and evaluates on base and new",
 }
@@ -207,15 +235,9 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("DATALOADER.NUM_WORKERS", lambda v: v >= 0, ">= 0", "0 loads in the main process"),
     ("DATALOADER.TRAIN_X.BATCH_SIZE", lambda v: v >= 1, ">= 1", ""),
     ("DATALOADER.TEST.BATCH_SIZE", lambda v: v >= 1, ">= 1", ""),
-    ("DISTILL.TEMPERATURE", lambda v: v > 0, "> 0", "1 uses the logits as they are"),
     ("DISTILL.WEIGHT", lambda v: v >= 0, ">= 0", "0 turns distillation off"),
     ("DISTILL.CE_WEIGHT", lambda v: v >= 0, ">= 0", "0 turns the label loss off"),
-    ("DISTILL.DKD_ALPHA", lambda v: v >= 0, ">= 0", "the weight of DKD's target-class part"),
-    ("DISTILL.DKD_BETA", lambda v: v >= 0, ">= 0", "the weight of DKD's non-target part"),
-    ("DISTILL.DKD_WARMUP", lambda v: v >= 0, ">= 0", "epochs of DKD's ramp; 0 means none"),
-    ("DISTILL.TTM_EXPONENT", lambda v: v > 0, "> 0", "e.g. 0.1-0.5 (1 is plain KD)"),
-    ("DISTILL.DIST_BETA", lambda v: v >= 0, ">= 0", "the weight of DIST's inter-class term"),
-    ("DISTILL.DIST_GAMMA", lambda v: v >= 0, ">= 0", "the weight of DIST's intra-class term"),
+    *[(spec.key, spec.ok, spec.bound, spec.fix) for spec in PARAMS.values() if spec.bound],  # the loss parameters
     ("KDPL.K_MAX", lambda v: v >= 1, ">= 1", "the dictionary names distilled per batch (KDPL: 1000)"),
     ("MODEL.PROMPT.N_CTX_VISION", lambda v: v >= 0, ">= 0", "prompt tokens per layer; 0 means no vision prompts"),
     ("MODEL.PROMPT.N_CTX_TEXT", lambda v: v >= 0, ">= 0", "prompt tokens per layer; 0 means no text prompts"),
@@ -241,7 +263,7 @@ def validate(cfg: CN) -> None:
         floats = value if isinstance(value, (tuple, list)) else (value,)
         if any(isinstance(x, float) and not math.isfinite(x) for x in floats):
             raise ConfigError(f"{key} must be a finite number, got {_show(value)}")
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         value = _get(cfg, key)
         if value not in allowed:
             hint = f" ({_CHOICE_HINTS[key]})" if key in _CHOICE_HINTS else ""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Sequence
 
@@ -82,3 +84,25 @@ def save_draw(
         "val": [[d.relpath, d.label] for d in val],
     }
     atomic_write_text(path, json.dumps(payload, indent=0))
+
+
+def cached_draw(cache_dir: str | os.PathLike | None | bool, stem: str, shots: int, seed: int,
+                train: Sequence[Datum], val: Sequence[Datum],
+                draw: Callable[[], tuple[list[Datum], list[Datum]]]) -> tuple[list[Datum], list[Datum]]:
+    """The K-shot draw of ``shots`` and ``seed`` from the full ``train``/``val`` lists: read from the cache when
+    it holds one for these lists, else ``draw()`` and cached (a cache that cannot be written only warns).
+    ``cache_dir``: None (or True) = :func:`default_cache_dir`, False = no cache, else a folder."""
+    digest = split_digest(train, val)
+    path = None
+    if cache_dir is not False:
+        base = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]
+        path = draw_path(base, stem, shots, seed, digest)
+    drawn = load_draw(path, digest, train, val) if path is not None else None
+    if drawn is None:
+        drawn = draw()
+        if path is not None:
+            try:
+                save_draw(path, digest, stem, shots, seed, *drawn)
+            except OSError as exc:  # a read-only cache must not stop a run
+                warnings.warn(f"could not cache the few-shot draw at {path}: {exc}", stacklevel=3)
+    return drawn

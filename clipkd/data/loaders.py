@@ -1,8 +1,8 @@
-"""torch Dataset / DataLoader over resolved splits."""
+"""torch Dataset / DataLoader over resolved splits, and the image transforms their items go through."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -10,6 +10,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipkd.data.records import Datum
 from clipkd.errors import DataError
+
+if TYPE_CHECKING:
+    from yacs.config import CfgNode
 
 
 def load_image(path: str) -> Image.Image:
@@ -21,6 +24,32 @@ def load_image(path: str) -> Image.Image:
         raise DataError(f"image {path} is missing; restore it or re-download the dataset") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"image {path} cannot be read ({exc}); replace the file") from None
+
+
+def _interpolation(name: str) -> Any:
+    from torchvision.transforms import InterpolationMode
+
+    return {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+            "nearest": InterpolationMode.NEAREST}[name]
+
+
+def build_transform(cfg: "CfgNode", is_train: bool) -> Any:
+    """The train or test transform for ``cfg.INPUT``, as the CLIP configs of the Dassl family (CoOp, PromptSRC,
+    PromptKD) have it. Train: RandomResizedCrop(size, scale) -> RandomHorizontalFlip -> ToTensor -> Normalize (no
+    resize first). Test: Resize(shorter side = size) -> CenterCrop(size) -> ToTensor -> Normalize."""
+    from torchvision import transforms as T
+
+    size = tuple(cfg.INPUT.SIZE)
+    interp = _interpolation(cfg.INPUT.INTERPOLATION)
+    normalize = T.Normalize(mean=list(cfg.INPUT.PIXEL_MEAN), std=list(cfg.INPUT.PIXEL_STD))
+    if is_train:
+        steps = [
+            T.RandomResizedCrop(size, scale=tuple(cfg.INPUT.RRCROP_SCALE), interpolation=interp),
+            T.RandomHorizontalFlip(p=cfg.INPUT.FLIP_PROB),
+        ]
+    else:
+        steps = [T.Resize(max(size), interpolation=interp), T.CenterCrop(size)]
+    return T.Compose([*steps, T.ToTensor(), normalize])
 
 
 class ImageListDataset(Dataset):

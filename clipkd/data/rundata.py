@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from yacs.config import CfgNode
 
 from clipkd.data.specs import DatasetSpec, get_spec
-from clipkd.data.splits import ResolvedSplit, resolve_split
+from clipkd.data.splits import ResolvedSplit, resolve_halves
 from clipkd.errors import ConfigError
 
 
@@ -18,6 +19,9 @@ class RunData:
     spec: DatasetSpec
     train: ResolvedSplit  # what the student learns from
     halves: dict[str, ResolvedSplit]  # evaluated halves: base + new (base-to-new) or all (few-shot setting)
+    # What is derived from these lists once for every run that shares them (a fused group's cells), e.g. the
+    # record of their files that inputs.json keeps (clipkd.runs.inputs).
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def select(self) -> ResolvedSplit:
@@ -34,9 +38,10 @@ def prepare_data(cfg: CfgNode) -> RunData:
     spec = get_spec(cfg.DATASET.NAME)
     shots, seed = cfg.DATASET.NUM_SHOTS, cfg.SEED
     names = ("base", "new") if cfg.DATASET.SUBSAMPLE_CLASSES == "base" else ("all",)
-    halves = {h: resolve_split(cfg.DATASET.ROOT, spec, shots, seed, h) for h in names}
-    if cfg.DISTILL.PROTOCOL == "inductive":
-        train = halves.get("base") or halves["all"]
-    else:  # transductive (PromptKD): train images of all classes, labels unused, logits over all classes
-        train = halves.get("all") or resolve_split(cfg.DATASET.ROOT, spec, shots, seed, "all")
+    inductive = cfg.DISTILL.PROTOCOL == "inductive"
+    # transductive (PromptKD): train images of all classes, labels unused, logits over all classes
+    needed = names if inductive or "all" in names else (*names, "all")
+    resolved = resolve_halves(cfg.DATASET.ROOT, spec, shots, seed, needed)  # one read, one draw
+    halves = {h: resolved[h] for h in names}
+    train = (halves.get("base") or halves["all"]) if inductive else resolved["all"]
     return RunData(spec, train, halves)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from clipkd.data.cache import default_cache_dir, draw_path, load_draw, save_draw, split_digest
+from clipkd.data.cache import cached_draw
 from clipkd.data.fewshot import classnames_for_prompts, sample_few_shot, subsample_classes
 from clipkd.data.readers import read_dataset
 from clipkd.data.records import Datum
@@ -56,32 +56,36 @@ def resolve_split(
 
     ``cache_dir``: None = default cache location, False = no cache, else a folder.
     """
+    return resolve_halves(root, dataset, shots, seed, (subsample,), cache_dir)[subsample]
+
+
+def resolve_halves(
+    root: str | os.PathLike,
+    dataset: str | DatasetSpec,
+    shots: int,
+    seed: int,
+    halves: Sequence[str],
+    cache_dir: str | os.PathLike | None | bool = None,
+) -> dict[str, ResolvedSplit]:
+    """:func:`resolve_split` of each of ``halves`` (e.g. base and new), from one read of the dataset and one
+    draw: the draw is over all classes, so every half of a run shares it."""
     spec = dataset if isinstance(dataset, DatasetSpec) else get_spec(dataset)
     if spec.test_only:
-        return _resolve_test_only(root, spec, subsample)
+        return {half: _resolve_test_only(root, spec, half) for half in halves}
     full = read_dataset(root, spec)
     sample_val = spec.layout != LAYOUT_IMAGENET
     if shots > 0:
-        digest = split_digest(full.train, full.val)
-        path = None
-        if cache_dir is not False:
-            base = default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)  # type: ignore[arg-type]
-            path = draw_path(base, spec.stem, shots, seed, digest)
-        drawn = load_draw(path, digest, full.train, full.val) if path is not None else None
-        if drawn is None:
-            drawn = sample_few_shot(
-                full.train, full.val, shots, seed, sample_val=sample_val, warn_source=f"{spec.name}: "
-            )
-            if path is not None:
-                try:
-                    save_draw(path, digest, spec.stem, shots, seed, *drawn)
-                except OSError as exc:  # a read-only cache must not stop a run
-                    warnings.warn(f"could not cache the few-shot draw at {path}: {exc}", stacklevel=2)
-        train, val = drawn
+        draw = functools.partial(sample_few_shot, full.train, full.val, shots, seed, sample_val=sample_val,
+                                 warn_source=f"{spec.name}: ")
+        train, val = cached_draw(cache_dir, spec.stem, shots, seed, full.train, full.val, draw)
     else:
         train, val = list(full.train), list(full.val)
-    train, val, test = subsample_classes(train, val, full.test, subsample=subsample)
-    return ResolvedSplit(spec, full.dataset_dir, classnames_for_prompts(train), train, val, test)
+    out = {}
+    for half in halves:
+        half_train, half_val, half_test = subsample_classes(train, val, full.test, subsample=half)
+        out[half] = ResolvedSplit(spec, full.dataset_dir, classnames_for_prompts(half_train), half_train, half_val,
+                                  half_test)
+    return out
 
 
 def _resolve_test_only(root: str | os.PathLike, spec: DatasetSpec, subsample: str) -> ResolvedSplit:

@@ -17,14 +17,15 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from yacs.config import CfgNode
 
-from clipkd.data.loaders import ImageListDataset, build_loader
+from clipkd.data.loaders import ImageListDataset, build_loader, build_transform
+from clipkd.data.rundata import RunData
 from clipkd.data.splits import ResolvedSplit
-from clipkd.data.transforms import build_transform
 from clipkd.engine import runtime
 from clipkd.metrics import harmonic_mean
 
-__all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate_half", "evaluate_halves",
-           "score_halves", "classification_metrics", "results_payload", "format_dassl_lines", "dassl_log_lines"]
+__all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate_half", "epoch_selection",
+           "evaluate_halves", "score_halves", "classification_metrics", "results_payload", "format_dassl_lines",
+           "dassl_log_lines"]
 
 
 # What scores a batch's image features: the class features [C, D], or (a conditional student) a function of the
@@ -240,27 +241,39 @@ def evaluate_half(
     return classification_metrics(pred, true, len(split.classnames))
 
 
+def epoch_selection(model: Any, data: RunData, cfg: CfgNode, device: torch.device) -> Callable[[], float] | None:
+    """How TEST.FINAL_MODEL measures an epoch to pick the final one: ``model``'s accuracy on the few-shot val
+    list (val) or on the test list (best_base_test, the reference code's choice) of ``data.select``; None for
+    last."""
+    if cfg.TEST.FINAL_MODEL == "last":
+        return None
+    items = "val" if cfg.TEST.FINAL_MODEL == "val" else "test"
+    split = data.select
+    autocast, _ = runtime.autocast_for(cfg.OPTIM.PRECISION, device)
+    return lambda: evaluate_half(model, split, cfg, device, autocast, items=items)["accuracy"]
+
+
 def evaluate_halves(
     model: Any, halves: dict[str, ResolvedSplit], cfg: CfgNode, device: torch.device,
-    autocast: Callable[[], Any] = contextlib.nullcontext, log: Callable[[str], None] | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext, log: Callable[..., None] | None = None,
     feature_cache: Any = None,
 ) -> dict:
     """``{"base": {...}, "new": {...}, "hm": ...}`` (or ``{"all": ...}``) on the halves' test lists; the Dassl
-    result lines go to ``log``; ``feature_cache`` as in :func:`predict_half`."""
+    result lines go to ``log``, a block per call (the lines as its arguments, as
+    :meth:`clipkd.engine.runlog.RunLog.info` takes them); ``feature_cache`` as in :func:`predict_half`."""
     predictions = {name: predict_half(model, split, cfg, device, autocast, feature_cache=feature_cache)
                    for name, split in halves.items()}
     return score_halves(predictions, halves, log)
 
 
 def score_halves(predictions: dict[str, tuple[torch.Tensor, torch.Tensor]], halves: dict[str, ResolvedSplit],
-                 log: Callable[[str], None] | None = None) -> dict:
+                 log: Callable[..., None] | None = None) -> dict:
     """:func:`evaluate_halves`' results from each half's (predicted, true) labels, e.g. :func:`predict_many`'s."""
     metrics = {}
     for name, split in halves.items():
         metrics[name] = classification_metrics(*predictions[name], len(split.classnames))
         if log is not None:
-            for line in format_dassl_lines(name, metrics[name]):
-                log(line)
+            log(*format_dassl_lines(name, metrics[name]))
     results = results_payload(metrics)
     if log is not None and "hm" in results:
         log(f"* base: {metrics['base']['accuracy']:.2f}%  new: {metrics['new']['accuracy']:.2f}%  "

@@ -40,8 +40,9 @@ def train_epochs(trainers: Sequence[Trainer], dataset: ImageListDataset, device:
     cfg = trainers[0].cfg
     autocast, _ = autocast_for(cfg.OPTIM.PRECISION, device)
     world, batch_size = runtime.world_size(), cfg.DATALOADER.TRAIN_X.BATCH_SIZE  # the global batch
-    full_batches = len(dataset) >= batch_size
-    steps_per_epoch = len(dataset) // batch_size if full_batches else 1
+    n_images = len(dataset)
+    full_batches = n_images >= batch_size
+    steps_per_epoch = n_images // batch_size if full_batches else 1
     for epoch in range(min(t.epoch for t in trainers), max(t.cfg.OPTIM.MAX_EPOCH for t in trainers)):
         active = [t for t in trainers if t.error is None and t.epoch == epoch < t.cfg.OPTIM.MAX_EPOCH]
         if not active:

@@ -139,13 +139,15 @@ class RunLog:
 
             self._tb = SummaryWriter(str(folder / "tensorboard"))
 
-    def info(self, message: str) -> None:
-        """A line of this run: always into ``log.txt``; to the console too when the run echoes."""
+    def info(self, *lines: str) -> None:
+        """Lines of this run (e.g. a result block, together): always into ``log.txt``; to the console too when
+        the run echoes."""
         if self._file is None:
             return
-        self._file.emit(logging.LogRecord(LOGGER, logging.INFO, __file__, 0, message, None, None))
-        if self.echo:
-            log.info(message, extra={_RUN_LINE: True})
+        for message in lines:
+            self._file.emit(logging.LogRecord(LOGGER, logging.INFO, __file__, 0, message, None, None))
+            if self.echo:
+                log.info(message, extra={_RUN_LINE: True})
 
     def metrics(self, kind: str, **values: Any) -> None:
         if self._jsonl is None:

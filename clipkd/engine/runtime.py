@@ -19,6 +19,7 @@ import numpy as np
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from clipkd.errors import ConfigError
 
@@ -67,6 +68,14 @@ def init(device: torch.device) -> bool:
     if not is_initialized():
         dist.init_process_group(backend_for(device))
     return True
+
+
+def distribute(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` as the processes train it: wrapped in DistributedDataParallel under torchrun (gradients
+    averaged over the processes), itself in a single process."""
+    if world_size() <= 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def barrier() -> None:

@@ -55,8 +55,6 @@ import fcntl
 import hashlib
 import json
 import os
-import pickle
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,10 +63,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from clipkd.config.paths import ZERO_SHOT
+from clipkd.config.defaults import ZERO_SHOT
 from clipkd.engine.runtime import resolve_precision
 from clipkd.errors import ConfigError
 from clipkd.fileio import OutputError, atomic_write, atomic_write_text, stale_temp_files, write_failure
+from clipkd.models.state import load_error_cause
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
@@ -233,7 +232,7 @@ class CacheEntry:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a damaged file: say which and what to do
-            raise ConfigError(f"DISTILL.TEACHER_CACHE: {path} cannot be read ({_load_failure(exc)}): it is damaged "
+            raise ConfigError(f"DISTILL.TEACHER_CACHE: {path} cannot be read ({load_error_cause(exc)}): it is damaged "
                               "or not a clipkd cache file; delete it (a later run recomputes it)") from None
         stamp = obj.get("stamp") if isinstance(obj, dict) else None
         if not isinstance(stamp, dict):
@@ -261,17 +260,6 @@ class CacheEntry:
     def describe(self) -> str:
         files, size = self.size()
         return f"{self.path}: {files} file(s), {human_size(size)}"
-
-
-def _load_failure(exc: BaseException) -> str:
-    """Why torch.load refused a file, without torch's advice to retry with weights_only=False: never for a
-    cache file, which only ever holds tensors and plain data."""
-    text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError):
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        return "it stores Python objects" + (f" ({found.group(1)})" if found else "") + ", not only tensors"
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return first if first and "weights_only" not in first else type(exc).__name__
 
 
 @contextmanager

@@ -37,6 +37,7 @@ class Trainer:
     def __init__(self, distiller: Distiller, model: nn.Module, cfg: CfgNode, rundir: RunDir, device: torch.device,
                  validate: Callable[[], float] | None = None) -> None:
         self.distiller, self.model, self.cfg, self.rundir = distiller, model, cfg, rundir
+        self.main = runtime.is_main()  # this process writes the run's files (rank 0; fixed once it has a rank)
         self.optimizer = build_optimizer(distiller.student.trainable_parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         _, use_scaler = runtime.autocast_for(cfg.OPTIM.PRECISION, device)
@@ -72,7 +73,7 @@ class Trainer:
     def open(self, resume: bool, inputs: dict | None, echo: bool, tensorboard: bool, intro: str) -> None:
         """Take the folder (locked: rank 0 re-checks it under the lock, every rank learns the outcome), restore
         ``last.pt`` when resuming, write ``config.yaml`` / ``inputs.json`` and open the log."""
-        out, main = self.rundir, runtime.is_main()
+        out, main = self.rundir, self.main
         error = None
         if main:
             try:
@@ -110,7 +111,7 @@ class Trainer:
         """Close the log and unlock the folder (whatever happened in between)."""
         if self.log is not None:
             self.log.close()
-        if runtime.is_main():
+        if self.main:
             self.rundir.release()
 
     # ------------------------------------------------------------------------------------ training
@@ -147,14 +148,14 @@ class Trainer:
             epoch_metrics[self.select_metric] = accuracy = self.validate()
             if accuracy > self.best["accuracy"]:
                 self.best = {"accuracy": accuracy, "epoch": epoch + 1}
-                if runtime.is_main():
+                if self.main:
                     save_checkpoint(self.rundir / BEST_CKPT, student.trainable_state_dict(), epoch=epoch + 1)
         self.log.metrics("epoch", epoch=epoch + 1, lr=lr, time=round(time.time() - started, 3), **epoch_metrics)
         self.log.info(f"epoch [{epoch + 1}/{self.cfg.OPTIM.MAX_EPOCH}] loss {epoch_metrics['loss']:.4f} lr {lr:.3e}"
                       + (f" {self.select_metric.replace('_', ' ')} {epoch_metrics[self.select_metric]:.2f}%"
                          if self.validate is not None else "")
                       + f" ({time.time() - started:.1f}s)")
-        if runtime.is_main():
+        if self.main:
             save_checkpoint(self.rundir / LAST_CKPT, student.trainable_state_dict(), **self.checkpoint())
 
     # ------------------------------------------------------------------------------------ outputs
@@ -170,7 +171,7 @@ class Trainer:
             final_epoch = self.best["epoch"]
             on = "few-shot val" if cfg.TEST.FINAL_MODEL == "val" else "base TEST (the reference code's choice)"
             self.log.info(f"final model: epoch {final_epoch} (best {on} accuracy {self.best['accuracy']:.2f}%)")
-        if runtime.is_main():
+        if self.main:
             save_checkpoint(out / MODEL_FILE, student.trainable_state_dict(), epoch=final_epoch,
                             student_type=cfg.MODEL.STUDENT.TYPE)
         features = self.teacher_features
@@ -181,10 +182,9 @@ class Trainer:
 
     def write_results(self, results: dict, teacher: str) -> dict:
         """The evaluation's Dassl lines, ``results.json`` and its metrics line; returns the results."""
-        for line in dassl_log_lines(results):  # what Dassl's tools/parse_test_res.py reads
-            self.log.info(line)
+        self.log.info(*dassl_log_lines(results))  # what Dassl's tools/parse_test_res.py reads
         results.update(epoch=self.final_epoch, selected_on=SELECTED_ON[self.cfg.TEST.FINAL_MODEL], teacher=teacher)
-        if runtime.is_main():
+        if self.main:
             atomic_write_text(self.rundir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
         self.log.metrics("results", **results)
         runtime.barrier()

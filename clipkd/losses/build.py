@@ -8,8 +8,8 @@ names the parameter, its config key and what the loss does take, so a typo or a 
 silently ignored (DISTILL.TEMPERATURE with TTM, DISTILL.ALPHA with KL) is caught at start-up. Their config keys,
 defaults and valid values are one table, :data:`clipkd.config.defaults.PARAMS`.
 
-The loss is bound here, once: looked up, its parameters fixed, and whether it takes ``target`` and ``epoch``
-decided; every call then takes ``(student_logits, teacher_logits, target, epoch)``.
+The loss is bound here, once: looked up, its parameters fixed, and which of ``target`` and ``epoch`` it takes
+read (:class:`DistillLoss`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from torch import Tensor
 
@@ -28,17 +28,10 @@ from clipkd.config.defaults import PARAMS
 from clipkd.errors import ConfigError
 from clipkd.registry import LOSSES
 
-__all__ = ["LOSS_NAMES", "PARAMS", "DistillLoss", "LossFn", "build_distill_loss", "build_distill_loss_from_cfg",
+__all__ = ["LOSS_NAMES", "PARAMS", "DistillLoss", "build_distill_loss", "build_distill_loss_from_cfg",
            "loss_params"]
 
 LOSS_NAMES: tuple[str, ...] = LOSSES.names()  # DISTILL.LOSS's names, from clipkd.registry
-
-class LossFn(Protocol):
-    """What a training step calls: ``target`` and ``epoch`` always passed, used or not."""
-
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None,
-                 epoch: float | None) -> Tensor: ...
-
 
 def _check_value(param: str, value: Any) -> Any:
     spec = PARAMS.get(param)
@@ -55,37 +48,8 @@ def _check_value(param: str, value: Any) -> Any:
     return value
 
 
-def _with_both(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
-               epoch: float | None) -> Tensor:
-    return call(s, t, target=target, epoch=epoch)
-
-
-def _with_target(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
-                 epoch: float | None) -> Tensor:
-    return call(s, t, target=target)
-
-
-def _with_epoch(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
-                epoch: float | None) -> Tensor:
-    return call(s, t, epoch=epoch)
-
-
-def _with_neither(call: Callable[..., Tensor], s: Tensor, t: Tensor, target: Tensor | None,
-                  epoch: float | None) -> Tensor:
-    return call(s, t)
-
-
-# (takes target, takes epoch) -> the wrapper that passes what the loss takes and drops the rest
-_WRAPPERS = {(True, True): _with_both, (True, False): _with_target, (False, True): _with_epoch,
-             (False, False): _with_neither}
-
-
-def _bind(fn: Callable[..., Tensor], args: Collection[str], params: tuple[tuple[str, Any], ...]) -> LossFn:
-    """``fn`` (whose arguments are ``args``) with its parameters fixed, called as ``(s, t, target, epoch)``: the
-    data arguments it does not take are dropped by a wrapper chosen here, once, so a training step neither looks
-    the loss up nor reads its signature. Module-level pieces only: a built loss pickles."""
-    wrapper = _WRAPPERS["target" in args, "epoch" in args]
-    return functools.partial(wrapper, functools.partial(fn, **dict(params)))
+# The arguments of a loss function that are data a training step passes (when the function takes them).
+STEP_ARGS = ("target", "epoch")
 
 
 @dataclass(frozen=True)
@@ -93,20 +57,25 @@ class DistillLoss:
     """A configured loss ``(student_logits, teacher_logits, target=None, epoch=None) -> scalar``, bound at build.
 
     ``target`` (class index per sample) is used by losses that split by class (DKD, ``needs_target``) and
-    ``epoch`` (1-based) by those with a warm-up; the others ignore both. Its repr is what run logs record.
+    ``epoch`` (1-based) by those with a warm-up; the others ignore both. ``bound`` is the registered function
+    with its parameters fixed (a ``functools.partial``: a built loss pickles) and ``data_args`` the ones of
+    ``target`` and ``epoch`` it takes: a training step calls ``bound`` with those alone, so it neither looks the
+    loss up nor reads its signature nor goes through a wrapper. Its repr is what run logs record.
     """
 
     name: str
     params: tuple[tuple[str, Any], ...]
     needs_target: bool = field(compare=False)
-    fn: LossFn = field(compare=False, repr=False)
+    bound: Callable[..., Tensor] = field(compare=False, repr=False)
+    data_args: tuple[str, ...] = field(compare=False, repr=False)
 
     def __getitem__(self, param: str) -> Any:
         return dict(self.params)[param]
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None,
                  epoch: float | None = None) -> Tensor:
-        return self.fn(student_logits, teacher_logits, target, epoch)
+        given = {"target": target, "epoch": epoch}
+        return self.bound(student_logits, teacher_logits, **{k: given[k] for k in self.data_args})
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params)
@@ -141,8 +110,8 @@ def build_distill_loss(name: str, **params: Any) -> DistillLoss:
             values.append((param, PARAMS[param].default))
     fn = LOSSES.get(key)
     args = tuple(inspect.signature(fn).parameters)
-    bound = tuple(values)
-    return DistillLoss(key, bound, "target" in args, _bind(fn, args, bound))
+    return DistillLoss(key, tuple(values), "target" in args, functools.partial(fn, **dict(values)),
+                       tuple(a for a in STEP_ARGS if a in args))
 
 
 def build_distill_loss_from_cfg(cfg: Any) -> DistillLoss:

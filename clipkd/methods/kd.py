@@ -12,7 +12,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from yacs.config import CfgNode
 
-from clipkd.losses import build_distill_loss_from_cfg
+from clipkd.losses.build import STEP_ARGS, DistillLoss, build_distill_loss_from_cfg
 from clipkd.methods.distiller import StudentFeatures
 
 
@@ -24,12 +24,18 @@ class KDObjective:
     argmax. ``all_images`` only names the labels in the log: those of every training image, base and new classes
     (the transductive protocol with DISTILL.DKD_TARGET label, as ABKD's CLIP code). Every call passes the target
     and the epoch (1-based, counted here and kept in the checkpoint so resume is exact); a loss that uses neither
-    ignores them (:func:`clipkd.losses.build_distill_loss` binds it so).
+    ignores them (:func:`clipkd.losses.build_distill_loss` binds it so, and this calls the bound function
+    itself).
     """
 
     def __init__(self, divergence: Callable[..., Tensor] | None, weight: float, ce_weight: float = 0.0,
                  target_from_teacher: bool = False, all_images: bool = False) -> None:
         self.divergence = divergence if weight > 0 else None
+        # A built loss is called as its bound function with the data arguments it takes (no wrapper per step);
+        # another callable gets both.
+        loss = self.divergence
+        self._loss, self._data_args = ((loss.bound, loss.data_args) if isinstance(loss, DistillLoss)
+                                       else (loss, STEP_ARGS))
         self.weight = float(weight)
         self.ce_weight = float(ce_weight)
         self.needs_target = bool(getattr(self.divergence, "needs_target", False))
@@ -48,7 +54,8 @@ class KDObjective:
             assert teacher_logits is not None
             s, t = student_logits.float(), teacher_logits.float()
             target = t.argmax(-1) if self.target_from_teacher else labels
-            kd = self.divergence(s, t, target=target, epoch=self.epoch)
+            given = {"target": target, "epoch": self.epoch}
+            kd = self._loss(s, t, **{k: given[k] for k in self._data_args})
             loss = loss + self.weight * kd
             terms["kd"] = kd.detach()
         if self.ce_weight > 0:

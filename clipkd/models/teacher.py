@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from clipkd.config.paths import ZERO_SHOT  # noqa: F401 - re-exported: MODEL.TEACHER.CHECKPOINT "zero-shot"
+from clipkd.config.defaults import ZERO_SHOT  # noqa: F401 - re-exported: MODEL.TEACHER.CHECKPOINT "zero-shot"
 from clipkd.data.specs import get_spec
 from clipkd.errors import ConfigError, ModelError
 from clipkd.models.factory import create_clip
@@ -213,6 +213,12 @@ def build_teacher(cfg: CfgNode, template: str | None = None, *, device: str | to
         warnings.warn("MODEL.TEACHER.CHECKPOINT is set but MODEL.TEACHER.PRETRAINED is empty: the prompts will run "
                       "on a randomly initialised CLIP", stacklevel=2)
     return Teacher(clip_model, tokenizer, prompts=prompts, prompts_source=f"checkpoint {path}")
+
+
+def teacher_description(cfg: CfgNode) -> str:
+    """What results.json records as the teacher: "zero-shot" or "prompted: <checkpoint>"."""
+    ckpt = cfg.MODEL.TEACHER.CHECKPOINT
+    return f"prompted: {ckpt}" if ckpt and ckpt != ZERO_SHOT else "zero-shot"
 
 
 def resolve_teacher_checkpoint(cfg: CfgNode) -> Path:

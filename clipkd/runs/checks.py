@@ -5,6 +5,7 @@ images per step: ``clipkd.registry.STUDENTS``), and these checks ask them."""
 
 from __future__ import annotations
 
+import torch
 from yacs.config import CfgNode
 
 from clipkd.data.rundata import RunData
@@ -56,9 +57,10 @@ def check_trainable(cfg: CfgNode) -> None:
             f"clipkd eval --run DIR --dataset {spec.stem}")
 
 
-def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
+def check_setup(cfg: CfgNode, data: RunData, world: int = 1, device: torch.device | None = None) -> None:
     """The combinations that would otherwise fail deep inside a step, or train something meaningless, and need
-    more than the config (the data, model configs, the device; what the config alone decides is check_config)."""
+    more than the config (the data, model configs, the ``device``, by default this process's; what the config
+    alone decides is check_config)."""
     check_teacher(cfg)
     training_classes(cfg, data.train.classnames)  # KDPL-CA: its dictionary is there, and holds K_MAX names
     if cfg.TEST.FINAL_MODEL == "val" and not data.select.val:
@@ -85,4 +87,4 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1) -> None:
             raise ConfigError(
                 f"INPUT.SIZE {size} does not fit {key} {name}, which takes {wants[0]}x{wants[1]} images; "
                 f"set INPUT.SIZE \"({wants[0]}, {wants[1]})\" (teacher and student must take the same size)")
-    runtime.autocast_for(cfg.OPTIM.PRECISION, runtime.pick_device())  # fp16 without CUDA
+    runtime.autocast_for(cfg.OPTIM.PRECISION, device or runtime.pick_device())  # fp16 without CUDA

@@ -1,7 +1,8 @@
 """What a run read, recorded when it starts (``inputs.json``) and compared when it is resumed or re-evaluated.
 
-A run's config names its inputs by absolute path (:mod:`clipkd.config.paths`), but the files there can change:
-a dataset re-downloaded or re-split, a teacher retrained into the same folder. The record is cheap and honest:
+A run's config names its inputs by absolute path (:func:`clipkd.config.merge.absolute_paths`), but the files
+there can change: a dataset re-downloaded or re-split, a teacher retrained into the same folder. The record is
+cheap and honest:
 
 * the dataset: per list the run reads (each half's train / val / test, the transductive train list), the number
   of classes and images and a SHA-256 over the class names, image names, labels and image file sizes (the
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from clipkd.config.paths import ZERO_SHOT
+from clipkd.config.defaults import ZERO_SHOT
 from clipkd.errors import DataError, ModelError
 from clipkd.models.teacher import resolve_teacher_checkpoint
 
@@ -84,7 +85,7 @@ def _weight_files(cfg: CfgNode, teacher: bool) -> dict[str, Path | None]:
             files["MODEL.TEACHER.CHECKPOINT"] = None
     for key, value in (("MODEL.TEACHER.PRETRAINED", cfg.MODEL.TEACHER.PRETRAINED),
                        ("MODEL.STUDENT.PRETRAINED", cfg.MODEL.STUDENT.PRETRAINED)):
-        if os.path.isabs(value):  # a local file (clipkd.config.paths made it absolute), not an open_clip tag
+        if os.path.isabs(value):  # a local file (clipkd.config.merge made it absolute), not an open_clip tag
             files[key] = Path(value) if os.path.isfile(value) else None
     if teacher and cfg.DISTILL.CLASS_AGNOSTIC and cfg.KDPL.DICTIONARY:  # KDPL-CA's training class names
         files["KDPL.DICTIONARY"] = Path(cfg.KDPL.DICTIONARY) if os.path.isfile(cfg.KDPL.DICTIONARY) else None
@@ -92,9 +93,13 @@ def _weight_files(cfg: CfgNode, teacher: bool) -> dict[str, Path | None]:
 
 
 def record_inputs(cfg: CfgNode, data: RunData, teacher: bool) -> dict[str, Any]:
-    """The record of a run about to start (``teacher``: whether it builds its teacher)."""
-    return {"DATASET.ROOT": {"path": cfg.DATASET.ROOT,
-                             "lists": {name: _list_record(split) for name, split in _data_lists(data).items()}},
+    """The record of a run about to start (``teacher``: whether it builds its teacher). The lists' record (a
+    stat of every image) is made once per ``data``: the cells of a fused group, which share their lists, each
+    write it without reading every image again."""
+    lists = data.derived.get("inputs_lists")
+    if lists is None:
+        lists = data.derived["inputs_lists"] = {name: _list_record(split) for name, split in _data_lists(data).items()}
+    return {"DATASET.ROOT": {"path": cfg.DATASET.ROOT, "lists": lists},
             **{key: _file_record(path) for key, path in _weight_files(cfg, teacher).items() if path is not None}}
 
 

@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
 from clipkd.config import build_config, check_config
-from clipkd.data.loaders import ImageListDataset
+from clipkd.data.loaders import ImageListDataset, build_transform
 from clipkd.data.rundata import RunData, prepare_data
 from clipkd.data.specs import get_spec
-from clipkd.data.transforms import build_transform
 from clipkd.engine import runtime
 from clipkd.engine.checkpoint import load_checkpoint
-from clipkd.engine.evaluate import evaluate_half, evaluate_halves, predict_half, score_halves
+from clipkd.engine.evaluate import epoch_selection, evaluate_halves, predict_half, score_halves
 from clipkd.engine.loop import train_epochs
 from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.runtime import autocast_for, seed_everything
@@ -37,19 +35,13 @@ from clipkd.methods.distiller import Distiller, build_objective
 from clipkd.methods.kdpl import training_classes
 from clipkd.models.state import read_state_dict, resolve_checkpoint_file
 from clipkd.models.student import build_student
-from clipkd.models.teacher import ZERO_SHOT, build_teacher
+from clipkd.models.teacher import build_teacher, teacher_description
 from clipkd.models.zeroshot import build_zero_shot
 from clipkd.rundir import CONFIG_FILE, INPUTS_FILE, MODEL_FILE, RunDir
 from clipkd.runs.checks import check_setup, check_teacher, check_trainable, needs_teacher
 from clipkd.runs.inputs import check_inputs, read_record, record_inputs
 
 WHICH = ("final", "teacher", "student")  # trained student, configured teacher, zero-shot student CLIP
-
-
-def teacher_description(cfg: CfgNode) -> str:
-    """What results.json records as the teacher: "zero-shot" or "prompted: <checkpoint>"."""
-    ckpt = cfg.MODEL.TEACHER.CHECKPOINT
-    return f"prompted: {ckpt}" if ckpt and ckpt != ZERO_SHOT else "zero-shot"
 
 
 class Run:
@@ -215,7 +207,7 @@ class Run:
             require_tensorboard()
         check_config(cfg)  # what the config alone decides (clipkd config show runs the same)
         check_trainable(cfg)  # before the data: an evaluation set has no train list to prepare
-        check_setup(cfg, self.data, runtime.world_size())
+        check_setup(cfg, self.data, runtime.world_size(), self.device)
         if resume:
             self.check_inputs()
         # what this run reads, recorded once (also when a run killed before recording resumes)
@@ -234,17 +226,9 @@ class Run:
                               label_free=cfg.DISTILL.LABEL_FREE or cfg.DISTILL.CLASS_AGNOSTIC,
                               teacher_scale=student.logit_scale if cfg.DISTILL.TEACHER_LOGIT_SCALE == "student"
                               else None)
-        model: torch.nn.Module = distiller
-        if runtime.world_size() > 1:
-            model = DistributedDataParallel(distiller, device_ids=[self.device.index]
-                                            if self.device.type == "cuda" else None)
-        validate = None
-        if cfg.TEST.FINAL_MODEL != "last":  # val: the few-shot val split; best_base_test: the test split
-            items = "val" if cfg.TEST.FINAL_MODEL == "val" else "test"
-            autocast, _ = autocast_for(cfg.OPTIM.PRECISION, self.device)
-            validate = (lambda: evaluate_half(student, data.select, cfg, self.device, autocast,
-                                              items=items)["accuracy"])
-        trainer = Trainer(distiller, model, cfg, self.dir, self.device, validate)
+        model = runtime.distribute(distiller, self.device)
+        trainer = Trainer(distiller, model, cfg, self.dir, self.device,
+                          epoch_selection(student, data, cfg, self.device))
         dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
         if self.teacher is not None:
             entry = None

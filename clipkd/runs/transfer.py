@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Sequence
 from clipkd.data.specs import get_spec
 from clipkd.errors import TrainingError
 from clipkd.fileio import atomic_write_text
-from clipkd.models.teacher import ZERO_SHOT, resolve_teacher_checkpoint
+from clipkd.models.teacher import ZERO_SHOT, resolve_teacher_checkpoint, teacher_description
 from clipkd.rundir import MODEL_FILE, RunDir, eval_results_path
 from clipkd.runs.checks import needs_teacher
-from clipkd.runs.run import Run, teacher_description
+from clipkd.runs.run import Run
 
 if TYPE_CHECKING:
     from yacs.config import CfgNode
