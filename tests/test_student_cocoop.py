@@ -13,8 +13,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from clipkd.cli.main import main
 from clipkd.config import build_config, check_config
-from clipkd.data.loaders import ImageListDataset, build_loader
-from clipkd.data.transforms import build_transform
+from clipkd.data.loaders import ImageListDataset, build_loader, build_transform
 from clipkd.engine.checkpoint import load_checkpoint
 from clipkd.engine.evaluate import predict_half
 from clipkd.errors import ConfigError, ModelError

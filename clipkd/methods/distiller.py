@@ -82,6 +82,20 @@ def build_objective(cfg: CfgNode, student: nn.Module | None = None, classnames: 
     return OBJECTIVES.get(cfg.DISTILL.OBJECTIVE)(cfg, student, classnames)
 
 
+def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module | None,
+                    classnames: Sequence[str]) -> Distiller:
+    """The Distiller a run's config describes: DISTILL.OBJECTIVE over the training ``classnames`` (with
+    DISTILL.CLASS_AGNOSTIC, KDPL.DICTIONARY's names, K_MAX picked per batch), labels withheld when label-free, the
+    teacher at the student's logit scale with DISTILL.TEACHER_LOGIT_SCALE student."""
+    from clipkd.methods.kdpl import training_classes  # noqa: PLC0415 - the one objective-specific part
+
+    names, select = training_classes(cfg, classnames)
+    d = cfg.DISTILL
+    return Distiller(student, teacher, names, build_objective(cfg, student, names), select=select,
+                     label_free=d.LABEL_FREE or d.CLASS_AGNOSTIC,
+                     teacher_scale=student.logit_scale if d.TEACHER_LOGIT_SCALE == "student" else None)
+
+
 def class_logits(model: Any, images: Tensor, classnames: Sequence[str] | None = None,
                  class_features: Tensor | None = None) -> Tensor:
     """``logit_scale * image_features @ class_features^T`` (class features from ``classnames`` if not given)."""
@@ -113,6 +127,13 @@ class Distiller(nn.Module):
         self.label_free = label_free
         self.select = select  # teacher logits [B, C] -> this batch's class indices [K]
         self.teacher_scale = teacher_scale  # multiplies the teacher's cosines; None: the teacher's own logit scale
+
+    def describe(self) -> str:
+        """How its classes and labels reach the objective, for the run log ("" when as usual)."""
+        if self.select is not None:
+            return (f"class-agnostic (KDPL-CA): {self.select!r} of the {len(self.classnames)} names of "
+                    "KDPL.DICTIONARY")
+        return "label-free (the objective never sees labels)" if self.label_free else ""
 
     def train(self, mode: bool = True) -> Distiller:
         self.student.train(mode)  # the teacher stays in eval mode

@@ -20,7 +20,6 @@ import torch.distributed as dist
 from torch import Tensor
 from yacs.config import CfgNode
 
-from clipkd.engine import runtime
 from clipkd.errors import ConfigError, DataError
 
 DICTIONARY_COLUMN = "ClassName"  # KDPL's CSV column
@@ -70,7 +69,7 @@ class TopKClasses:
         self.k = int(k)
 
     def __call__(self, teacher_logits: Tensor) -> Tensor:
-        if not runtime.is_initialized() or runtime.world_size() == 1:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return top_k_classes(teacher_logits, self.k)
         total = teacher_logits.detach().float().softmax(dim=-1).sum(dim=0)
         dist.all_reduce(total)  # the batch-mean times the batch size: the same ranking

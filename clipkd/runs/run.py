@@ -31,8 +31,7 @@ from clipkd.engine.runtime import autocast_for, seed_everything
 from clipkd.engine.teacher_features import EvalFeatureCache, TeacherFeatures, eval_entry, train_entry
 from clipkd.engine.trainer import Trainer, check_folder
 from clipkd.errors import ConfigError, TrainingError
-from clipkd.methods.distiller import Distiller, build_objective
-from clipkd.methods.kdpl import training_classes
+from clipkd.methods.distiller import build_distiller
 from clipkd.models.state import read_state_dict, resolve_checkpoint_file
 from clipkd.models.student import build_student
 from clipkd.models.teacher import build_teacher, teacher_description
@@ -220,19 +219,14 @@ class Run:
         features of the stream come from ``cache_entry`` (a fused group's, opened once) or a new entry."""
         assert self.dir is not None
         cfg, data, student = self.cfg, self.data, self.student
-        classnames, select = training_classes(cfg, data.train.classnames)  # KDPL-CA: a dictionary's, per batch
-        objective = build_objective(cfg, student, classnames)
-        distiller = Distiller(student, self.teacher, classnames, objective, select=select,
-                              label_free=cfg.DISTILL.LABEL_FREE or cfg.DISTILL.CLASS_AGNOSTIC,
-                              teacher_scale=student.logit_scale if cfg.DISTILL.TEACHER_LOGIT_SCALE == "student"
-                              else None)
+        distiller = build_distiller(cfg, student, self.teacher, data.train.classnames)
         model = runtime.distribute(distiller, self.device)
         trainer = Trainer(distiller, model, cfg, self.dir, self.device,
                           epoch_selection(student, data, cfg, self.device))
         dataset = ImageListDataset(data.train.train, data.train.dataset_dir, build_transform(cfg, is_train=True))
         if self.teacher is not None:
             entry = None
-            if cfg.DISTILL.TEACHER_CACHE and objective.needs_teacher:  # checked (maybe refused) before writing
+            if cfg.DISTILL.TEACHER_CACHE and distiller.objective.needs_teacher:  # checked (maybe refused) before writing
                 entry = cache_entry
                 if entry is None:
                     entry = train_entry(cfg, dataset.items, dataset.paths, self.teacher, self.device,
@@ -248,12 +242,8 @@ class Run:
                  f"{len(data.train.train)} training images, {len(data.train.classnames)} classes, "
                  f"student {cfg.MODEL.STUDENT.TYPE} ({n_train:,} trainable parameters), "
                  f"objective {trainer.distiller.objective!r}, device {self.device}")
-        if trainer.distiller.select is not None:
-            intro += (f"; class-agnostic (KDPL-CA): {trainer.distiller.select!r}, {cfg.KDPL.K_MAX} of "
-                      f"{len(trainer.distiller.classnames)} names of KDPL.DICTIONARY {cfg.KDPL.DICTIONARY}")
-        elif trainer.distiller.label_free:
-            intro += "; label-free (the objective never sees labels)"
-        per_process = cfg.DATALOADER.TRAIN_X.BATCH_SIZE // runtime.world_size()
+        intro += f"; {trainer.distiller.describe()}" if trainer.distiller.describe() else ""
         n_classes = cfg.KDPL.K_MAX if trainer.distiller.select is not None else len(data.train.classnames)
+        per_process = cfg.DATALOADER.TRAIN_X.BATCH_SIZE // runtime.world_size()
         intro = "\n".join([intro, *self.student.setup_lines(per_process, n_classes)])
         trainer.open(resume, inputs, self.echo, self.tensorboard, intro)
