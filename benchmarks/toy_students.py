@@ -9,9 +9,11 @@ pretrained teacher and student CLIPs, 16-shot base classes, SGD lr 0.02 for 10 e
 recipe, what defines the method: MODEL.STUDENT.TYPE, MODEL.PROMPT.*, DISTILL.* and the method's own sections
 (e.g. PROMPTSRC.*). Kept from the toy world: the dataset, input, loaders, optimiser and schedule, the models and
 their weights, and DISTILL.WEIGHT 1 for a distillation recipe (the recipes' weights, 1000 for PromptKD's KL and
-100 for ABKD, pair with their own learning rates, 0.005 and 1e-4). Prompt depths are capped at the toy towers'
-2 layers. Everything else (prompt lengths, CE and regulariser weights, AB's alpha and beta, KD's loss) is the
-recipe's.
+100 for ABKD, pair with their own learning rates, 0.005 and 1e-4), with PromptKD's KL as the plain KL (it is the
+KL divided by the number of classes, which its weight of 1000 makes up for), so KD and AB are both a per-image
+sum over classes, averaged over the batch, at weight 1. Prompt depths are capped at the toy towers'
+2 layers. Everything else (prompt lengths and init, CE and regulariser weights, AB's alpha and beta, the
+objective) is the recipe's.
 
     python benchmarks/toy_students.py --seeds 1 2 3 --output-dir toy-students   # ~15 min on 2 CPU cores
 
@@ -56,6 +58,8 @@ def recipe_overrides(path: Path) -> list[str]:
             value = min(int(value), TOY_LAYERS)
         if key == "DISTILL.WEIGHT" and float(value) > 0:
             value = 1.0
+        if key == "DISTILL.LOSS" and value == "promptkd_kl":  # = kl / classes; its x 1000 pairs with lr 0.005
+            value = "kl"
         out += [key, repr(value) if isinstance(value, str) else str(value)]
     return out
 

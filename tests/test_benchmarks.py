@@ -47,6 +47,8 @@ def test_toy_students_takes_the_method_from_each_recipe_and_the_world_from_the_d
     assert pairs["MODEL.PROMPT.DEPTH_TEXT"] == "2"  # capped at the toy towers' layers
     assert not any(k.startswith(("OPTIM.", "DATASET.", "MODEL.STUDENT.NAME", "MODEL.TEACHER.")) for k in pairs)
     assert "DISTILL.PROTOCOL" not in pairs
+    kd = dict(zip(*[iter(toy_students.recipe_overrides(ROOT / "configs/methods/kd_promptkd.yaml"))] * 2))
+    assert kd["DISTILL.LOSS"] == "'kl'" and kd["DISTILL.WEIGHT"] == "1.0"  # PromptKD's KL x 1000 -> KL x 1
     proc = run("toy_students.py", "--students", "promptkd", "--seeds", "1", "--output-dir", str(tmp_path / "t"),
                "OPTIM.MAX_EPOCH", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]

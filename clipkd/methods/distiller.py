@@ -87,10 +87,12 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module | None,
     """The Distiller a run's config describes: DISTILL.OBJECTIVE over the training ``classnames`` (with
     DISTILL.CLASS_AGNOSTIC, KDPL.DICTIONARY's names, K_MAX picked per batch), labels withheld when label-free, the
     teacher at the student's logit scale with DISTILL.TEACHER_LOGIT_SCALE student."""
-    from clipkd.methods.kdpl import training_classes  # noqa: PLC0415 - the one objective-specific part
-
-    names, select = training_classes(cfg, classnames)
     d = cfg.DISTILL
+    names, select = list(classnames), None
+    if d.CLASS_AGNOSTIC:
+        from clipkd.methods.kdpl import training_classes  # noqa: PLC0415 - KDPL-CA's own part, only for it
+
+        names, select = training_classes(cfg, classnames)
     return Distiller(student, teacher, names, build_objective(cfg, student, names), select=select,
                      label_free=d.LABEL_FREE or d.CLASS_AGNOSTIC,
                      teacher_scale=student.logit_scale if d.TEACHER_LOGIT_SCALE == "student" else None)

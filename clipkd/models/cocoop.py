@@ -21,10 +21,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from clipkd.errors import ConfigError
-from clipkd.models.prompts import PromptedTextEncoder, PromptedVisionEncoder, normalize
+from clipkd.models.prompts import PromptedTextEncoder, PromptedVisionEncoder
 from clipkd.models.state import KEY_TEXT_CTX
 from clipkd.models.student import Student
 from clipkd.models.teacher import Teacher, clip_logit_scale
@@ -88,7 +89,7 @@ class CoCoOpStudent(Student):
 
     def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
         """L2-normalised ``[C, D]`` of the prompts with the unshifted context (no image: no meta-net bias)."""
-        return normalize(self.text_encoder(self._class_tokens(classnames)))
+        return F.normalize(self.text_encoder(self._class_tokens(classnames)), dim=-1)
 
     def _class_tokens(self, classnames: Sequence[str]) -> torch.Tensor:
         names = tuple(classnames)
@@ -112,7 +113,7 @@ class CoCoOpStudent(Student):
         step = max(1, self.prompts_per_pass)
         feats = [self.text_encoder(rows_tokens[i:i + step], rows_ctx[i:i + step])
                  for i in range(0, b * c, step)]
-        return normalize(torch.cat(feats)).view(b, c, -1)
+        return F.normalize(torch.cat(feats), dim=-1).view(b, c, -1)
 
     def setup_lines(self, batch_size: int, n_classes: int) -> list[str]:
         """The cost of CoCoOp's per-image text pass: a rough estimate of the text tower's activations that

@@ -28,10 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from clipkd.errors import ConfigError
-from clipkd.models.prompts import PromptedTextEncoder, normalize
+from clipkd.models.prompts import PromptedTextEncoder
 from clipkd.models.state import KEY_TEXT_CTX
 from clipkd.models.student import IVLPStudent
 
@@ -106,5 +107,5 @@ class KgCoOpStudent(CoOpStudent):
         if key not in self._handcrafted:
             plain = PromptedTextEncoder(self.text_encoder, self.text_encoder.tokenizer)  # shared, frozen weights
             texts = plain.class_prompts(list(classnames), template)
-            self._handcrafted = {key: normalize(plain.encode(texts).float())}
+            self._handcrafted = {key: F.normalize(plain.encode(texts).float(), dim=-1)}
         return self._handcrafted[key]

@@ -31,10 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from clipkd.errors import ConfigError
-from clipkd.models.prompts import normalize
 from clipkd.models.state import KEY_TEXT_CTX
 from clipkd.models.student import IVLPStudent
 
@@ -90,7 +90,7 @@ class MaPLeStudent(IVLPStudent):
         return [self.proj(text.ctx), *deep]
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(self.image_encoder(images, self.vision_prompts()))
+        return F.normalize(self.image_encoder(images, self.vision_prompts()), dim=-1)
 
     # -------------------------------------------------------------------------------------- state under MaPLe's names
     def _trainable_targets(self) -> dict[str, torch.Tensor]:

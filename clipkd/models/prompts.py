@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from clipkd.errors import ConfigError, ModelError
@@ -420,8 +419,3 @@ def load_ivlp_state_dict(
         hint="The prompt sizes (MODEL.PROMPT.N_CTX_* / DEPTH_*) or the model (MODEL.*.NAME) differ from "
         "those the checkpoint was trained with",
     )
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalise features along the last dimension (CLIP's cosine space)."""
-    return F.normalize(x, dim=-1)

@@ -1,5 +1,6 @@
-"""Students: PromptKD (prompted image encoder + projector into the teacher's space) and IVLP (prompts in both
-towers, its own text encoder), plus the cfg builder of the student (the teacher's, ``build_teacher``, lives with the Teacher).
+"""The Student base class and the first two students, PromptKD's (prompted image encoder + projector into the
+teacher's space) and IVLP (prompts in both towers, its own text encoder), plus the cfg builder of any student (the
+others have a module each: coop, cocoop, vpt, maple, promptsrc; ``build_teacher`` lives with the Teacher).
 
 Every model here (and :class:`~clipkd.models.teacher.Teacher`) offers the interface a trainer needs:
 ``image_features(images)`` (L2-normalised ``[B, D]``), ``text_features(classnames)`` (L2-normalised
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from clipkd.errors import ConfigError, ModelError
@@ -23,7 +25,6 @@ from clipkd.models.prompts import (
     PromptedVisionEncoder,
     ivlp_prompt_parameters,
     ivlp_state_dict,
-    normalize,
 )
 from clipkd.models.state import copy_state_strict, infer_ivlp_sizes, prompt_keys
 from clipkd.models.teacher import Teacher, clip_logit_scale
@@ -129,7 +130,7 @@ class Student(nn.Module):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features ``[B, D]`` of the prompted image tower."""
-        return normalize(self.image_encoder(images))
+        return F.normalize(self.image_encoder(images), dim=-1)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that training changes: prompts under PromptSRC's names, then the PromptKD student's
@@ -273,7 +274,7 @@ class PromptKDStudent(Student):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image features ``[B, D_teacher]`` (prompted encoder, then projector)."""
-        return normalize(self.projector(self.image_encoder(images)))
+        return F.normalize(self.projector(self.image_encoder(images)), dim=-1)
 
     def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
         """The teacher's class embeddings (PromptKD's classifier)."""
@@ -324,7 +325,7 @@ class IVLPStudent(Student):
             feats = self._text_cache.get(key)
             if feats is not None:
                 return feats
-        feats = normalize(self.text_encoder.encode(self.text_encoder.class_prompts(list(classnames))))
+        feats = F.normalize(self.text_encoder.encode(self.text_encoder.class_prompts(list(classnames))), dim=-1)
         if cacheable:
             self._text_cache = {key: feats}  # keep only the latest class list
         return feats

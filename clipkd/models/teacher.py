@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from clipkd.config.defaults import ZERO_SHOT  # noqa: F401 - re-exported: MODEL.TEACHER.CHECKPOINT "zero-shot"
@@ -23,7 +24,6 @@ from clipkd.models.prompts import (
     PromptedTextEncoder,
     PromptedVisionEncoder,
     load_ivlp_state_dict,
-    normalize,
 )
 from clipkd.models.state import infer_ivlp_sizes, read_prompt_checkpoint, resolve_checkpoint_file
 from clipkd.registry import TEMPLATES
@@ -122,7 +122,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings ``[B, D]``."""
-        return normalize(self.image_encoder(images))
+        return F.normalize(self.image_encoder(images), dim=-1)
 
     def text_features(self, classnames: Sequence[str]) -> torch.Tensor:
         """L2-normalised class embeddings ``[C, D]``, computed once per class list and cached."""
@@ -151,7 +151,7 @@ class Teacher(nn.Module):
             self.text_encoder(self.text_encoder.tokenize(texts[i : i + self.text_batch_size]))
             for i in range(0, len(texts), self.text_batch_size)
         ]
-        return normalize(torch.cat(chunks).float())
+        return F.normalize(torch.cat(chunks).float(), dim=-1)
 
     @torch.no_grad()
     def _compute_text_features(self, classnames: list[str]) -> torch.Tensor:
@@ -162,7 +162,7 @@ class Teacher(nn.Module):
         # All templates in one pass (chunked), then CLIP's ensembling: mean of unit vectors, renormalised.
         texts = [t for template in self.templates for t in self.text_encoder.class_prompts(classnames, template)]
         per_template = self._encode(texts).view(len(self.templates), len(classnames), -1)
-        return normalize(per_template.mean(dim=0))
+        return F.normalize(per_template.mean(dim=0), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------ builders

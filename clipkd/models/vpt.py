@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from clipkd.errors import ConfigError, ModelError
-from clipkd.models.prompts import PromptedTextEncoder, PromptedVisionEncoder, normalize
+from clipkd.models.prompts import PromptedTextEncoder, PromptedVisionEncoder
 from clipkd.models.student import Student
 from clipkd.models.teacher import Teacher, clip_logit_scale
 
@@ -80,4 +81,4 @@ class VPTStudent(Student):
         texts = self.text_encoder.class_prompts(classnames, self.template)
         chunks = [self.text_encoder.encode(texts[i: i + self.text_batch_size])
                   for i in range(0, len(texts), self.text_batch_size)]
-        return normalize(torch.cat(chunks).float())
+        return F.normalize(torch.cat(chunks).float(), dim=-1)

@@ -12,7 +12,6 @@ from clipkd.data.rundata import RunData
 from clipkd.data.specs import get_spec
 from clipkd.engine import runtime
 from clipkd.errors import ConfigError
-from clipkd.methods.kdpl import training_classes
 from clipkd.models.factory import register_model_configs
 from clipkd.registry import STUDENTS
 
@@ -62,7 +61,10 @@ def check_setup(cfg: CfgNode, data: RunData, world: int = 1, device: torch.devic
     more than the config (the data, model configs, the ``device``, by default this process's; what the config
     alone decides is check_config)."""
     check_teacher(cfg)
-    training_classes(cfg, data.train.classnames)  # KDPL-CA: its dictionary is there, and holds K_MAX names
+    if cfg.DISTILL.CLASS_AGNOSTIC:  # KDPL-CA: its dictionary is there, and holds K_MAX names
+        from clipkd.methods.kdpl import training_classes  # noqa: PLC0415 - KDPL-CA's own part, only for it
+
+        training_classes(cfg, data.train.classnames)
     if cfg.TEST.FINAL_MODEL == "val" and not data.select.val:
         raise ConfigError(f"{data.spec.name} has no held-out val split (its val would be the test set); "
                           "use TEST.FINAL_MODEL last")
