@@ -32,6 +32,14 @@ def lines(folder: Path, kind: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time"} for r in rows if r["kind"] == kind]
 
 
+def cells_equal_alone(grid, root, tmp_path: Path, cells=None) -> None:
+    """Each fused cell of ``grid`` (run under ``tmp_path / "sweep"``) writes what the cell run alone writes."""
+    for cell in grid.cells if cells is None else cells:
+        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
+        alone(grid, cell, root, single)
+        assert_same_cell(cell.out, single)
+
+
 def assert_same_cell(fused: Path, single: Path) -> None:
     """What a separate run writes, a fused cell writes: the same files, model, metrics and results."""
     files = lambda p: sorted(str(f.relative_to(p)) for f in p.rglob("*"))  # noqa: E731

@@ -327,17 +327,14 @@ def test_class_agnostic_fused_sweep_cells_equal_the_cells_alone(synth_root, tmp_
     alone."""
     from clipkd.runs.fused import group_cells
     from clipkd.runs.sweep import build_grid, run_grid
-    from test_fused import alone, assert_same_cell
+    from test_fused import cells_equal_alone
 
     grid = build_grid(ROOT / "configs/methods/kdpl_ca_ivlp.yaml", "dtd", None, None, [1], tmp_path / "sweep",
                       [*TINY, "OPTIM.MAX_EPOCH", "1", "KDPL.DICTIONARY", str(dictionary_file(tmp_path))],
                       vary=[("KDPL.K_MAX", "3,6")])
     assert len(group_cells([grid.config(c, str(synth_root)) for c in grid.cells])) == 1
     assert run_grid(grid, str(synth_root), fused=True).lines()[0].startswith("sweep: 2 done")
-    for cell in grid.cells:
-        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
-        alone(grid, cell, synth_root, single)
-        assert_same_cell(cell.out, single)
+    cells_equal_alone(grid, synth_root, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ refusals

@@ -22,7 +22,7 @@ from clipkd.models.cocoop import CoCoOpStudent
 from clipkd.models.factory import create_clip
 from clipkd.runs.run import Run
 from test_checkpoints import dassl_save
-from test_train import DATASET_CFG, ROOT, TINY, config, fit, interrupt_after_checkpoint
+from test_train import DATASET_CFG, ROOT, TINY, check_resume_is_exact, config, fit
 
 CLASSES = ["cat", "golden retriever", "annual crop land"]
 NAMES = {"prompt_learner.ctx", "prompt_learner.meta_net.linear1.weight", "prompt_learner.meta_net.linear1.bias",
@@ -164,15 +164,8 @@ def test_files_under_cocoop_names_and_dassl_prompt_learner_file(synth_root, tmp_
 
 def test_resume_is_bit_identical(synth_root, tmp_path, monkeypatch):
     cfg = config(synth_root, "cocoop", "OPTIM.MAX_EPOCH", "2")
-    full = fit(cfg, tmp_path / "full")
-    undo = interrupt_after_checkpoint(monkeypatch, epoch=1)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "cut")
-    undo()
-    assert fit(cfg, tmp_path / "cut", resume=True) == full
-    a = load_checkpoint(tmp_path / "full" / "model.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "cut" / "model.pt")["state_dict"]
-    assert set(a) == NAMES and all(torch.equal(a[k], b[k]) for k in a)
+    a = check_resume_is_exact(cfg, tmp_path, monkeypatch)
+    assert set(a) == NAMES
 
 
 def test_settings_cocoop_cannot_take():
@@ -189,13 +182,10 @@ def test_fused_sweep_cells_equal_the_cells_alone(synth_root, tmp_path):
     """``clipkd sweep --fused`` over ABKD cells of a CoCoOp student (copies of the first student, one shared
     teacher forward): each cell writes what it writes alone."""
     from clipkd.runs.sweep import build_grid, run_grid
-    from test_fused import alone, assert_same_cell
+    from test_fused import cells_equal_alone
 
     grid = build_grid(str(ROOT / "configs" / "methods" / "abkd_cocoop.yaml"), "dtd", "0.5:1:0.5", "0:0:1", [1],
                       tmp_path / "sweep", [*TINY, "OPTIM.MAX_EPOCH", "1"])
     summary = run_grid(grid, str(synth_root), fused=True)
     assert summary.lines()[0] == "sweep: 2 done, 0 skipped (finished before), 0 failed"
-    for cell in grid.cells:
-        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
-        alone(grid, cell, synth_root, single)
-        assert_same_cell(cell.out, single)
+    cells_equal_alone(grid, synth_root, tmp_path)

@@ -24,7 +24,7 @@ from clipkd.models.student import build_student
 from clipkd.models.teacher import build_teacher
 from clipkd.runs.run import Run
 from test_checkpoints import dassl_save
-from test_train import DATASET_CFG, ROOT, TINY, config, fit, interrupt_after_checkpoint
+from test_train import DATASET_CFG, ROOT, TINY, check_resume_is_exact, config
 
 CLASSES = ["abyssinian", "american bulldog", "great pyrenees"]
 RECIPES = ["coop", "kd_coop", "abkd_coop", "kgcoop", "kd_kgcoop", "abkd_kgcoop"]
@@ -215,22 +215,8 @@ def test_a_context_of_another_size_is_one_line_naming_key_and_shapes(synth_root,
 @pytest.mark.parametrize("recipe", ["coop", "abkd_kgcoop"])
 def test_resume_is_bit_identical(synth_root, tmp_path, monkeypatch, recipe):
     cfg = config(synth_root, recipe, "OPTIM.MAX_EPOCH", "2", "OPTIM.PRECISION", "fp32")
-    full = fit(cfg, tmp_path / "full")
-    undo = interrupt_after_checkpoint(monkeypatch, epoch=1)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "cut")
-    undo()
-    assert fit(cfg, tmp_path / "cut", resume=True) == full
-    a = load_checkpoint(tmp_path / "full" / "model.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "cut" / "model.pt")["state_dict"]
-    assert list(a) == list(b) == ["prompt_learner.ctx"]
-    assert torch.equal(a["prompt_learner.ctx"], b["prompt_learner.ctx"])
-
-    def losses(run):
-        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss"] for r in rows if r["kind"] == "step"]
-
-    assert losses("cut") == losses("full")
+    a = check_resume_is_exact(cfg, tmp_path, monkeypatch)
+    assert list(a) == ["prompt_learner.ctx"]
 
 
 def test_kgcoop_recipe_builds_no_teacher_and_kd_recipe_does(synth_root):
@@ -248,7 +234,7 @@ def test_kgcoop_recipe_builds_no_teacher_and_kd_recipe_does(synth_root):
 def test_fused_sweep_over_kgcoop_weight_and_alpha_equals_the_cells_alone(synth_root, tmp_path):
     from clipkd.runs.fused import group_cells
     from clipkd.runs.sweep import build_grid, run_grid
-    from test_fused import alone, assert_same_cell
+    from test_fused import cells_equal_alone
 
     grid = build_grid(ROOT / "configs/methods/abkd_kgcoop.yaml", "dtd", "0.5:1:0.5", "0.3:0.3:0.1", [1],
                       tmp_path / "sweep", [*TINY, "OPTIM.MAX_EPOCH", "1"], vary=[("KGCOOP.W", "0,8")])
@@ -257,7 +243,4 @@ def test_fused_sweep_over_kgcoop_weight_and_alpha_equals_the_cells_alone(synth_r
     assert len(group_cells([grid.config(c, str(synth_root)) for c in grid.cells])) == 1
     summary = run_grid(grid, str(synth_root), fused=True)
     assert summary.lines()[0] == "sweep: 4 done, 0 skipped (finished before), 0 failed"
-    for cell in grid.cells[:2]:
-        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
-        alone(grid, cell, synth_root, single)
-        assert_same_cell(cell.out, single)
+    cells_equal_alone(grid, synth_root, tmp_path, grid.cells[:2])

@@ -20,7 +20,7 @@ from clipkd.models.factory import create_clip
 from clipkd.models.maple import MaPLeStudent
 from clipkd.runs.run import Run
 from test_checkpoints import dassl_save
-from test_train import DATASET_CFG, ROOT, TINY, check_results, config, fit, interrupt_after_checkpoint
+from test_train import DATASET_CFG, ROOT, TINY, check_results, check_resume_is_exact, config
 
 CLASSES = ["cat", "dog", "annual crop land"]
 N_CTX, DEPTH = 2, 2  # the tiny student has 2 blocks per tower
@@ -198,30 +198,20 @@ def test_a_maple_dassl_file_loads_and_clipkd_files_keep_its_names(synth_root, tm
 
 def test_resume_is_bit_identical(synth_root, tmp_path, monkeypatch):
     cfg = config(synth_root, "kd_maple", "OPTIM.MAX_EPOCH", "3")
-    full = fit(cfg, tmp_path / "full")
-    undo = interrupt_after_checkpoint(monkeypatch, epoch=1)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "cut")
-    undo()
-    assert fit(cfg, tmp_path / "cut", resume=True) == full
-    a = load_checkpoint(tmp_path / "full" / "model.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "cut" / "model.pt")["state_dict"]
-    assert list(a) == list(b) == maple_names(DEPTH) and all(torch.equal(a[k], b[k]) for k in a)
+    a = check_resume_is_exact(cfg, tmp_path, monkeypatch)
+    assert list(a) == maple_names(DEPTH)
 
 
 def test_fused_sweep_cells_equal_cells_alone_and_report(synth_root, tmp_path, capsys):
     from clipkd.runs.sweep import build_grid, run_grid
-    from test_fused import alone, assert_same_cell
+    from test_fused import cells_equal_alone
 
     grid = build_grid(ROOT / "configs" / "methods" / "abkd_maple.yaml", "dtd", "0.5:1:0.5", "0.5:0.5:0.5", [1],
                       tmp_path / "sweep", [*TINY, "OPTIM.MAX_EPOCH", "1"])
     assert len(grid.cells) == 2
     summary = run_grid(grid, str(synth_root), fused=True)
     assert summary.lines()[0] == "sweep: 2 done, 0 skipped (finished before), 0 failed"
-    for cell in grid.cells:
-        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
-        alone(grid, cell, synth_root, single)
-        assert_same_cell(cell.out, single)
+    cells_equal_alone(grid, synth_root, tmp_path)
     capsys.readouterr()
     assert main(["report", str(tmp_path / "sweep"), "--sweep"]) == 0
     assert "abkd_maple" in capsys.readouterr().out

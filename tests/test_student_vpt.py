@@ -23,7 +23,7 @@ from clipkd.models.factory import create_clip
 from clipkd.models.vpt import VPTStudent
 from clipkd.runs.run import Run
 from test_checkpoints import dassl_save
-from test_train import DATASET_CFG, ROOT, TINY, check_results, config, fit, interrupt_after_checkpoint
+from test_train import DATASET_CFG, ROOT, TINY, check_results, check_resume_is_exact, config
 
 CLASSES = ["cat", "dog", "annual crop land"]
 VPT_KEYS = {"image_encoder.VPT", "image_encoder.transformer.resblocks.1.VPT_shallow"}  # n_ctx x 64, depth 2
@@ -176,21 +176,8 @@ def test_reference_dassl_file_loads_and_clipkd_file_uses_its_names(synth_root, t
 
 def test_resume_is_bit_identical(synth_root, tmp_path, monkeypatch):
     cfg = config(synth_root, "vpt", "OPTIM.MAX_EPOCH", "3", "MODEL.PROMPT.N_CTX_VISION", "2")
-    full = fit(cfg, tmp_path / "full")
-    undo = interrupt_after_checkpoint(monkeypatch, epoch=1)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, tmp_path / "cut")
-    undo()
-    assert fit(cfg, tmp_path / "cut", resume=True) == full
-    a = load_checkpoint(tmp_path / "full" / "model.pt")["state_dict"]
-    b = load_checkpoint(tmp_path / "cut" / "model.pt")["state_dict"]
-    assert set(a) == set(b) == VPT_KEYS and all(torch.equal(a[k], b[k]) for k in a)
-
-    def losses(run):
-        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [x["loss"] for x in lines if x["kind"] == "step"]
-
-    assert losses("cut") == losses("full") and len(losses("full")) > 0
+    a = check_resume_is_exact(cfg, tmp_path, monkeypatch)
+    assert set(a) == VPT_KEYS
 
 
 def test_promptsrc_objective_is_refused_for_vpt():
@@ -205,13 +192,10 @@ def test_fused_sweep_cells_equal_the_cells_alone(synth_root, tmp_path):
     """``clipkd sweep --fused`` over ABKD cells of a VPT student: each cell (a copy of the first student, its text
     features computed once) writes what it writes alone."""
     from clipkd.runs.sweep import build_grid, run_grid
-    from test_fused import alone, assert_same_cell
+    from test_fused import cells_equal_alone
 
     grid = build_grid(str(ROOT / "configs" / "methods" / "abkd_vpt.yaml"), "dtd", "0.5:1:0.5", "0:0:1", [1],
                       tmp_path / "sweep", [*TINY, "OPTIM.MAX_EPOCH", "1", "MODEL.PROMPT.N_CTX_VISION", "2"])
     summary = run_grid(grid, str(synth_root), fused=True)
     assert summary.lines()[0] == "sweep: 2 done, 0 skipped (finished before), 0 failed"
-    for cell in grid.cells:
-        single = tmp_path / "alone" / cell.out.relative_to(tmp_path / "sweep")
-        alone(grid, cell, synth_root, single)
-        assert_same_cell(cell.out, single)
+    cells_equal_alone(grid, synth_root, tmp_path)

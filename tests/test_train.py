@@ -60,15 +60,20 @@ def step_losses(run_dir) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "step"]
 
 
-def check_resume_is_exact(cfg, tmp_path, monkeypatch, epoch: int = 1) -> None:
-    """A run stopped after ``epoch``'s checkpoint and resumed gives the uninterrupted run's results and losses."""
+def check_resume_is_exact(cfg, tmp_path, monkeypatch, epoch: int = 1) -> dict:
+    """A run stopped after ``epoch``'s checkpoint and resumed gives the uninterrupted run's results, step losses
+    and final model (bit for bit); returns that model's state dict."""
     full = fit(cfg, tmp_path / "full")
     undo = interrupt_after_checkpoint(monkeypatch, epoch=epoch)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, tmp_path / "cut")
     undo()
     assert fit(cfg, tmp_path / "cut", resume=True) == full
-    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "full")
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "full") and step_losses(tmp_path / "full")
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    return a
 
 
 def check_results(results: dict):
