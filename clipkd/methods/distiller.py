@@ -8,9 +8,10 @@ batch (the reference code recomputed them per batch).
 
 The objective is a small pluggable piece, named by DISTILL.OBJECTIVE (``clipkd.registry.OBJECTIVES``): the KD
 family (:mod:`clipkd.methods.kd`: a divergence between teacher and student class distributions, optionally plus
-cross-entropy on labels) or PromptSRC's self-regularised prompt learning (:mod:`clipkd.methods.promptsrc`, which trains the prompted
-teachers). Both implement the same :class:`Objective` call; an objective that sets ``needs_features`` also
-gets the batch's images and the student's normalised features (:class:`StudentFeatures`).
+cross-entropy on labels), or a method's regulariser around that KD part: PromptSRC's self-regularisation
+(:mod:`clipkd.methods.promptsrc`, which also trains the prompted teachers) and KgCoOp's term
+(:mod:`clipkd.methods.kgcoop`). All implement the same :class:`Objective` call; an objective that sets
+``needs_features`` also gets the batch's images and the student's normalised features (:class:`StudentFeatures`).
 
 Three options serve KDPL's label-free and class-agnostic distillation (:mod:`clipkd.methods.kdpl`):
 ``label_free`` (the objective gets ``labels=None``, so no label can reach the loss), ``select`` (each batch
@@ -98,15 +99,6 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module | None,
                      teacher_scale=student.logit_scale if d.TEACHER_LOGIT_SCALE == "student" else None)
 
 
-def class_logits(model: Any, images: Tensor, classnames: Sequence[str] | None = None,
-                 class_features: Tensor | None = None) -> Tensor:
-    """``logit_scale * image_features @ class_features^T`` (class features from ``classnames`` if not given)."""
-    feats = model.image_features(images)
-    if class_features is None:
-        class_features = model.text_features(classnames)
-    return model.logit_scale * feats @ class_features.t()
-
-
 class Distiller(nn.Module):
     """Student + frozen teacher + objective; ``forward(images, labels)`` gives the batch's loss."""
 
@@ -149,10 +141,11 @@ class Distiller(nn.Module):
         if features is None:
             features = self.teacher.image_features(images)
         scale = self.teacher.logit_scale if self.teacher_scale is None else self.teacher_scale
-        return scale * features @ self.teacher_text.t()  # class_logits, at the chosen scale
+        return scale * features @ self.teacher_text.t()
 
     def forward(self, images: Tensor, labels: Tensor, teacher_features: Tensor | None = None) -> StepOutput:
-        # class_logits(self.student, images, self.classnames), step by step: some objectives see the features.
+        # the student's logits step by step: some objectives see the features, a conditional student's class
+        # features are per image, and a class-agnostic batch trains over the classes the teacher picks
         t_logits = self.teacher_logits(images, teacher_features) if self.objective.needs_teacher else None
         classnames = self.classnames
         if self.select is not None:  # this batch's classes, picked by the teacher
