@@ -40,6 +40,12 @@ are listed and left out; an accuracy outside [0, 100] makes results.json malform
 Average row below a rule; mean ± std where a dataset has several seeds) or, with --fewshot, per method and K;
 the paper needs the booktabs package.
 
+--compare A B: method A vs method B on the datasets and seeds both have: A - B in Base, New and HM per dataset
+and on average, each with a 95% CI from a paired bootstrap (--resamples, default 10000; --seed) that resamples
+seeds and, within each seed, test images from each run's predictions.npz (the same images for both methods);
+runs without usable prediction files resample seeds only, and the row says so. Beside it a paired t-test over
+seeds (n/a with 1 seed) and a verdict on HM: "A better" / "B better" when the CI excludes 0, else "not resolved".
+
 Dassl's tools/parse_test_res.py reads one accuracy per seed folder (the last "* accuracy: X%" line of
 <seed>/log.txt after a "Finish training" line, or after "=> result" with --test-log). A run's own log.txt
 ends like a Dassl training log with its base result (all, for few-shot runs), so
@@ -60,8 +66,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="output format (default md; latex: booktabs tables for a paper, not with --sweep)")
     p.add_argument("--method", help="only this method (required for --format json when ROOT holds several)")
     p.add_argument("--dataset", help="only this dataset (stem, e.g. oxford_pets, or NAME, e.g. OxfordPets)")
-    p.add_argument("--compare", choices=("published",),
-                   help="add the published PromptKD numbers (CVPR 2024, Table 1) and deltas ours - published")
+    p.add_argument("--compare", nargs="+", metavar="published | A B",
+                   help="'published': add the published PromptKD numbers (CVPR 2024, Table 1) and deltas ours - "
+                        "published; two methods A B: A - B in Base, New and HM per dataset and on average, with "
+                        "paired-bootstrap CIs, a paired t-test over seeds and a verdict (see below)")
+    p.add_argument("--seed", type=int, help="with --compare A B: the bootstrap's random seed (default 0)")
+    p.add_argument("--resamples", type=int,
+                   help="with --compare A B: bootstrap replicates (default 10000)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fewshot", action="store_true", help="few-shot tables, one per method and K")
     mode.add_argument("--sweep", action="store_true", help="HM per (alpha, beta) cell and the best cell")
@@ -164,6 +175,14 @@ def cmd_report(args: argparse.Namespace) -> int:
                                         sort_out)
     from clipkd.reports.published import REFERENCES
 
+    if args.compare and args.compare != ["published"]:
+        if len(args.compare) != 2:
+            raise ClipkdError(f"--compare {' '.join(args.compare)}: give 'published' or two methods A B")
+        return _paired_report(args)
+    if args.seed is not None or args.resamples is not None:
+        raise ClipkdError("--seed and --resamples set the bootstrap of --compare A B: drop them or add --compare A B")
+    if args.compare:
+        args.compare = args.compare[0]  # "published": the tables below read it as a name
     if args.xd or args.dg:
         return _transfer_report(args)
     if args.plot and not args.sweep:
@@ -228,6 +247,36 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print(text.rstrip("\n"))
     # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
+    at_root = any(r.path == col.root for r in bad) or any(p.path == col.root for p in left_out)
+    _print_problems(render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out), args.format)
+    return 0
+
+
+def _paired_report(args: argparse.Namespace) -> int:
+    """``--compare A B``: paired differences with bootstrap CIs (see clipkd/reports/compare.py)."""
+    from clipkd.errors import ClipkdError
+    from clipkd.reports import render
+    from clipkd.reports.collect import KIND_B2N, collect, dataset_stem, sort_out
+    from clipkd.reports.compare import compare, compare_csv, compare_dict, compare_markdown
+
+    for given, name in ((args.sweep, "--sweep"), (args.fewshot, "--fewshot"), (args.xd, "--xd"), (args.dg, "--dg"),
+                        (args.plot, "--plot"), (args.dassl_logs, "--dassl-logs"), (args.method, "--method"),
+                        (args.format == "latex", "--format latex")):
+        if given:
+            raise ClipkdError(f"--compare A B compares two base-to-new methods (md, csv or json): drop {name}")
+    col = collect(args.root)
+    stem = dataset_stem(args.dataset) if args.dataset else None
+    runs = [r for r in col.complete(KIND_B2N) if stem is None or r.dataset == stem]
+    bad = [r for r in col.incomplete(KIND_B2N) if not r.placed or stem is None or r.dataset == stem]
+    if not runs:
+        raise ClipkdError(_no_runs_message(col, KIND_B2N, args, bad))
+    runs, left_out = sort_out(runs)
+    resamples = 10_000 if args.resamples is None else args.resamples
+    result = compare(runs, args.compare[0], args.compare[1], resamples=resamples,
+                     seed=0 if args.seed is None else args.seed)
+    text = {"md": compare_markdown, "csv": compare_csv,
+            "json": lambda c: render.dumps(compare_dict(c))}[args.format](result)
+    print(text.rstrip("\n"))
     at_root = any(r.path == col.root for r in bad) or any(p.path == col.root for p in left_out)
     _print_problems(render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out), args.format)
     return 0
