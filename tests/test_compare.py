@@ -138,6 +138,9 @@ def test_seeds_only_fallback_says_so(tmp_path, capsys):
     assert rc == 0
     assert "| EuroSAT | 1, 2, 3 |" in out and "| seeds only |" in out
     assert f"- EuroSAT: no {PREDICTIONS_FILE} in" in out
+    rc, out, err = run_cli(capsys, "report", str(tmp_path), "--compare", "abkd", "kd", "--resamples", "500",
+                           "--format", "csv")
+    assert rc == 0 and f"- EuroSAT: no {PREDICTIONS_FILE} in" in err and "EuroSAT" in out
 
 
 @pytest.mark.parametrize("damage", ["garbage", "stale"])

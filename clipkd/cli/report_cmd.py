@@ -257,7 +257,7 @@ def _paired_report(args: argparse.Namespace) -> int:
     from clipkd.errors import ClipkdError
     from clipkd.reports import render
     from clipkd.reports.collect import KIND_B2N, collect, dataset_stem, sort_out
-    from clipkd.reports.compare import compare, compare_csv, compare_dict, compare_markdown
+    from clipkd.reports.compare import compare, compare_csv, compare_dict, compare_markdown, compare_notes
 
     for given, name in ((args.sweep, "--sweep"), (args.fewshot, "--fewshot"), (args.xd, "--xd"), (args.dg, "--dg"),
                         (args.plot, "--plot"), (args.dassl_logs, "--dassl-logs"), (args.method, "--method"),
@@ -277,6 +277,8 @@ def _paired_report(args: argparse.Namespace) -> int:
     text = {"md": compare_markdown, "csv": compare_csv,
             "json": lambda c: render.dumps(compare_dict(c))}[args.format](result)
     print(text.rstrip("\n"))
+    if args.format == "csv":  # md holds them under its table, json in "notes" and "left_out"
+        _print_problems(compare_notes(result), args.format)
     at_root = any(r.path == col.root for r in bad) or any(p.path == col.root for p in left_out)
     _print_problems(render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out), args.format)
     return 0

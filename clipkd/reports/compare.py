@@ -286,10 +286,15 @@ def compare_markdown(c: Comparison) -> str:
                   "of each replicate's per-dataset means, and the HM of those; its t-test is over the seeds common "
                   "to all datasets, on the dataset-averaged values. Verdict: on HM, a method is better when the CI "
                   "excludes 0."]
-    notes = [f"- {r.name}: {n}" for r in c.rows for n in r.notes] + [f"- left out: {x}" for x in c.left_out]
+    notes = compare_notes(c)
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+def compare_notes(c: Comparison) -> list[str]:
+    """Why rows resampled seeds only (files named), and the datasets/seeds only one method has."""
+    return [f"- {r.name}: {n}" for r in c.rows for n in r.notes] + [f"- left out: {x}" for x in c.left_out]
 
 
 def _row_dict(r: Row, c: Comparison) -> dict:
