@@ -145,8 +145,8 @@ def test_report_dassl_logs_give_base_and_new(tmp_path, capsys):
         with pytest.raises(AssertionError, match="Nothing found"):
             dassl_parse(out / "test_new" / "oxford_pets" / method)  # a test log needs --test-log
     assert not (out / "train_base" / "dtd").exists()  # unfinished runs are not written
-    # the seed means equal the report's
-    assert main(["report", str(root), "--method", "abkd_promptkd", "--format", "json"]) == 0
+    # the seed means equal the report's, and --std population its std (ddof 0, as parse_test_res.py prints it)
+    assert main(["report", str(root), "--method", "abkd_promptkd", "--format", "json", "--std", "population"]) == 0
     table = json.loads(capsys.readouterr().out)["datasets"]["OxfordPets"]
     base = dassl_parse(out / "train_base" / "oxford_pets" / "abkd_promptkd")
     new = dassl_parse(out / "test_new" / "oxford_pets" / "abkd_promptkd", test_log=True)

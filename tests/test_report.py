@@ -82,9 +82,9 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def pstd(xs):
+def sstd(xs):  # the sample std (ddof 1): the report's default since issue #19 (test_report_spread.py: --std)
     m = mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 def hm(b, n):
@@ -99,15 +99,16 @@ def test_json_numbers_recomputed(root, capsys):
     assert list(data["datasets"]) == ["OxfordPets", "DescribableTextures"]  # benchmark order, Dassl NAMEs
     pets = data["datasets"]["OxfordPets"]
     pb, pn = [v[0] for v in PETS.values()], [v[1] for v in PETS.values()]
-    assert pets["base"] == pytest.approx({"mean": mean(pb), "std": pstd(pb), "n": 3})
-    assert pets["new"] == pytest.approx({"mean": mean(pn), "std": pstd(pn), "n": 3})
+    assert pets["base"] == pytest.approx({"mean": mean(pb), "std": sstd(pb), "n": 3})
+    assert pets["new"] == pytest.approx({"mean": mean(pn), "std": sstd(pn), "n": 3})
     assert pets["hm"] == pytest.approx(hm(mean(pb), mean(pn)))
     db, dn = [v[0] for v in DTD.values()], [v[1] for v in DTD.values()]
     dtd = data["datasets"]["DescribableTextures"]
-    assert dtd["base"]["n"] == 2 and dtd["base"]["std"] == pytest.approx(1.0)  # population std, not ddof=1
-    assert dtd["new"]["std"] == pytest.approx(3.0)
+    assert dtd["base"]["n"] == 2 and dtd["base"]["std"] == pytest.approx(math.sqrt(2))  # sample std (ddof 1)
+    assert dtd["new"]["std"] == pytest.approx(math.sqrt(18))
     avg_b, avg_n = mean([mean(pb), mean(db)]), mean([mean(pn), mean(dn)])
-    assert data["average"] == pytest.approx({"base": avg_b, "new": avg_n, "hm": hm(avg_b, avg_n)})
+    assert data["average"] == pytest.approx({"base": avg_b, "new": avg_n, "hm": hm(avg_b, avg_n),
+                                             "mean_hm": mean([pets["hm"], dtd["hm"]])})
     # the Average HM is the HM of the mean Base/New, not the mean of the per-dataset HMs
     assert data["average"]["hm"] != pytest.approx(mean([pets["hm"], dtd["hm"]]))
     assert "promptkd/dtd/seed3" in err and "no results.json" in err
@@ -124,9 +125,9 @@ def test_markdown_tables_and_failed_runs(root, capsys):
     assert "### kd" in out and "### promptkd" in out
     pb, pn = [v[0] for v in PETS.values()], [v[1] for v in PETS.values()]
     row = next(line for line in out.splitlines() if line.startswith("| OxfordPets") and "96.17" in line)
-    assert f"{mean(pb):.2f} ± {pstd(pb):.2f}" in row and f"{mean(pn):.2f} ± {pstd(pn):.2f}" in row
+    assert f"{mean(pb):.2f} ± {sstd(pb):.2f}" in row and f"{mean(pn):.2f} ± {sstd(pn):.2f}" in row
     assert f"{hm(mean(pb), mean(pn)):.2f}" in row and row.rstrip(" |").endswith("3")
-    assert "| DescribableTextures | 81.00 ± 1.00 | 63.00 ± 3.00 |" in out
+    assert "| DescribableTextures | 81.00 ± 1.41 | 63.00 ± 4.24 |" in out
     assert "**Average** (2 datasets)" in out
     tail = out.split("Incomplete or failed runs")[1]
     assert "promptkd/dtd/seed3" in tail
@@ -167,7 +168,7 @@ def test_csv_parses(root, capsys):
                        ("promptkd", "dtd"), ("promptkd", "average")}
     kb = [v[0] for v in KD_PETS.values()]
     assert float(by["kd", "oxford_pets"]["base_mean"]) == pytest.approx(mean(kb))
-    assert float(by["kd", "oxford_pets"]["base_std"]) == pytest.approx(pstd(kb))
+    assert float(by["kd", "oxford_pets"]["base_std"]) == pytest.approx(sstd(kb))
     assert float(by["promptkd", "dtd"]["delta_new"]) == pytest.approx(63.0 - PROMPTKD["dtd"].new)
     avg = by["promptkd", "average"]
     assert float(avg["hm"]) == pytest.approx(hm(float(avg["base_mean"]), float(avg["new_mean"])))
@@ -180,12 +181,12 @@ def test_fewshot_tables(root, capsys):
     data = json.loads(out)["methods"]["promptkd"]
     assert set(data) == {"4", "16"}
     pets4 = list(FEWSHOT[4, "oxford_pets"].values())
-    assert data["4"]["datasets"]["OxfordPets"] == pytest.approx({"mean": 86.0, "std": pstd(pets4), "n": 3})
+    assert data["4"]["datasets"]["OxfordPets"] == pytest.approx({"mean": 86.0, "std": sstd(pets4), "n": 3})
     assert data["4"]["average"] == pytest.approx(mean([86.0, 52.0]))
-    assert data["16"]["datasets"] == {"OxfordPets": pytest.approx({"mean": 92.0, "std": 1.0, "n": 2})}
+    assert data["16"]["datasets"] == {"OxfordPets": pytest.approx({"mean": 92.0, "std": math.sqrt(2), "n": 2})}
     assert "shots16/seed1" in err and "unreadable" in err
     rc, out, _ = run_cli(capsys, "report", str(root), "--fewshot")
-    assert "### promptkd, 4 shots" in out and "| OxfordPets | 86.00 ± 0.82 | 3 |" in out
+    assert "### promptkd, 4 shots" in out and "| OxfordPets | 86.00 ± 1.00 | 3 |" in out
     assert "Incomplete or failed runs (1)" in out
 
 
@@ -256,10 +257,10 @@ def test_method_and_dataset_folders_give_the_same_numbers(root, capsys):
     # markdown from the method folder: the same table under the method's name
     rc, out, _ = run_cli(capsys, "report", str(root / "promptkd"))
     assert rc == 0 and "### promptkd" in out and "### kd" not in out
-    assert "| DescribableTextures | 81.00 ± 1.00 | 63.00 ± 3.00 |" in out
+    assert "| DescribableTextures | 81.00 ± 1.41 | 63.00 ± 4.24 |" in out
     # a single run folder: that run's numbers
     data = b2n_json(capsys, root / "promptkd" / "oxford_pets" / "seed2")
-    assert data["datasets"]["OxfordPets"]["base"] == pytest.approx({"mean": PETS[2][0], "std": 0.0, "n": 1})
+    assert data["datasets"]["OxfordPets"]["base"] == pytest.approx({"mean": PETS[2][0], "std": None, "n": 1})
 
 
 def test_method_folder_names_from_the_path_above(tmp_path, capsys):
@@ -344,7 +345,7 @@ def test_ambiguous_layouts_are_explained(tmp_path, capsys):
     write_run(mixed / "kd" / "dtd" / "seed1", b2n(80.0, 60.0))
     write_run(mixed / "dtd" / "seed2", b2n(70.0, 50.0))
     rc, out, _ = run_cli(capsys, "report", str(mixed))
-    assert rc == 0 and "### kd" in out and "| DescribableTextures | 80.00 ± 0.00 |" in out
+    assert rc == 0 and "### kd" in out and "| DescribableTextures | 80.00 ± n/a (1 seed) |" in out
     assert "- dtd/seed2: sits higher than the other runs" in out
 
 
@@ -366,9 +367,9 @@ def test_latex_booktabs_table(root, capsys):
     assert r"\multicolumn{4}{l}{promptkd} \\" in body
     assert r"Dataset & Base & New & HM \\" in body
     pb, pn = [v[0] for v in PETS.values()], [v[1] for v in PETS.values()]
-    assert (f"OxfordPets & {mean(pb):.2f} $\\pm$ {pstd(pb):.2f} & {mean(pn):.2f} $\\pm$ {pstd(pn):.2f} & "
+    assert (f"OxfordPets & {mean(pb):.2f} $\\pm$ {sstd(pb):.2f} & {mean(pn):.2f} $\\pm$ {sstd(pn):.2f} & "
             f"{hm(mean(pb), mean(pn)):.2f} \\\\") in body
-    assert r"DescribableTextures & 81.00 $\pm$ 1.00 & 63.00 $\pm$ 3.00 & 70.88 \\" in body
+    assert r"DescribableTextures & 81.00 $\pm$ 1.41 & 63.00 $\pm$ 4.24 & 70.88 \\" in body
     db, dn = [v[0] for v in DTD.values()], [v[1] for v in DTD.values()]
     avg_b, avg_n = mean([mean(pb), mean(db)]), mean([mean(pn), mean(dn)])
     avg = f"Average (2 datasets) & {avg_b:.2f} & {avg_n:.2f} & {hm(avg_b, avg_n):.2f} \\\\"
@@ -377,7 +378,7 @@ def test_latex_booktabs_table(root, capsys):
     # every row has the tabular's 4 columns
     assert all(line.count(" & ") == 3 for line in body if line.endswith(r"\\") and "multicolumn" not in line)
     kd = latex_rows(out, "kd")
-    assert any(line.startswith("OxfordPets & 91.00 $\\pm$ 1.00 & 92.00 $\\pm$ 1.00 & ") for line in kd)
+    assert any(line.startswith("OxfordPets & 91.00 $\\pm$ 1.41 & 92.00 $\\pm$ 1.41 & ") for line in kd)
     assert "| " not in out and "±" not in out  # nothing of the Markdown table
 
 
@@ -415,8 +416,8 @@ def test_latex_fewshot_and_not_sweep(root, capsys):
     rc, out, _ = run_cli(capsys, "report", str(root), "--fewshot", "--format", "latex")
     assert rc == 0
     body = latex_rows(out, "promptkd, 4 shots")
-    assert r"Dataset & Accuracy \\" in body and r"DescribableTextures & 52.00 $\pm$ 2.00 \\" in body
-    assert r"OxfordPets & 86.00 $\pm$ 0.82 \\" in body and r"Average (2 datasets) & 69.00 \\" in body
+    assert r"Dataset & Accuracy \\" in body and r"DescribableTextures & 52.00 $\pm$ 2.83 \\" in body
+    assert r"OxfordPets & 86.00 $\pm$ 1.00 \\" in body and r"Average (2 datasets) & 69.00 \\" in body
     rc, out, err = run_cli(capsys, "report", str(root), "--sweep", "--format", "latex")
     assert rc == 2 and out == "" and "--format latex" in err and err.count("\n") == 1
 
@@ -430,7 +431,8 @@ def test_base_test_selected_runs_are_marked_and_never_averaged_with_honest_ones(
     assert main(["report", str(r)]) == 0
     out = capsys.readouterr().out
     assert "### abkd\n" in out and "### abkd [selected on base test]" in out
-    assert "| 70.00 ± 0.00 |" in out and "| 90.00 ± 0.00 |" in out and "± 10.00" not in out  # never averaged
+    assert "| 70.00 ± n/a (1 seed) |" in out and "| 90.00 ± n/a (1 seed) |" in out  # never averaged
+    assert "± 10.00" not in out and "± 14.14" not in out
     assert main(["report", str(r), "--format", "csv", "--method", "abkd"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {row["method"] for row in rows} == {"abkd", "abkd [selected on base test]"}
@@ -466,8 +468,9 @@ def test_runs_of_different_kinds_are_never_averaged(tmp_path, capsys, attr):
     rc, out, _ = run_cli(capsys, "report", str(root))
     assert rc == 0
     assert f"### {usual}\n" in out and f"### {odd}\n" in out and "### kd\n" not in out
-    assert "| DescribableTextures | 81.00 ± 1.00 | 63.00 ± 3.00 |" in out  # seeds 1 and 2 only
-    assert "| DescribableTextures | 40.00 ± 0.00 | 30.00 ± 0.00 |" in out  # seed 3 in a table of its own
+    assert "| DescribableTextures | 81.00 ± 1.41 | 63.00 ± 4.24 |" in out  # seeds 1 and 2 only
+    # seed 3 in a table of its own
+    assert "| DescribableTextures | 40.00 ± n/a (1 seed) | 30.00 ± n/a (1 seed) |" in out
     problems = out.split("Not averaged with the others (1):")[1]
     assert "- kd: mixes runs of different kinds" in problems and usual.removeprefix("kd ")[1:-1] in problems
     # csv and latex: the same two tables; the mixture on stderr
@@ -497,8 +500,8 @@ def test_misplaced_runs_duplicate_seeds_and_bad_accuracies_are_left_out(tmp_path
     rc, out, err = run_cli(capsys, "report", str(root), "--format", "json")
     assert rc == 0
     row = json.loads(out)["datasets"]["DescribableTextures"]
-    assert row["base"] == pytest.approx({"mean": 83.0, "std": 1.0, "n": 2})  # seeds 2 and 7 only
-    assert row["new"] == pytest.approx({"mean": 69.0, "std": 3.0, "n": 2})
+    assert row["base"] == pytest.approx({"mean": 83.0, "std": math.sqrt(2), "n": 2})  # seeds 2 and 7 only
+    assert row["new"] == pytest.approx({"mean": 69.0, "std": math.sqrt(18), "n": 2})
     assert "kd/dtd/seed3: its config.yaml names dataset eurosat" in err
     for seed in ("seed1", "seed01"):
         assert f"kd/dtd/{seed}: seed 1 is there 2 times" in err
@@ -506,7 +509,7 @@ def test_misplaced_runs_duplicate_seeds_and_bad_accuracies_are_left_out(tmp_path
     assert "kd/dtd/seed5: malformed results.json" in err and "-1.0, outside [0, 100]" in err
     assert "kd/dtd/seed6: malformed results.json" in err and "not a finite number" in err
     rc, out, _ = run_cli(capsys, "report", str(root))
-    assert "| DescribableTextures | 83.00 ± 1.00 | 69.00 ± 3.00 |" in out
+    assert "| DescribableTextures | 83.00 ± 1.41 | 69.00 ± 4.24 |" in out
     assert "Incomplete or failed runs (3):" in out and "Not averaged with the others (3):" in out
     # nothing left to average: one line naming a run and why
     rc, out, err = run_cli(capsys, "report", str(dtd / "seed3"))
@@ -530,7 +533,7 @@ def test_fewshot_kinds_shots_and_duplicates(tmp_path, capsys):
     assert rc == 0
     methods = json.loads(out)["methods"]
     assert set(methods) == {"kd [inductive]", "kd [transductive]"}
-    assert methods["kd [inductive]"]["4"]["datasets"]["OxfordPets"] == {"mean": 80.0, "std": 0.0, "n": 1}
+    assert methods["kd [inductive]"]["4"]["datasets"]["OxfordPets"] == {"mean": 80.0, "std": None, "n": 1}
     assert methods["kd [transductive]"]["4"]["datasets"]["OxfordPets"]["mean"] == 20.0
     assert "shots4/seed3: its config.yaml says DATASET.NUM_SHOTS 16, not 4" in err
     assert "shots4/seed002: seed 2 is there 2 times" in err and "mixes runs of different kinds" in err
@@ -550,8 +553,8 @@ def test_sweep_cells_of_one_kind_and_each_seed_once(tmp_path, capsys):
     sweeps = {s["method"]: s for s in json.loads(out)["sweeps"]}
     assert set(sweeps) == {"abkd [inductive]", "abkd [transductive]"}
     cells = {(c["alpha"], c["beta"]): c for c in sweeps["abkd [inductive]"]["cells"]}
-    assert cells[0.0, 1.0]["base"] == pytest.approx({"mean": 81.0, "std": 1.0, "n": 2})
-    assert cells[1.0, 1.0]["base"] == pytest.approx({"mean": 72.0, "std": 0.0, "n": 1})  # seed 2 only
+    assert cells[0.0, 1.0]["base"] == pytest.approx({"mean": 81.0, "std": math.sqrt(2), "n": 2})
+    assert cells[1.0, 1.0]["base"] == {"mean": 72.0, "std": None, "n": 1}  # seed 2 only
     assert [c["base"]["mean"] for c in sweeps["abkd [transductive]"]["cells"]] == [10.0]
     assert "a1_b1/seed01: seed 1 is there 2 times" in err and "abkd/eurosat: mixes runs" in err
 

@@ -4,6 +4,7 @@ tiny random CLIPs)."""
 
 from __future__ import annotations
 
+import math
 import json
 import os
 import re
@@ -199,10 +200,11 @@ def test_train_on_imagenet_evaluate_on_targets_and_report(xd_root, tmp_path, cap
             row = report["methods"][method]
             src = [acc(out / method / "imagenet" / f"seed{s}" / "results.json") for s in seeds]
             tgt = [acc(out / method / "imagenet" / f"seed{s}" / "eval" / target / "results.json") for s in seeds]
-            assert row["source"] == {"mean": pytest.approx(statistics.fmean(src)),
-                                     "std": pytest.approx(statistics.pstdev(src)), "n": len(seeds)}
-            assert row["targets"] == {target: {"mean": pytest.approx(statistics.fmean(tgt)),
-                                               "std": pytest.approx(statistics.pstdev(tgt)), "n": len(seeds)}}
+            # the sample std (ddof 1) since issue #19; one seed: none (null)
+            std = lambda v: pytest.approx(statistics.stdev(v)) if len(v) > 1 else None  # noqa: E731
+            assert row["source"] == {"mean": pytest.approx(statistics.fmean(src)), "std": std(src), "n": len(seeds)}
+            assert row["targets"] == {target: {"mean": pytest.approx(statistics.fmean(tgt)), "std": std(tgt),
+                                               "n": len(seeds)}}
             assert row["average"] == pytest.approx(statistics.fmean(tgt)) and row["n_targets"] == 1
             assert row["seeds"] == list(seeds)
     # the other formats carry the same numbers
@@ -249,15 +251,15 @@ def test_report_reads_transductive_target_runs_and_flags_ambiguity(tmp_path, cap
     assert main(["report", str(root), "--xd", "--format", "json"]) == 0
     captured = capsys.readouterr()
     row = json.loads(captured.out)["methods"]["promptkd_xd"]
-    assert row["source"]["mean"] == pytest.approx(71.0) and row["source"]["std"] == pytest.approx(1.0)
-    assert row["targets"]["dtd"] == {"mean": 52.0, "std": 2.0, "n": 2}
-    assert row["targets"]["eurosat"] == {"mean": 40.0, "std": 0.0, "n": 1}  # seed 2 is ambiguous: left out
+    assert row["source"]["mean"] == pytest.approx(71.0) and row["source"]["std"] == pytest.approx(math.sqrt(2))
+    assert row["targets"]["dtd"] == {"mean": 52.0, "std": pytest.approx(math.sqrt(8)), "n": 2}  # sample std
+    assert row["targets"]["eurosat"] == {"mean": 40.0, "std": None, "n": 1}  # seed 2 is ambiguous: left out
     assert row["average"] == pytest.approx(46.0) and row["n_targets"] == 2
     assert "keep one of them" in captured.err and "ucf101/seed1: no results.json" in captured.err
     # a method folder as ROOT gives the same numbers; md lists the problems after the table
     assert main(["report", str(root / "promptkd_xd"), "--xd"]) == 0
     md = capsys.readouterr().out
-    assert "| promptkd_xd | 71.00 ± 1.00 |" in md and "Incomplete or failed runs and evaluations (2)" in md
+    assert "| promptkd_xd | 71.00 ± 1.41 |" in md and "Incomplete or failed runs and evaluations (2)" in md
 
 
 def test_report_errors_and_compare(tmp_path, capsys, monkeypatch):
@@ -339,7 +341,7 @@ def test_scripts_choose_per_dataset_runs_for_a_transductive_method(tmp_path):
         assert f"--output-dir {tmp_path}/out/transfer/promptkd_xd/{stem}/seed3" in line
         assert f"configs/datasets/{stem}.yaml" in line and "configs/protocols/xd_transductive.yaml" in line
         assert f"MODEL.TEACHER.CHECKPOINT {teacher}" in line  # the ImageNet teacher everywhere
-    assert "| promptkd_xd | 50.00 ± 0.00 |" in proc.stdout and "10/10" in proc.stdout
+    assert "| promptkd_xd | 50.00 ± n/a (1 seed) |" in proc.stdout and "10/10" in proc.stdout
     # dg.sh: the finished ImageNet run is reused and evaluated on the variants, whatever the protocol
     calls.unlink()
     proc = _script("dg.sh", "3", "promptkd_xd", env=env)
@@ -349,7 +351,7 @@ def test_scripts_choose_per_dataset_runs_for_a_transductive_method(tmp_path):
     assert len(trains) == 1 and "--resume" in trains[0] and "skip" in proc.stdout
     evals = [line for line in lines if line.startswith("eval")]
     assert [line.split()[4] for line in evals] == list(DG_TARGETS)
-    assert "| promptkd_xd | 50.00 ± 0.00 | 40.00 ± 0.00 |" in proc.stdout
+    assert "| promptkd_xd | 50.00 ± n/a (1 seed) | 40.00 ± n/a (1 seed) |" in proc.stdout
     # an inductive method is trained once (configs/protocols/xd.yaml) and evaluated on every target
     calls.unlink()
     proc = _script("xd.sh", "1", "kd_promptkd", env={**env, "XD_TEACHER": "", "TEACHERS": str(tmp_path / "t")})
@@ -418,7 +420,7 @@ def test_report_rows_hold_one_kind_of_run_and_each_seed_once(tmp_path, capsys):
     rows = json.loads(captured.out)["methods"]
     assert set(rows) == {"m [prompted teacher]", "m [zero-shot teacher]"}
     prompted = rows["m [prompted teacher]"]
-    assert prompted["seeds"] == [2] and prompted["source"] == {"mean": 72.0, "std": 0.0, "n": 1}
+    assert prompted["seeds"] == [2] and prompted["source"] == {"mean": 72.0, "std": None, "n": 1}
     assert prompted["targets"]["imagenet_a"]["mean"] == 34.0
     assert rows["m [zero-shot teacher]"]["source"]["mean"] == 50.0
     for seed in ("seed1", "seed01"):

@@ -57,7 +57,7 @@ def test_base2new_script_runs_skips_and_uses_per_dataset_settings(synth_root, tm
         for half in ("base", "new"):
             values = [r[half]["accuracy"] for r in runs]
             assert row[half]["mean"] == pytest.approx(statistics.fmean(values))
-            assert row[half]["std"] == pytest.approx(statistics.pstdev(values))
+            assert row[half]["std"] == pytest.approx(statistics.stdev(values))  # sample std (ddof 1), issue #19
             assert row[half]["n"] == 2
         b, n = row["base"]["mean"], row["new"]["mean"]
         assert row["hm"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)

@@ -20,8 +20,14 @@ output/sweep/<method>, output/fewshot/<method>), a dataset folder below it, or a
 the method and dataset names are then read from the folders above ROOT. A run folder holds config.yaml
 (and results.json once finished).
 
-Base/New: mean and population std (ddof=0) over seeds; HM: harmonic mean of the mean Base and mean New.
-Average row: HM of the dataset-mean Base and dataset-mean New (not the mean of per-dataset HMs).
+Base/New: mean and sample std (ddof 1) over seeds (--std population: ddof 0, as Dassl's parse_test_res.py,
+which understates the spread of 3 seeds); --ci adds the half-width of a t-based 95% confidence interval of each
+seed mean (t(0.975, n-1) s / sqrt(n)); with one seed a sample std or CI is "n/a (1 seed)" (null in json).
+HM: harmonic mean of the mean Base and mean New. Average row: HM of the dataset-mean Base and dataset-mean New,
+as the papers, with the mean of the per-dataset HMs beside it (json "mean_hm", csv mean_dataset_hm).
+Warnings (after the table, with the problems): a run whose final model is its first epoch of several, a seed far
+from the others (more than 3 scaled MADs from the median and more than 1 point), missing seeds, runs selected on
+base test, and methods compared on different dataset/seed sets.
 Run folders without a readable results.json are listed as incomplete/failed (after the table for md,
 on stderr for csv/json so that stdout stays machine-readable).
 Only runs of one kind are averaged together: the same DISTILL.PROTOCOL, DATASET.NUM_SHOTS, teacher (zero-shot,
@@ -30,8 +36,8 @@ per kind, named by what differs (e.g. "kd [transductive]"), and the mixture is l
 whose config.yaml names another dataset (or K) than its folder, and a seed present twice (seed1 and seed01),
 are listed and left out; an accuracy outside [0, 100] makes results.json malformed.
 
---format json prints {"datasets": {NAME: {"base": {"mean","std","n"}, "new": {...}, "hm"}},
-"average": {"base","new","hm"}} for ONE method: when ROOT holds several methods, pick one with --method
+--format json prints {"datasets": {NAME: {"base": {"mean","std","n"} (+ "ci95" with --ci), "new": {...}, "hm"}},
+"average": {"base","new","hm","mean_hm"}} for ONE method: when ROOT holds several methods, pick one with --method
 (md and csv print every method; csv has a method column). With --compare published, json entries gain
 "published" and "delta" (ours - published) keys. --fewshot json: {"methods": {M: {K: {"datasets", "average"}}}};
 --sweep json: {"sweeps": [{"method", "dataset", "cells", "best"}]}.
@@ -73,6 +79,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="with --compare A B: the bootstrap's random seed (default 0)")
     p.add_argument("--resamples", type=int,
                    help="with --compare A B: bootstrap replicates (default 10000)")
+    p.add_argument("--std", choices=("sample", "population"), default="sample",
+                   help="std over seeds: sample (ddof 1, default) or population (ddof 0, as Dassl's "
+                        "parse_test_res.py)")
+    p.add_argument("--ci", action="store_true",
+                   help="add the half-width of the t-based 95%% confidence interval of each seed mean")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--fewshot", action="store_true", help="few-shot tables, one per method and K")
     mode.add_argument("--sweep", action="store_true", help="HM per (alpha, beta) cell and the best cell")
@@ -170,7 +181,7 @@ def _write_dassl_logs(runs: list, out: Path) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from clipkd.errors import ClipkdError
-    from clipkd.reports import aggregate, render
+    from clipkd.reports import aggregate, checks, render
     from clipkd.reports.collect import (BASE_TEST_MARK, KIND_B2N, KIND_FEWSHOT, KIND_SWEEP, collect, dataset_stem,
                                         sort_out)
     from clipkd.reports.published import REFERENCES
@@ -216,28 +227,31 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise ClipkdError(f"no runs under {args.root} can be averaged: {len(left_out)} left out "
                           f"(e.g. {first.path}: {first.problem})")
 
+    ddof = aggregate.POPULATION if args.std == "population" else aggregate.SAMPLE
+    ci = args.ci
+    warnings = checks.warnings(runs, kind)
     if kind == KIND_B2N:
-        tables = aggregate.base_to_new_tables(runs)
+        tables = aggregate.base_to_new_tables(runs, ddof)
         ref = REFERENCES[args.compare] if args.compare else None
         if args.format == "json":
             if len(tables) > 1:
                 pick = "" if args.method else "pick a method with --method, or "
                 raise ClipkdError(f"several tables under {args.root} ({', '.join(t.method for t in tables)}): "
                                   f"--format json reports one: {pick}pass a ROOT that holds one of them")
-            text = render.dumps(render.b2n_dict(tables[0], ref))
+            text = render.dumps(render.b2n_dict(tables[0], ref, ci))
         else:
             text = {"md": render.b2n_markdown, "csv": render.b2n_csv, "latex": render.b2n_latex}[args.format](
-                tables, ref)
+                tables, ref, ci)
         if args.dassl_logs:
             _write_dassl_logs(runs, Path(args.dassl_logs))
     elif kind == KIND_FEWSHOT:
-        ftables = aggregate.fewshot_tables(runs)
+        ftables = aggregate.fewshot_tables(runs, ddof)
         text = {"md": render.fewshot_markdown, "csv": render.fewshot_csv, "latex": render.fewshot_latex,
-                "json": lambda t: render.dumps(render.fewshot_dict(t))}[args.format](ftables)
+                "json": lambda t, c: render.dumps(render.fewshot_dict(t, c))}[args.format](ftables, ci)
     else:
-        sweeps = aggregate.sweeps(runs)
+        sweeps = aggregate.sweeps(runs, ddof)
         text = {"md": render.sweep_markdown, "csv": render.sweep_csv,
-                "json": lambda s: render.dumps(render.sweep_dict(s))}[args.format](sweeps)
+                "json": lambda s, c: render.dumps(render.sweep_dict(s, c))}[args.format](sweeps, ci)
         if args.plot:
             from clipkd.reports.plot import plot_sweep, sweep_plot_paths
 
@@ -248,7 +262,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(text.rstrip("\n"))
     # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
     at_root = any(r.path == col.root for r in bad) or any(p.path == col.root for p in left_out)
-    _print_problems(render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out), args.format)
+    _print_problems(render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out,
+                                            warnings=warnings), args.format)
     return 0
 
 
@@ -302,6 +317,8 @@ def _transfer_report(args: argparse.Namespace) -> int:
 
     setting = "xd" if args.xd else "dg"
     flag = f"--{setting}"
+    if args.ci:
+        raise ClipkdError(f"--ci is not in the {flag} table yet (--std is): drop it")
     for given, name in ((args.plot, "--plot"), (args.dassl_logs, "--dassl-logs"), (args.dataset, "--dataset")):
         if given:
             raise ClipkdError(f"{name} does not apply to {flag} (a table over all its datasets); drop it")
@@ -313,7 +330,10 @@ def _transfer_report(args: argparse.Namespace) -> int:
                               "checked against a source; clipkd/reports/published.py says how to add them): drop "
                               "--compare")
         ref = (rows, source)
-    table = transfer.transfer_table(args.root, setting, method=args.method)
+    from clipkd.reports.aggregate import POPULATION, SAMPLE
+
+    table = transfer.transfer_table(args.root, setting, method=args.method,
+                                    ddof=POPULATION if args.std == "population" else SAMPLE)
     root = Path(args.root)
     if not table.rows:
         where = f" for --method {args.method}" if args.method else ""

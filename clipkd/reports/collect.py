@@ -281,6 +281,10 @@ class Profile:
     teacher: str | None  # results.json "teacher": zero-shot | prompted | none
     selection: str  # results.json "selected_on": last | val | base_test
     dataset: str | None  # the stem DATASET.NAME names
+    # not part of a run's kind (reports/checks.py warns about them): results.json "epoch" (the final model's
+    # epoch, 1-based) and OPTIM.MAX_EPOCH (the epochs trained)
+    epoch: int | None = None
+    max_epoch: int | None = None
 
     def label(self, attr: str) -> str:
         """How a table's name tells runs apart on ``attr`` (one of KIND_ATTRS)."""
@@ -312,15 +316,20 @@ def _config_value(config: dict, key: str) -> Any:
     return node
 
 
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def read_profile(path: Path) -> tuple[Profile | None, str]:
     """The profile of the run in ``path``, or None and why it cannot be told (an unreadable config.yaml)."""
     results = _results_fields(path)
     teacher = results.get("teacher")
     teacher = str(teacher).split(":")[0] if teacher is not None else None
     selection = str(results.get("selected_on", "last"))
+    epoch = _int_or_none(results.get("epoch"))
     file = path / CONFIG_FILE
     if not file.is_file():  # e.g. results copied without their run folder: nothing to tell runs apart by
-        return Profile(None, None, teacher, selection, None), ""
+        return Profile(None, None, teacher, selection, None, epoch), ""
     try:
         config = yaml.load(file.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -332,9 +341,10 @@ def read_profile(path: Path) -> tuple[Profile | None, str]:
     name, shots = _config_value(config, "DATASET.NAME"), _config_value(config, "DATASET.NUM_SHOTS")
     protocol = _config_value(config, "DISTILL.PROTOCOL")
     return Profile(protocol=str(protocol) if protocol is not None else None,
-                   shots=shots if isinstance(shots, int) and not isinstance(shots, bool) else None,
+                   shots=_int_or_none(shots),
                    teacher=teacher, selection=selection,
-                   dataset=dataset_stem(str(name)) if name else None), ""
+                   dataset=dataset_stem(str(name)) if name else None,
+                   epoch=epoch, max_epoch=_int_or_none(_config_value(config, "OPTIM.MAX_EPOCH"))), ""
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The cross-dataset (``--xd``) and domain-generalisation (``--dg``) tables: source accuracy, each target, the
-average over the targets; mean and population std (ddof=0) over seeds.
+average over the targets; mean and std over seeds (sample std, ddof 1, unless ddof=0 asks for the population std).
 
 Layout (written by scripts/xd.sh and scripts/dg.sh, ``ROOT`` = ``output/transfer``): the source run
 ``ROOT/<method>/imagenet/seed<S>/results.json`` (``{"all": {"accuracy"}}``); a target's accuracy is
@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipkd.data.specs import DG_TARGETS, TRANSFER_SOURCE, XD_TARGETS
-from clipkd.reports.aggregate import Stat, dataset_name
+from clipkd.reports.aggregate import SAMPLE, Stat, dataset_name
 from clipkd.reports.collect import (BASE_TEST_MARK, KIND_B2N, RESULTS_FILE, Problem, RunRecord, _read_results,
                                     _results_fields, collect, sort_out)
 from clipkd.reports.published import PublishedTransfer
-from clipkd.reports.render import _md_table, _tex_pm, _tex_row, _tex_seeds_note, incomplete_lines, tex_escape
+from clipkd.reports.render import (_md_table, _pm, _tex_pm, _tex_row, _tex_seeds_note, csv_spread, incomplete_lines,
+                                   std_words, tex_escape)
 from clipkd.rundir import eval_results_path
 
 SETTINGS: dict[str, tuple[str, ...]] = {"xd": XD_TARGETS, "dg": DG_TARGETS}
@@ -75,8 +76,8 @@ def _method(run: RunRecord) -> str:
     return run.method + (BASE_TEST_MARK if selected == "base_test" else "")
 
 
-def transfer_table(root: str | Path, setting: str, method: str | None = None) -> TransferTable:
-    """Collect the runs under ``root`` and aggregate one setting's table (rows: methods, sorted)."""
+def transfer_table(root: str | Path, setting: str, method: str | None = None, ddof: int = SAMPLE) -> TransferTable:
+    """Collect the runs under ``root`` and aggregate one setting's table (rows: methods, sorted; std with ``ddof``)."""
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, not {setting!r}")
     targets = SETTINGS[setting]
@@ -119,11 +120,11 @@ def transfer_table(root: str | Path, setting: str, method: str | None = None) ->
     methods = sorted(set(sources) | {m for m, _, _ in values})
     for name in methods:
         src = sources.get(name, {})
-        row = TransferRow(name, Stat.of([src[s] for s in sorted(src)]) if src else None, seeds=tuple(sorted(src)))
+        row = TransferRow(name, Stat.of([src[s] for s in sorted(src)], ddof) if src else None, seeds=tuple(sorted(src)))
         for stem in targets:
             accs = [values[k][0] for k in sorted(values) if k[0] == name and k[1] == stem]
             if accs:
-                row.targets[stem] = Stat.of(accs)
+                row.targets[stem] = Stat.of(accs, ddof)
         table.rows.append(row)
     return table
 
@@ -139,7 +140,11 @@ def _put(values: dict, key: tuple[str, str, int], acc: float, file: Path, table:
 
 # ---------------------------------------------------------------- rendering
 def _cell(s: Stat | None) -> str:
-    return "—" if s is None else f"{s.mean:.2f} ± {s.std:.2f}"
+    return "—" if s is None else _pm(s)
+
+
+def _ddof(table: TransferTable) -> int:
+    return next((r.source.ddof for r in table.rows if r.source), SAMPLE)
 
 
 def _num(x: float | None) -> str:
@@ -176,7 +181,8 @@ def transfer_markdown(table: TransferTable, ref: TransferReference | None = None
                 rows.append([f"Δ {r.method} - published", *_delta(r, p, t), "", ""])
     out = [f"### {TITLES[table.setting]}: {dataset_name(TRANSFER_SOURCE)} -> {len(t)} targets", ""]
     out += _md_table(header, rows, "l" + "r" * (len(header) - 1))
-    out += ["", "Accuracy (%) over all classes of each test set: mean ± population std over seeds. Average: mean of "
+    out += ["", f"Accuracy (%) over all classes of each test set: mean ± {std_words(_ddof(table))} over seeds (one "
+            "seed: n/a with the sample std). Average: mean of "
             "the target means over the targets present (Targets); the papers' average needs all of them. Seeds: "
             "source runs."]
     if ref:
@@ -216,11 +222,12 @@ def transfer_csv(table: TransferTable, ref: TransferReference | None = None) -> 
     for r in table.rows:
         if r.source is not None:
             w.writerow([table.setting, r.method, TRANSFER_SOURCE, dataset_name(TRANSFER_SOURCE), "source",
-                        r.source.mean, r.source.std, r.source.n])
+                        r.source.mean, csv_spread(r.source.std, r.source.n), r.source.n])
         for s in t:
             if s in r.targets:
                 st = r.targets[s]
-                w.writerow([table.setting, r.method, s, dataset_name(s), "target", st.mean, st.std, st.n])
+                w.writerow([table.setting, r.method, s, dataset_name(s), "target", st.mean, csv_spread(st.std, st.n),
+                            st.n])
         avg = r.average(t)
         if avg is not None:
             w.writerow([table.setting, r.method, "average", "Average", "average", avg, "", table.n_targets(r)])
@@ -261,7 +268,7 @@ def transfer_latex(table: TransferTable, ref: TransferReference | None = None) -
                                  _num(p.average).replace("—", "--")]))
     out += [r"\bottomrule", r"\end{tabular}"]
     counts = [r.source.n for r in table.rows if r.source] + [s.n for r in table.rows for s in r.targets.values()]
-    out.append(f"% Accuracy over all classes of each test set: mean $\\pm$ population std over "
+    out.append(f"% Accuracy over all classes of each test set: mean $\\pm$ {tex_escape(std_words(_ddof(table)))} over "
                f"{_tex_seeds_note(counts or [1])}; Average: mean of the target means over the targets present "
                f"({', '.join(f'{r.method}: {table.n_targets(r)}/{len(t)}' for r in table.rows)}).")
     if ref:
