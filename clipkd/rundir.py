@@ -2,10 +2,12 @@
 of one folder, and resume hygiene. Torch-free: the engine writes this layout and the reports read it.
 
 A run folder: ``config.yaml``, ``log.txt``, ``metrics.jsonl``, ``checkpoints/last.pt`` (every epoch),
-``checkpoints/best-val.pt`` (TEST.FINAL_MODEL val), ``model.pt`` (the final model), ``results.json``.
+``checkpoints/best-val.pt`` (TEST.FINAL_MODEL val), ``model.pt`` (the final model), ``results.json`` and, written
+just before it, ``predictions.npz`` (each test image's label, prediction and probabilities: :data:`PER_IMAGE`).
 ``inputs.json`` records what the run read (:mod:`clipkd.runs.inputs`). ``.lock`` exists while a process trains
 into the folder (or an evaluation writes its ``results.json`` into a folder of its own). An evaluation of the
-run on another dataset goes to ``eval/<stem>/results.json`` inside it (:func:`eval_results_path`).
+run on another dataset goes to ``eval/<stem>/results.json`` (and ``predictions.npz``) inside it
+(:func:`eval_results_path`).
 
 Under a results ROOT (:data:`LAYOUTS`): ``<method>/<stem>/seed<S>`` (base-to-new),
 ``fewshot/<method>/<stem>/shots<K>/seed<S>`` and ``<method>/<stem>/a<alpha>_b<beta>/seed<S>`` (a sweep).
@@ -38,9 +40,16 @@ LAST_CKPT = "checkpoints/last.pt"
 BEST_CKPT = "checkpoints/best-val.pt"
 LOCK_FILE = ".lock"
 INPUTS_FILE = "inputs.json"
+PREDICTIONS_FILE = "predictions.npz"
+# predictions.npz (np.savez_compressed): "format" = PREDICTIONS_FORMAT and, per evaluated half H of results.json,
+# "H.<name>" for each name of PER_IMAGE (int32 label and pred; float32 rest) in the half's test-list order, plus
+# "H.teacher_pred" (int32) when the run has a teacher and TEST.TEACHER_PREDICTIONS. mean(pred == label) * 100 is results.json's accuracy.
+PREDICTIONS_FORMAT = 1
+PER_IMAGE = ("label", "pred", "prob", "confidence", "entropy", "top5_out")
+TEACHER_PRED = "teacher_pred"
 RUN_FILES = (CONFIG_FILE, MODEL_FILE, LOG_FILE, METRICS_FILE, INPUTS_FILE)  # what only a training run writes
 # Keys a run may change between its starts: neither changes what the run computes.
-SAME_RUN_KEYS = ("OUTPUT_DIR", "DISTILL.TEACHER_CACHE")
+SAME_RUN_KEYS = ("OUTPUT_DIR", "DISTILL.TEACHER_CACHE", "TEST.TEACHER_PREDICTIONS")
 _KEYS_SHOWN = 5
 
 EVAL_DIR = "eval"  # inside a run folder: eval/<stem>/results.json per evaluated target

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from clipkd.reports.predictions import read_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -23,7 +26,7 @@ def test_two_processes_match_one(synth_root, tmp_path):
                 "MODEL.STUDENT.NAME", "clipkd-tiny-student", "MODEL.STUDENT.PRETRAINED", "",
                 "MODEL.PROMPT.DEPTH_VISION", "2", "MODEL.PROMPT.DEPTH_TEXT", "2", "INPUT.SIZE", "(32, 32)",
                 "DATASET.NUM_SHOTS", "4", "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
-                "OPTIM.MAX_EPOCH", "2", "OPTIM.LR", "0.01"]
+                "OPTIM.MAX_EPOCH", "2", "OPTIM.LR", "0.01", "TEST.TEACHER_PREDICTIONS", "True"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run([*launcher, "-m", "clipkd", *args], env=env, capture_output=True, text=True,
                               timeout=300)
@@ -50,3 +53,11 @@ def test_two_processes_match_one(synth_root, tmp_path):
         assert abs(ra[half]["accuracy"] - rb[half]["accuracy"]) < 1e-6
     # only rank 0 wrote: one log, one metrics file, no duplicated lines
     assert (tmp_path / "two/log.txt").read_text().count("* accuracy:") == 3  # base, new, the Dassl tail
+    # each image's prediction and statistics, gathered from the ranks in the test-list order (issue 19)
+    pa, pb = read_predictions(tmp_path / "one"), read_predictions(tmp_path / "two")
+    for half in ("base", "new"):
+        assert set(pa[half]) == set(pb[half]) and "teacher_pred" in pa[half]
+        for name in ("label", "pred", "teacher_pred"):
+            assert np.array_equal(pa[half][name], pb[half][name]), (half, name)
+        for name in ("prob", "confidence", "entropy", "top5_out"):
+            np.testing.assert_allclose(pa[half][name], pb[half][name], atol=1e-4)

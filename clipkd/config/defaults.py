@@ -183,6 +183,9 @@ _C.TEST = CN()
 # last | val (best epoch on the held-out few-shot val split) | best_base_test (the reference code's choice: the
 # epoch with the best base *test* accuracy; for comparison with published tables only, marked in reports)
 _C.TEST.FINAL_MODEL = "last"
+# also record the teacher's prediction of each test image in predictions.npz (teacher_pred): one more teacher pass
+# over the test lists (read from the feature cache with DISTILL.TEACHER_CACHE); off by default, as before
+_C.TEST.TEACHER_PREDICTIONS = False
 
 
 # Keys whose value must be one of a fixed set that no registry holds.

@@ -10,8 +10,10 @@ counts once.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -21,11 +23,13 @@ from clipkd.data.loaders import ImageListDataset, build_loader, build_transform
 from clipkd.data.rundata import RunData
 from clipkd.data.splits import ResolvedSplit
 from clipkd.engine import runtime
+from clipkd.fileio import atomic_write
 from clipkd.metrics import harmonic_mean
+from clipkd.rundir import PER_IMAGE, PREDICTIONS_FORMAT, TEACHER_PRED
 
-__all__ = ["harmonic_mean", "predict", "predict_many", "predict_half", "evaluate_half", "epoch_selection",
-           "evaluate_halves", "score_halves", "classification_metrics", "results_payload", "format_dassl_lines",
-           "dassl_log_lines"]
+__all__ = ["harmonic_mean", "Predictions", "predict", "predict_many", "predict_half", "evaluate_half",
+           "epoch_selection", "evaluate_halves", "evaluate_per_image", "score_halves", "classification_metrics",
+           "results_payload", "write_predictions", "format_dassl_lines", "dassl_log_lines"]
 
 
 # What scores a batch's image features: the class features [C, D], or (a conditional student) a function of the
@@ -40,33 +44,82 @@ def predict(
     loader: DataLoader,
     device: torch.device,
     autocast: Callable[[], object],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted and true labels over a loader (cosine similarity; the logit scale does not change argmax)."""
-    preds, labels = [], []
+    logit_scale: float = 1.0,
+) -> Predictions:
+    """Predicted and true labels over a loader (cosine similarity; the logit scale does not change argmax), with
+    each image's statistics at ``logit_scale`` (:class:`Predictions`)."""
+    batches, labels = [], []
     if isinstance(class_features, torch.Tensor):
         class_features = class_features.to(device).float()
     for images, y, _ in loader:
-        preds.append(_predict_batch(image_features, class_features, images.to(device, non_blocking=True), autocast))
+        batches.append(_predict_batch(image_features, class_features, images.to(device, non_blocking=True), autocast,
+                                      logit_scale, y))
         labels.append(y)
-    return _joined(preds), _joined(labels)
+    return _joined_predictions(batches, labels)
+
+
+class Predictions(tuple):
+    """A half's ``(predicted, true)`` labels (unpacked as before) with each image's statistics in ``per_image``:
+    the arrays of the prediction file (:data:`clipkd.rundir.PER_IMAGE`: label, pred, prob, confidence, entropy,
+    top5_out), as CPU tensors in the list's order; ``teacher_pred`` is added where a teacher also predicted."""
+
+    per_image: dict[str, torch.Tensor]
+
+    def __new__(cls, pred: torch.Tensor, true: torch.Tensor, per_image: dict[str, torch.Tensor]) -> Predictions:
+        self = super().__new__(cls, (pred, true))
+        self.per_image = per_image
+        return self
 
 
 def _predict_batch(image_features: Callable[[torch.Tensor], torch.Tensor], class_features: Classifier,
-                   images: torch.Tensor, autocast: Callable[[], Any]) -> torch.Tensor:
-    """One batch's predicted labels: every path that predicts goes through here, so all agree bit for bit."""
+                   images: torch.Tensor, autocast: Callable[[], Any], logit_scale: float = 1.0,
+                   labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One batch's predictions: every path that predicts goes through here, so all agree bit for bit."""
     with autocast():
         feats = image_features(images)
-    return _predict_features(feats, class_features, autocast)
+    return _predict_features(feats, class_features, autocast, logit_scale, labels)
 
 
 @torch.no_grad()
-def _predict_features(feats: torch.Tensor, class_features: Classifier, autocast: Callable[[], Any]) -> torch.Tensor:
-    """Predicted labels of a batch's image features (computed now or read from the feature cache)."""
+def _predict_features(feats: torch.Tensor, class_features: Classifier, autocast: Callable[[], Any],
+                      logit_scale: float = 1.0, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A batch's predicted labels (``pred``) from its image features (computed now or read from the feature
+    cache) and, given the true ``labels``, each image's statistics (:func:`_image_statistics`), on the CPU."""
     if isinstance(class_features, torch.Tensor):
-        return (feats.float() @ class_features.t()).argmax(dim=-1).cpu()
-    with autocast():
-        per_image = class_features(feats)
-    return torch.einsum("bd,bcd->bc", feats.float(), per_image.float()).argmax(dim=-1).cpu()
+        logits = feats.float() @ class_features.t()
+    else:
+        with autocast():
+            per_image = class_features(feats)
+        logits = torch.einsum("bd,bcd->bc", feats.float(), per_image.float())
+    out = {"pred": logits.argmax(dim=-1).cpu()}
+    if labels is not None:
+        out.update(_image_statistics(logits, labels.to(logits.device), logit_scale))
+    return out
+
+
+def _image_statistics(cosine: torch.Tensor, labels: torch.Tensor, logit_scale: float) -> dict[str, torch.Tensor]:
+    """What a paired comparison or a calibration analysis needs per image, from the softmax of
+    ``logit_scale * cosine`` (the logits the model is trained on): the probability of the true label, the
+    largest probability, the entropy in nats and the mass outside the 5 most probable classes (0 with <= 5)."""
+    logp = torch.log_softmax(logit_scale * cosine.float(), dim=-1)
+    p = logp.exp()
+    ranked = p.sort(dim=-1, descending=True).values
+    return {
+        "prob": p.gather(1, labels.long().view(-1, 1)).view(-1).cpu(),
+        "confidence": ranked[:, 0].cpu(),
+        "entropy": -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=-1).cpu(),
+        "top5_out": ranked[:, 5:].sum(dim=-1).cpu(),
+    }
+
+
+def _joined_predictions(batches: list[dict[str, torch.Tensor]], labels: list[torch.Tensor]) -> Predictions:
+    """The batches' predictions as one :class:`Predictions` (the file's dtypes: int32 labels, float32 rest)."""
+    pred, true = _joined([b["pred"] for b in batches]), _joined(labels)
+    per_image = {"label": true.to(torch.int32), "pred": pred.to(torch.int32)}
+    for name in ("prob", "confidence", "entropy", "top5_out"):
+        parts = [b[name] for b in batches if name in b]
+        per_image[name] = torch.cat(parts).float() if parts else torch.empty(0)
+    return Predictions(pred, true, per_image)
 
 
 def _classifier(model: Any, classnames: Sequence[str], device: torch.device, autocast: Callable[[], Any]) -> Classifier:
@@ -79,6 +132,12 @@ def _classifier(model: Any, classnames: Sequence[str], device: torch.device, aut
         return model.text_features(classnames).float().to(device)
 
 
+def _logit_scale(model: Any) -> float:
+    """The scale of the logits ``model`` is trained and distilled at (CLIP's, about 100); a model that declares
+    none (a stand-in in a test) is scored on the raw cosine similarities."""
+    return float(getattr(model, "logit_scale", 1.0))
+
+
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
@@ -87,7 +146,7 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 def predict_many(
     models: Sequence[Any], split: ResolvedSplit, cfg: CfgNode, device: torch.device,
     autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test",
-) -> list[tuple[torch.Tensor, torch.Tensor] | Exception]:
+) -> list[Predictions | Exception]:
     """:func:`predict_half` for several models in one pass over the list (single process): each image is
     decoded and transformed once and each batch goes to every model, which sees the batches it would see
     alone. A model that fails gets its exception in its place and the others go on; a failure to read the
@@ -103,19 +162,19 @@ def predict_many(
     dataset = ImageListDataset(getattr(split, items), split.dataset_dir, build_transform(cfg, is_train=False))
     loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
                           num_workers=cfg.DATALOADER.NUM_WORKERS)
-    preds: list[list[torch.Tensor]] = [[] for _ in models]
+    preds: list[list[dict[str, torch.Tensor]]] = [[] for _ in models]
     labels = []
     for images, y, _ in loader:
         images = images.to(device, non_blocking=True)
         for k, model in enumerate(models):
             if out[k] is None:
                 try:
-                    preds[k].append(_predict_batch(model.image_features, class_features[k], images, autocast))
+                    preds[k].append(_predict_batch(model.image_features, class_features[k], images, autocast,
+                                                   _logit_scale(model), y))
                 except Exception as exc:  # noqa: BLE001 - as above
                     out[k] = exc
         labels.append(y)
-    true = _joined(labels)
-    return [o if o is not None else (_joined(p), true) for o, p in zip(out, preds)]
+    return [o if o is not None else _joined_predictions(p, labels) for o, p in zip(out, preds)]
 
 
 def classification_metrics(pred: torch.Tensor, true: torch.Tensor, num_classes: int) -> dict:
@@ -137,6 +196,18 @@ def results_payload(halves: dict[str, dict]) -> dict:
     if "base" in halves and "new" in halves:
         out["hm"] = harmonic_mean(halves["base"]["accuracy"], halves["new"]["accuracy"])
     return out
+
+
+def write_predictions(path: str | os.PathLike, per_image: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write each half's per-image arrays (:attr:`Predictions.per_image`) as the prediction file
+    (:data:`clipkd.rundir.PREDICTIONS_FILE`), atomically; written before results.json, so a finished run has it."""
+    dtypes = {**{name: np.float32 for name in PER_IMAGE}, "label": np.int32, "pred": np.int32, TEACHER_PRED: np.int32}
+    arrays = {"format": np.array(PREDICTIONS_FORMAT)}
+    for half, stats in per_image.items():
+        for name, value in stats.items():
+            arrays[f"{half}.{name}"] = np.asarray(value.cpu().numpy() if isinstance(value, torch.Tensor) else value,
+                                                  dtype=dtypes[name])
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def format_dassl_lines(name: str, metrics: dict) -> list[str]:
@@ -201,7 +272,7 @@ def _image_features(model: Any, loader: DataLoader, device: torch.device,
 def predict_half(
     model: Any, split: ResolvedSplit, cfg: CfgNode, device: torch.device,
     autocast: Callable[[], Any] = contextlib.nullcontext, items: str = "test", feature_cache: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Predictions:
     """Predicted and true labels of ``model`` on one half's ``items`` list, among that half's classes only.
     ``feature_cache`` (single process; :class:`clipkd.engine.teacher_features.EvalFeatureCache`): the model's image
     features of the list are read from it or computed once and stored, then scored batch by batch as below."""
@@ -216,20 +287,30 @@ def predict_half(
     sampler = DistributedSampler(dataset, shuffle=False) if runtime.is_initialized() else None
     loader = build_loader(dataset, cfg.DATALOADER.TEST.BATCH_SIZE, shuffle=False,
                           num_workers=cfg.DATALOADER.NUM_WORKERS, sampler=sampler)
+    scale = _logit_scale(model)
     if feature_cache is not None and sampler is None:
         feats, true = feature_cache.features(dataset, lambda: _image_features(model, loader, device, autocast))
         # the same batches as predict(), so the same matmuls: cached and computed predictions are identical
-        pred = [_predict_features(f.to(device), class_features, autocast)
-                for f in feats.split(cfg.DATALOADER.TEST.BATCH_SIZE)] if len(true) else []
-        return (torch.cat(pred) if pred else torch.empty(0, dtype=torch.long)), true
-    pred, true = predict(model.image_features, class_features, loader, device, autocast)
-    if sampler is not None:  # rank 0's view of every rank's share, in dataset order
-        merged: dict[int, tuple[int, int]] = {}
-        for idx, p, t in runtime.gather_objects((list(sampler), pred.tolist(), true.tolist())):
-            merged.update({i: (a, b) for i, a, b in zip(idx, p, t)})  # padding repeats are dropped here
-        pred = torch.tensor([merged[i][0] for i in range(len(dataset))], dtype=torch.long)
-        true = torch.tensor([merged[i][1] for i in range(len(dataset))], dtype=torch.long)
-    return pred, true
+        size = cfg.DATALOADER.TEST.BATCH_SIZE
+        labels = list(true.split(size)) if len(true) else []
+        batches = [_predict_features(f.to(device), class_features, autocast, scale, y)
+                   for f, y in zip(feats.split(size), labels)] if len(true) else []
+        return _joined_predictions(batches, labels)
+    result = predict(model.image_features, class_features, loader, device, autocast, scale)
+    if sampler is None:
+        return result
+    # rank 0's view of every rank's share, in dataset order
+    names = list(result.per_image)
+    merged: dict[int, tuple] = {}
+    for idx, p, t, stats in runtime.gather_objects((list(sampler), result[0].tolist(), result[1].tolist(),
+                                                    [result.per_image[k].tolist() for k in names])):
+        merged.update({i: row for i, *row in zip(idx, p, t, *stats)})  # padding repeats are dropped here
+    rows = [merged[i] for i in range(len(dataset))]
+    pred = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    true = torch.tensor([r[1] for r in rows], dtype=torch.long)
+    per_image = {k: torch.tensor([r[2 + j] for r in rows], dtype=result.per_image[k].dtype)
+                 for j, k in enumerate(names)}
+    return Predictions(pred, true, per_image)
 
 
 def evaluate_half(
@@ -264,6 +345,37 @@ def evaluate_halves(
     predictions = {name: predict_half(model, split, cfg, device, autocast, feature_cache=feature_cache)
                    for name, split in halves.items()}
     return score_halves(predictions, halves, log)
+
+
+def evaluate_per_image(
+    model: Any, halves: dict[str, ResolvedSplit], cfg: CfgNode, device: torch.device,
+    autocast: Callable[[], Any] = contextlib.nullcontext, log: Callable[..., None] | None = None,
+    feature_cache: Any = None, predictions: dict[str, Predictions] | None = None, teacher: Any = None,
+    teacher_cache: Any = None,
+) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """:func:`evaluate_halves`' results and, from the same predictions, each half's per-image arrays
+    (:attr:`Predictions.per_image`); ``predictions``: each half's, already made (e.g. :func:`predict_many`'s).
+    With ``teacher``, its predictions of the same images go to ``teacher_pred``: made in the model's pass over
+    the images (each decoded once) where it can (single process, no feature caches), else read from its
+    ``teacher_cache`` or predicted in a pass of their own."""
+    if predictions is None:
+        predictions = {}
+        for name, split in halves.items():
+            if teacher is None or feature_cache is not None or teacher_cache is not None or runtime.is_initialized():
+                predictions[name] = predict_half(model, split, cfg, device, autocast, feature_cache=feature_cache)
+                continue
+            student, taught = predict_many([model, teacher], split, cfg, device, autocast)
+            if isinstance(student, Exception):
+                raise student
+            if not isinstance(taught, Exception):
+                student.per_image[TEACHER_PRED] = taught.per_image["pred"]
+            predictions[name] = student
+    per_image = {name: dict(predictions[name].per_image) for name in halves}
+    for name, split in halves.items():
+        if teacher is not None and TEACHER_PRED not in per_image[name]:
+            taught = predict_half(teacher, split, cfg, device, autocast, feature_cache=teacher_cache)
+            per_image[name][TEACHER_PRED] = taught[0].to(torch.int32)
+    return score_halves(predictions, halves, log), per_image
 
 
 def score_halves(predictions: dict[str, tuple[torch.Tensor, torch.Tensor]], halves: dict[str, ResolvedSplit],

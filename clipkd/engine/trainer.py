@@ -19,13 +19,14 @@ from yacs.config import CfgNode
 
 from clipkd.engine import runtime
 from clipkd.engine.checkpoint import load_checkpoint, save_checkpoint
-from clipkd.engine.evaluate import dassl_log_lines
+from clipkd.engine.evaluate import dassl_log_lines, write_predictions
 from clipkd.engine.optim import build_optimizer, build_scheduler
 from clipkd.engine.runlog import RunLog
 from clipkd.errors import TrainingError
 from clipkd.fileio import atomic_write_text
 from clipkd.methods.distiller import Distiller
-from clipkd.rundir import BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, RESULTS_FILE, RunDir
+from clipkd.rundir import (BEST_CKPT, CONFIG_FILE, INPUTS_FILE, LAST_CKPT, MODEL_FILE, PREDICTIONS_FILE, RESULTS_FILE,
+                           RunDir)
 
 # results.json "selected_on": how the final epoch was chosen (reports never average "base_test" with the rest)
 SELECTED_ON = {"last": "last", "val": "val", "best_base_test": "base_test"}
@@ -180,11 +181,13 @@ class Trainer:
                           f"read, {features.computed} computed; delete the folder to free it)")
         self.final_epoch = final_epoch
 
-    def write_results(self, results: dict, teacher: str) -> dict:
-        """The evaluation's Dassl lines, ``results.json`` and its metrics line; returns the results."""
+    def write_results(self, results: dict, per_image: dict[str, dict[str, Any]], teacher: str) -> dict:
+        """The evaluation's Dassl lines, ``predictions.npz`` (``per_image``: :func:`write_predictions`), then
+        ``results.json`` and its metrics line; returns the results."""
         self.log.info(*dassl_log_lines(results))  # what Dassl's tools/parse_test_res.py reads
         results.update(epoch=self.final_epoch, selected_on=SELECTED_ON[self.cfg.TEST.FINAL_MODEL], teacher=teacher)
         if self.main:
+            write_predictions(self.rundir / PREDICTIONS_FILE, per_image)
             atomic_write_text(self.rundir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
         self.log.metrics("results", **results)
         runtime.barrier()

@@ -21,6 +21,11 @@ def needs_teacher(cfg: CfgNode) -> bool:
     return STUDENTS.get(cfg.MODEL.STUDENT.TYPE).needs_teacher or cfg.DISTILL.WEIGHT > 0
 
 
+def records_teacher(cfg: CfgNode) -> bool:
+    """Whether a run of ``cfg`` records its teacher's test predictions (``teacher_pred`` in predictions.npz)."""
+    return bool(cfg.TEST.TEACHER_PREDICTIONS) and needs_teacher(cfg)
+
+
 def model_input_size(name: str) -> tuple[int, int] | None:
     """The image size an open_clip architecture takes, read from its config (None when unknown)."""
     import open_clip  # only when a run checks its sizes: importing it costs seconds

@@ -43,7 +43,8 @@ from clipkd.engine.runtime import autocast_for, restore_rng, rng_snapshot, seed_
 from clipkd.engine.teacher_features import TeacherFeatures
 from clipkd.models.student import build_student
 from clipkd.models.teacher import build_teacher
-from clipkd.runs.checks import check_teacher, needs_teacher
+from clipkd.rundir import TEACHER_PRED
+from clipkd.runs.checks import check_teacher, needs_teacher, records_teacher
 from clipkd.runs.run import Run
 
 # What a cell may change without leaving the group: everything its student is and learns. The rest of the config
@@ -177,7 +178,7 @@ def fit_fused(runs: Sequence[Run], resume: Sequence[bool]) -> list[dict | Except
                     if isinstance(predicted, Exception):
                         raise predicted
                     t = trainers[i]
-                    outcomes[i] = t.write_results(runs[i].evaluate(log=t.log, predictions=predicted),
+                    outcomes[i] = t.write_results(*runs[i].evaluate_per_image(log=t.log, predictions=predicted),
                                                   runs[i].teacher_label)
                 except Exception as exc:  # noqa: BLE001 - e.g. a full disk for one cell's results
                     outcomes[i] = exc
@@ -188,27 +189,33 @@ def fit_fused(runs: Sequence[Run], resume: Sequence[bool]) -> list[dict | Except
 
 
 def _predict_group(runs: Sequence[Any]) -> list[dict | Exception | None]:
-    """Each run's final student's (predicted, true) labels per half, from one pass over each half's test list for
-    all of them (:func:`~clipkd.engine.evaluate.predict_many`: every image decoded and transformed once, every
-    student given the batches it gets alone). None for each run under torchrun: each then evaluates alone,
-    sharing its test images among the processes as a run alone does."""
+    """Each run's final student's predictions per half, from one pass over each half's test list for all of them
+    (:func:`~clipkd.engine.evaluate.predict_many`: every image decoded and transformed once, every student given
+    the batches it gets alone), and the group's teacher's in the same pass where a cell asks for it
+    (:func:`~clipkd.runs.checks.records_teacher`: its ``teacher_pred``). None for
+    each run under torchrun: each then evaluates alone, sharing its test images among the processes as a run alone
+    does."""
     if not runs or runtime.is_initialized():
         return [None] * len(runs)
     first = runs[0]
     out: list[Any] = [{} for _ in runs]
     try:
         models = [run.model() for run in runs]
+        teachers = list({id(run.teacher): run.teacher for run in runs if records_teacher(run.cfg)}.values())
         autocast, _ = autocast_for(first.cfg.OPTIM.PRECISION, first.device)
         for name, split in first.data.halves.items():
             live = [k for k, o in enumerate(out) if isinstance(o, dict)]
             if not live:
                 break
-            for k, result in zip(live, predict_many([models[k] for k in live], split, first.cfg, first.device,
-                                                    autocast)):
+            results = predict_many([*(models[k] for k in live), *teachers], split, first.cfg, first.device, autocast)
+            by_teacher = {id(t): r for t, r in zip(teachers, results[len(live):]) if not isinstance(r, Exception)}
+            for k, result in zip(live, results):
                 if isinstance(result, Exception):
                     out[k] = result
-                else:
-                    out[k][name] = result
+                    continue
+                if records_teacher(runs[k].cfg) and id(runs[k].teacher) in by_teacher:
+                    result.per_image[TEACHER_PRED] = by_teacher[id(runs[k].teacher)].per_image["pred"]
+                out[k][name] = result
     except Exception as exc:  # noqa: BLE001 - the test list cannot be read (e.g. a missing image): every cell
         return [exc] * len(runs)
     return out

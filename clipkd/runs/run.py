@@ -24,7 +24,7 @@ from clipkd.data.rundata import RunData, prepare_data
 from clipkd.data.specs import get_spec
 from clipkd.engine import runtime
 from clipkd.engine.checkpoint import load_checkpoint
-from clipkd.engine.evaluate import epoch_selection, evaluate_halves, predict_half, score_halves
+from clipkd.engine.evaluate import Predictions, epoch_selection, evaluate_per_image, predict_half
 from clipkd.engine.loop import train_epochs
 from clipkd.engine.runlog import RunLog, require_tensorboard
 from clipkd.engine.runtime import autocast_for, seed_everything
@@ -37,7 +37,7 @@ from clipkd.models.student import build_student
 from clipkd.models.teacher import build_teacher, teacher_description
 from clipkd.models.zeroshot import build_zero_shot
 from clipkd.rundir import CONFIG_FILE, INPUTS_FILE, MODEL_FILE, RunDir
-from clipkd.runs.checks import check_setup, check_teacher, check_trainable, needs_teacher
+from clipkd.runs.checks import check_setup, check_teacher, check_trainable, needs_teacher, records_teacher
 from clipkd.runs.inputs import check_inputs, read_record, record_inputs
 
 WHICH = ("final", "teacher", "student")  # trained student, configured teacher, zero-shot student CLIP
@@ -141,22 +141,23 @@ class Run:
 
     # ------------------------------------------------------------------------------------ evaluation
     def evaluate(self, halves: Sequence[str] | None = None, which: str = "final", log: RunLog | None = None,
-                 predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
-        """Base/New/HM (or all) of ``which`` model; ``predictions``: each half's (predicted, true) labels of
-        that model, already made (a fused group predicts for all its cells in one pass: :mod:`clipkd.runs.fused`)."""
+                 predictions: dict[str, Predictions] | None = None) -> dict:
+        return self.evaluate_per_image(halves, which, log, predictions)[0]  # the results alone
+
+    def evaluate_per_image(self, halves: Sequence[str] | None = None, which: str = "final", log: RunLog | None = None,
+                           predictions: dict[str, Predictions] | None = None) -> tuple[dict, dict[str, dict]]:
+        """Base/New/HM (or all) of ``which`` model, and each half's ``predictions.npz`` arrays; ``predictions``:
+        each half's by that model, already made (a fused group predicts in one pass: :mod:`clipkd.runs.fused`)."""
         data = self.data
         names = tuple(halves or data.halves)
-        for half in names:
-            if half not in data.halves:
-                raise ConfigError(f"this run evaluates {', '.join(data.halves)}, not {half} "
-                                  "(DATASET.SUBSAMPLE_CLASSES base gives base and new, all gives all)")
-        if predictions is not None:
-            return score_halves(predictions, {h: data.halves[h] for h in names},
-                                log=log.info if log is not None else None)
-        autocast, _ = autocast_for(self.cfg.OPTIM.PRECISION, self.device)
-        return evaluate_halves(self.model(which), {h: data.halves[h] for h in names}, self.cfg, self.device,
-                               autocast, log=log.info if log is not None else None,
-                               feature_cache=self.teacher_eval_cache(which))
+        if missing := [h for h in names if h not in data.halves]:
+            raise ConfigError(f"this run evaluates {', '.join(data.halves)}, not {missing[0]} "
+                              "(DATASET.SUBSAMPLE_CLASSES base gives base and new, all gives all)")
+        autocast, model = autocast_for(self.cfg.OPTIM.PRECISION, self.device)[0], self.model(which)
+        teacher = self.teacher if which == "final" and records_teacher(self.cfg) else None  # built with the student
+        return evaluate_per_image(model, {h: data.halves[h] for h in names}, self.cfg, self.device, autocast,
+                                  log.info if log is not None else None, self.teacher_eval_cache(which), predictions,
+                                  teacher, self.teacher_eval_cache("teacher") if teacher is not None else None)
 
     def predict(self, half: str, which: str = "final") -> torch.Tensor:
         """Predicted labels on one half's test images (e.g. for teacher-student agreement)."""
@@ -190,7 +191,7 @@ class Run:
             if trainer.error is not None:
                 raise trainer.error
             trainer.finish_model()
-            return trainer.write_results(self.evaluate(log=trainer.log), self.teacher_label)
+            return trainer.write_results(*self.evaluate_per_image(log=trainer.log), self.teacher_label)
         finally:
             trainer.close()
 

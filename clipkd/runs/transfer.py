@@ -5,7 +5,8 @@ evaluated on the test images of each target, classified among all the target's c
 The run's own student is used as trained (its ``model.pt``): a PromptKD student classifies with its teacher's
 class embeddings of the target's class names (its own teacher: the same prompts, or the zero-shot teacher with
 the target's CoOp template, as zero-shot CLIP is evaluated there); an IVLP student with its own prompted text
-tower. The result goes to ``<run>/eval/<stem>/results.json`` (written atomically), which
+tower. The result goes to ``<run>/eval/<stem>/results.json`` (written atomically, after each image's prediction in
+``predictions.npz`` beside it), which
 ``clipkd report --xd`` / ``--dg`` read.
 
 The evaluation is the run's saved config with the dataset switched to the target: DATASET.NAME, all classes, the
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from clipkd.data.specs import get_spec
+from clipkd.engine.evaluate import write_predictions
 from clipkd.errors import TrainingError
 from clipkd.fileio import atomic_write_text
 from clipkd.models.teacher import ZERO_SHOT, resolve_teacher_checkpoint, teacher_description
-from clipkd.rundir import MODEL_FILE, RunDir, eval_results_path
+from clipkd.rundir import MODEL_FILE, PREDICTIONS_FILE, RunDir, eval_results_path
 from clipkd.runs.checks import needs_teacher
 from clipkd.runs.run import Run
 
@@ -65,7 +67,7 @@ def evaluate_transfer(run_dir: str | Path, dataset: str, overrides: Sequence[str
     source_cfg = source_run.cfg
     source = get_spec(source_cfg.DATASET.NAME)
     run = Run.load(run_dir, [*overrides, *target_overrides(source_cfg, spec.stem)], echo=False)
-    metrics = run.evaluate(["all"])
+    metrics, per_image = run.evaluate_per_image(["all"])
     results = {
         "all": metrics["all"],
         "dataset": spec.stem,
@@ -74,5 +76,6 @@ def evaluate_transfer(run_dir: str | Path, dataset: str, overrides: Sequence[str
         "teacher": teacher_description(run.cfg) if needs_teacher(run.cfg) else "none",
     }
     path = transfer_results_path(run_dir, spec.stem)
+    write_predictions(path.parent / PREDICTIONS_FILE, per_image)  # first: an evaluation with results.json has it
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     return results, path
