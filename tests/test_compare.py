@@ -159,7 +159,7 @@ def test_corrupt_or_stale_predictions_are_named_not_used(tmp_path, damage):
     row = comparison(tmp_path, resamples=200).rows[0]
     assert row.resampled == "seeds only"
     assert str(run / PREDICTIONS_FILE) in row.notes[0]
-    assert ("unreadable" if damage == "garbage" else "stale") in row.notes[0]
+    assert ("cannot be read as a .npz file" if damage == "garbage" else "its base accuracy is") in row.notes[0]
 
 
 def test_single_common_seed(tmp_path, capsys):
