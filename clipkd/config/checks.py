@@ -132,8 +132,8 @@ def check_student_objective(cfg: CfgNode) -> None:
 
 
 def check_kgcoop_config(cfg: CfgNode) -> None:
-    """The kgcoop objective's check: KgCoOp's objective needs the kgcoop student's hand-crafted class embeddings (the student, in turn, declares
-    that it trains with this objective only: :func:`check_student_objective`)."""
+    """The kgcoop objective's check: it needs the kgcoop student's hand-crafted class embeddings (the student, in
+    turn, declares that it trains with this objective only: :func:`check_student_objective`); its KD part's."""
     student = str(cfg.MODEL.STUDENT.TYPE).lower()
     if cfg.DISTILL.OBJECTIVE == "kgcoop" and student != "kgcoop":
         raise ConfigError(f"DISTILL.OBJECTIVE kgcoop with MODEL.STUDENT.TYPE {student}: KgCoOp's term needs the "

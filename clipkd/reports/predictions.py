@@ -27,8 +27,9 @@ class PredictionsError(ClipkdError):
 
 def read_predictions(run_dir: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """``{half: {name: array}}`` of the prediction file in ``run_dir`` (a run folder or an ``eval/<stem>``
-    folder), for each half results.json holds; a PredictionsError (a ClipkdError) naming the file when it is missing, unreadable, or
-    does not match results.json (a half's n or accuracy, recomputed exactly as the evaluation computes it)."""
+    folder), for each half results.json holds; a PredictionsError (a ClipkdError) naming the file when it is
+    missing, unreadable, or does not match results.json (a half's n or accuracy, recomputed exactly as the
+    evaluation computes it)."""
     folder = Path(run_dir)
     path, results_path = folder / PREDICTIONS_FILE, folder / RESULTS_FILE
     try:
@@ -80,8 +81,8 @@ def _check_half(path: Path, half: str, arrays: dict[str, np.ndarray], metrics: d
 
 
 def _stale(path: Path, what: str) -> PredictionsError:
-    return PredictionsError(f"{path} does not hold this run's predictions ({what}); it is not used: delete it, or rerun "
-                       "the run or evaluation to write it again")
+    return PredictionsError(f"{path} does not hold this run's predictions ({what}); it is not used: delete it, "
+                            "or rerun the run or evaluation to write it again")
 
 
 def _reason(exc: BaseException) -> str:
