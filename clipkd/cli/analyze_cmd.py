@@ -28,7 +28,7 @@ common parent (kd/toy, abkd/toy). The reliability diagram of a row pools the ima
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "analyze", help="confidence, entropy, top-5 tail, teacher agreement and calibration (ECE, reliability "
+        "analyze", help="confidence, entropy, teacher agreement and calibration (ECE, reliability "
         "diagram) of runs side by side, from their predictions.npz",
         description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder, or a folder above seed<S> run folders")

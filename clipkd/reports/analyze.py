@@ -152,6 +152,8 @@ def find_entries(args: list[str | os.PathLike], mean: bool = True) -> list[tuple
     entries: dict[Path, list[tuple[Path, int | None]]] = {}
     for arg in args:
         root = Path(arg)
+        if not root.is_dir():
+            raise ClipkdError(f"RUN {root} is not a folder: pass a run folder (seed<S>/) or a folder above run folders")
         runs = [(r.path, r.seed) for r in collect(root).runs]
         if not runs:
             raise ClipkdError(f"no run folders under {root} (a run folder is seed<S>/ holding results.json and "
@@ -197,8 +199,8 @@ def _check_kind(folder: Path, paths: list[Path]) -> None:
                           "the run folders one by one")
 
 
-def analyze(args: list[str | os.PathLike], bins: int = DEFAULT_BINS, mean: bool = True) -> tuple[list[Entry],
-                                                                                                  list[str]]:
+def analyze(args: list[str | os.PathLike], bins: int = DEFAULT_BINS,
+            mean: bool = True) -> tuple[list[Entry], list[str]]:
     """The entries (columns) for RUN arguments ``args`` and notes (unfinished runs left out)."""
     if bins < 1:
         raise ClipkdError(f"--bins {bins}: give at least 1 bin")
