@@ -71,6 +71,36 @@ def ece_by_hand(conf: np.ndarray, correct: np.ndarray, bins: int) -> float:
     return total
 
 
+def check_restated(entry: dict, bins: int) -> None:
+    """Every number of one --no-mean json entry equals what the raw arrays of its predictions.npz say."""
+    with np.load(Path(entry["path"]) / "predictions.npz") as f:
+        raw = {k: f[k] for k in f.files}
+    for half in ("base", "new"):
+        got = entry["halves"][half]
+        label, pred = raw[f"{half}.label"], raw[f"{half}.pred"]
+        conf = raw[f"{half}.confidence"].astype(np.float64)
+        correct = (label == pred).astype(np.float64)
+        assert got["n"] == len(label) and got["runs"] == 1 and got["std"]["accuracy"] is None
+        assert got["accuracy"] == pytest.approx(100 * correct.mean())
+        assert got["confidence"] == pytest.approx(100 * conf.mean())
+        assert got["p_label"] == pytest.approx(100 * raw[f"{half}.prob"].astype(np.float64).mean())
+        assert got["entropy"] == pytest.approx(raw[f"{half}.entropy"].astype(np.float64).mean())
+        assert got["top5_out"] == pytest.approx(100 * raw[f"{half}.top5_out"].astype(np.float64).mean())
+        assert got["agreement"] == pytest.approx(100 * (pred == raw[f"{half}.teacher_pred"]).mean())
+        assert got["ece"] == pytest.approx(100 * ece_by_hand(conf, correct, bins))
+        rel = got["reliability"]
+        assert rel["edges"] == pytest.approx(np.linspace(0, 1, bins + 1))
+        assert sum(rel["count"]) == len(label)
+        for i, count in enumerate(rel["count"]):
+            inside = (conf > i / bins) & (conf <= (i + 1) / bins)
+            assert count == inside.sum()
+            if count:
+                assert rel["accuracy"][i] == pytest.approx(100 * correct[inside].mean())
+                assert rel["confidence"][i] == pytest.approx(100 * conf[inside].mean())
+            else:
+                assert rel["accuracy"][i] is None
+
+
 def test_the_json_restates_what_the_raw_arrays_say(root, capsys):
     rc, out, _ = run(capsys, root / "kd" / "toy", root / "abkd" / "toy", "--no-mean", "--format", "json",
                      "--bins", "10")
@@ -79,32 +109,7 @@ def test_the_json_restates_what_the_raw_arrays_say(root, capsys):
     assert data["bins"] == 10 and len(data["entries"]) == 6
     assert [e["label"] for e in data["entries"]][:2] == ["kd/toy/seed1", "kd/toy/seed2"]
     for entry in data["entries"]:
-        with np.load(Path(entry["path"]) / "predictions.npz") as f:
-            raw = {k: f[k] for k in f.files}
-        for half in ("base", "new"):
-            got = entry["halves"][half]
-            label, pred = raw[f"{half}.label"], raw[f"{half}.pred"]
-            conf = raw[f"{half}.confidence"].astype(np.float64)
-            correct = (label == pred).astype(np.float64)
-            assert got["n"] == len(label) and got["runs"] == 1 and got["std"]["accuracy"] is None
-            assert got["accuracy"] == pytest.approx(100 * correct.mean())
-            assert got["confidence"] == pytest.approx(100 * conf.mean())
-            assert got["p_label"] == pytest.approx(100 * raw[f"{half}.prob"].astype(np.float64).mean())
-            assert got["entropy"] == pytest.approx(raw[f"{half}.entropy"].astype(np.float64).mean())
-            assert got["top5_out"] == pytest.approx(100 * raw[f"{half}.top5_out"].astype(np.float64).mean())
-            assert got["agreement"] == pytest.approx(100 * (pred == raw[f"{half}.teacher_pred"]).mean())
-            assert got["ece"] == pytest.approx(100 * ece_by_hand(conf, correct, 10))
-            rel = got["reliability"]
-            assert rel["edges"] == pytest.approx(np.linspace(0, 1, 11))
-            assert sum(rel["count"]) == len(label)
-            for i, count in enumerate(rel["count"]):
-                inside = (conf > i / 10) & (conf <= (i + 1) / 10)
-                assert count == inside.sum()
-                if count:
-                    assert rel["accuracy"][i] == pytest.approx(100 * correct[inside].mean())
-                    assert rel["confidence"][i] == pytest.approx(100 * conf[inside].mean())
-                else:
-                    assert rel["accuracy"][i] is None
+        check_restated(entry, 10)
     # the sharper "abkd" runs are more confident, with less entropy and tail mass
     mean = {e["label"].split("/")[0]: [] for e in data["entries"]}
     for e in data["entries"]:
@@ -229,3 +234,17 @@ def test_csv_and_md_shapes(root, capsys):
     rc, out, _ = run(capsys, root / "kd" / "toy", root / "abkd" / "toy", "--counts", "--bins", "5")
     assert out.count("### ") == 2 and out.count("images per confidence bin") == 2
     assert "| kd/toy | 3 | 360 |" in out and "±" in out
+
+
+def test_a_trained_runs_file_is_read_as_written(synth_root, tmp_path, capsys):
+    """The engine's own predictions.npz (a one-epoch ABKD run with its teacher's predictions recorded)."""
+    from test_train import config, fit
+
+    folder = tmp_path / "abkd_promptkd" / "dtd" / "seed1"
+    fit(config(synth_root, "abkd_promptkd", "OPTIM.MAX_EPOCH", "1", "TEST.TEACHER_PREDICTIONS", "True"), folder)
+    rc, out, _ = run(capsys, folder, "--format", "json")
+    entry = json.loads(out)["entries"][0]
+    assert rc == 0 and entry["label"] == "seed1" and entry["runs"] == [{"path": str(folder), "seed": 1}]
+    check_restated(entry, 15)
+    results = json.loads((folder / "results.json").read_text())
+    assert entry["halves"]["new"]["accuracy"] == results["new"]["accuracy"]

@@ -95,7 +95,8 @@ def half_stats(arrays: dict[str, np.ndarray], bins: int = DEFAULT_BINS) -> dict:
 
     teacher = arrays.get(TEACHER_PRED)
     b = Bins.of(arrays["confidence"], correct, bins)
-    return {"n": n, "accuracy": 100.0 * mean(correct), "confidence": 100.0 * mean(arrays["confidence"]),
+    accuracy = 100.0 * float(correct.sum()) / n if n else math.nan  # as results.json's, to the last bit
+    return {"n": n, "accuracy": accuracy, "confidence": 100.0 * mean(arrays["confidence"]),
             "p_label": 100.0 * mean(arrays["prob"]), "entropy": mean(arrays["entropy"]),
             "top5_out": 100.0 * mean(arrays["top5_out"]),
             "agreement": None if teacher is None else 100.0 * mean(arrays["pred"] == teacher),
