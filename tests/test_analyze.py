@@ -248,3 +248,13 @@ def test_a_trained_runs_file_is_read_as_written(synth_root, tmp_path, capsys):
     check_restated(entry, 15)
     results = json.loads((folder / "results.json").read_text())
     assert entry["halves"]["new"]["accuracy"] == results["new"]["accuracy"]
+
+
+def test_seeds_of_different_kinds_are_not_averaged(root, capsys):
+    for seed, protocol in ((1, "inductive"), (2, "transductive"), (3, "inductive")):
+        (root / "kd" / "toy" / f"seed{seed}" / "config.yaml").write_text(f"DISTILL:\n  PROTOCOL: {protocol}\n")
+    rc, _, err = run(capsys, root / "kd" / "toy")
+    assert rc == 2 and "different kinds" in err and "--no-mean" in err
+    assert run(capsys, root / "kd" / "toy", "--no-mean")[0] == 0
+    rc, _, err = run(capsys, root / "kd" / "toy", "--bins", "0")
+    assert rc == 2 and "--bins 0" in err

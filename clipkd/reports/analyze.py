@@ -113,7 +113,7 @@ class RunStats:
 
 @dataclass
 class Entry:
-    """One column of the comparison: a run, or a folder's seed runs averaged."""
+    """One row of the comparison: a run, or a folder's seed runs averaged."""
 
     folder: Path
     runs: list[RunStats]
@@ -148,8 +148,8 @@ def combine(runs: list[RunStats]) -> dict[str, dict]:
 
 
 def find_entries(args: list[str | os.PathLike], mean: bool = True) -> list[tuple[Path, list[tuple[Path, int | None]]]]:
-    """The columns to show: ``(folder, [(run folder, seed)])``. A RUN that is itself a run folder is one column;
-    a higher folder gives one column per folder holding its ``seed<S>`` runs (``mean``), or one per run."""
+    """The rows to show: ``(folder, [(run folder, seed)])``. A RUN that is itself a run folder is one row; a
+    higher folder gives one row per folder holding its ``seed<S>`` runs (``mean``), or one per run."""
     entries: dict[Path, list[tuple[Path, int | None]]] = {}
     for arg in args:
         root = Path(arg)
@@ -202,7 +202,7 @@ def _check_kind(folder: Path, paths: list[Path]) -> None:
 
 def analyze(args: list[str | os.PathLike], bins: int = DEFAULT_BINS,
             mean: bool = True) -> tuple[list[Entry], list[str]]:
-    """The entries (columns) for RUN arguments ``args`` and notes (unfinished runs left out)."""
+    """The entries (rows) for RUN arguments ``args``, and notes (unfinished runs left out, agreement n/a)."""
     if bins < 1:
         raise ClipkdError(f"--bins {bins}: give at least 1 bin")
     notes: list[str] = []
@@ -279,7 +279,7 @@ def _half_dict(b: dict, bins: int) -> dict:
     pooled: "Bins" = b["bins"]
     out = {k: b[k] for k in ("runs", "n")}
     out.update({k: b[k] for k, _ in QUANTITIES})
-    out["std"] = dict(b["std"]) if "std" in b else None
+    out["std"] = dict(b["std"])
     out["reliability"] = {"edges": _edges(bins), "count": [int(c) for c in pooled.count],
                           "accuracy": [None if a is None else 100.0 * a for a in pooled.accuracy()],
                           "confidence": [None if c is None else 100.0 * c for c in pooled.mean_confidence()]}
