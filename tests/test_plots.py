@@ -18,7 +18,7 @@ from test_report import b2n, run_cli, write_run
 
 pytest.importorskip("matplotlib")
 
-from matplotlib.container import BarContainer  # noqa: E402
+from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
 
 from clipkd.reports import figures, plot  # noqa: E402
 
@@ -30,7 +30,7 @@ def value(method: str, stem: str, seed: int, half: str) -> float:
     """A deterministic accuracy that differs by method, dataset, seed and half."""
     base = {"oxford_pets": 90.0, "dtd": 70.0, "eurosat": 80.0}.get(stem, 75.0 + len(stem) % 7)
     return round(base + (3.0 if method == "abkd" else 0.0) + (seed * 1.5 if half == "base" else -seed * 2.0)
-                 - (12.0 if half == "new" else 0.0) + (len(method) % 3) * 0.7, 2)
+                 - (12.0 if half == "new" else 0.0) + (sum(map(ord, method)) % 7) * 0.5, 2)
 
 
 def b2n_tree(root: Path, methods=("abkd", "kd"), stems=STEMS2, seeds=(1, 2, 3)) -> Path:
@@ -83,6 +83,15 @@ def bars(ax, label: str) -> tuple[list[float], list[float], list[float]]:
             (x0, y0), (_, y1) = seg
             half[round(x0, 6)] = (y1 - y0) / 2
     return xs, heights, [half.get(round(x, 6), math.nan) for x in xs]
+
+
+def points(ax, label: str) -> tuple[list[float], list[float], list[float]]:
+    """x, y and error half-lengths of the points (errorbar) named ``label``."""
+    c = next(c for c in ax.containers if isinstance(c, ErrorbarContainer) and c.get_label() == label)
+    xs, ys = list(c.lines[0].get_xdata()), list(c.lines[0].get_ydata())
+    half = {round(float(seg[0][0]), 6): (seg[1][1] - seg[0][1]) / 2
+            for seg in c.lines[2][0].get_segments() if len(seg)}
+    return xs, ys, [half.get(round(float(x), 6), math.nan) for x in xs]
 
 
 def ci95(values: list[float]) -> float:
@@ -140,11 +149,14 @@ def test_hm_by_method_side_by_side(tmp_path):
     fig = figures.hm_by_method(ts)
     ax = fig.axes[0]
     for t in ts:
-        xs, heights, errs = bars(ax, t.method)
-        assert heights == pytest.approx([r.hm for r in t.rows] + [t.average.hm])
-        assert errs[0] == pytest.approx(float(np.std([hm(b, n) for b, n in zip(t.rows[0].base.values,
-                                                                                   t.rows[0].new.values)], ddof=1)))
-    xs = [bars(ax, t.method)[0][0] for t in ts]
+        xs, ys, errs = points(ax, t.method)
+        assert ys == pytest.approx([r.hm for r in t.rows] + [t.average.hm])
+        per_seed = [[hm(b, n) for b, n in zip(r.base.values, r.new.values)] for r in t.rows]
+        assert errs[:2] == pytest.approx([float(np.std(v, ddof=1)) for v in per_seed])
+        seed_avg = zip(np.mean([r.base.values for r in t.rows], axis=0), np.mean([r.new.values for r in t.rows], axis=0))
+        assert errs[2] == pytest.approx(float(np.std([hm(b, n) for b, n in seed_avg], ddof=1)))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["OxfordPets", "DescribableTextures", "Average"]
+    xs = [points(ax, t.method)[0][0] for t in ts]
     assert xs == sorted(xs) and len(set(xs)) == 3  # side by side in method order, not on top of each other
     plot.close(fig)
 

@@ -114,6 +114,13 @@ def _name_ticks(ax: "Axes", positions: Sequence[float], names: Sequence[str]) ->
                   rotation_mode="anchor" if many else "default", fontsize=9)
 
 
+def _average_apart(ax: "Axes", n_groups: int) -> None:
+    """The last group (the average) set apart: a dotted line before it, its name in bold."""
+    ax.axvline(n_groups - 1.5, color="#bbbbbb", linewidth=0.8, linestyle=":")
+    ax.get_xticklabels()[n_groups - 1].set_fontweight("bold")
+    ax.set_xlim(-0.6, n_groups - 0.4)
+
+
 def _value_axis(ax: "Axes", label: str) -> None:
     ax.set_ylabel(label)
     ax.grid(axis="y", color="#dddddd", linewidth=0.8)
@@ -149,6 +156,8 @@ def b2n_bars(table: MethodTable, ci: bool = False) -> "Figure":
     _value_axis(ax, "accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_xlim(-0.6, len(names) - 0.4)
+    if len(names) > len(rows):
+        _average_apart(ax, len(names))
     ddof = rows[0].base.ddof if rows else 1
     ax.set_title(f"{table.method}: base-to-new accuracy per dataset (error bars: {spread_words(ci, ddof)})",
                  fontsize=10)
@@ -170,8 +179,8 @@ def hm_by_method(tables: Sequence[MethodTable], ci: bool = False) -> "Figure":
     groups = [dataset_name(s) for s in stems] + ["Average"]
     colours = method_colours([t.method for t in tables])
     k = len(tables)
-    width = min(0.8 / k, 0.3)
-    fig = new_figure(max(6.5, 0.22 * k * len(groups) + 0.5 * len(groups) + 2.5), 4.8)
+    width = min(0.7 / k, 0.22)
+    fig = new_figure(min(14.0, max(6.5, 0.12 * k * len(groups) + 0.6 * len(groups) + 2.0)), 4.6)
     ax = fig.add_subplot()
     partial = []
     for i, t in enumerate(tables):
@@ -188,19 +197,18 @@ def hm_by_method(tables: Sequence[MethodTable], ci: bool = False) -> "Figure":
             errs.append(spread(average_stats(t)[2], ci))
             if len(t.rows) < len(stems):
                 partial.append(f"{t.method} ({len(t.rows)} of {len(stems)})")
-        ax.bar(xs, ys, width, yerr=errs, label=t.method, color=colours[t.method],
-               error_kw={"ecolor": "#222222", "elinewidth": 1, "capsize": 2})
+        # points, not bars: a bar must start at 0, which would hide differences of a point or two
+        ax.errorbar(xs, ys, yerr=errs, fmt="o", markersize=5, color=colours[t.method], ecolor=colours[t.method],
+                    elinewidth=1.3, capsize=2.5, label=t.method)
     _name_ticks(ax, range(len(groups)), groups)
     _value_axis(ax, "HM (%)")
-    ax.set_xlim(-0.6, len(groups) - 0.4)
-    lows = [r.hm for t in tables for r in t.rows]
-    ax.set_ylim(max(0.0, 10 * math.floor(min(lows) / 10) - 10) if lows else 0, 102)
+    ax.grid(axis="x", color="#f0f0f0", linewidth=0.8)
+    _average_apart(ax, len(groups))
     ddof = tables[0].rows[0].base.ddof if tables and tables[0].rows else 1
     ax.set_title(f"HM per dataset (error bars: {spread_words(ci, ddof)} of the per-seed HMs)", fontsize=10)
     fig.legend(loc="outside upper right", ncols=min(k, 4), fontsize=9, frameon=False)
-    text = ("Bar: HM of the mean Base and mean New (as the tables). Average: HM of the dataset-mean Base and New, "
-            "error bar from the per-seed averages when all datasets have the same seeds. The y axis starts above "
-            "0 to show differences.")
+    text = ("Point: HM of the mean Base and mean New (as the tables). Average: HM of the dataset-mean Base and "
+            "New, its error bar from the per-seed averages when all datasets have the same seeds.")
     if partial:
         text += " Averages over fewer datasets: " + ", ".join(partial) + "."
     caption(fig, text)
@@ -263,9 +271,11 @@ def fewshot_curves(tables: Sequence[FewShotTable], ci: bool = False) -> "Figure"
         for ax in row:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 seen.setdefault(lab, h)
-    fig.legend([seen[m] for m in methods if m in seen], [m for m in methods if m in seen],
-               loc="outside upper center", ncols=min(len(methods), 5), fontsize=9, frameon=False)
-    fig.suptitle(f"Few-shot accuracy (bands: mean ± {spread_words(ci, ddof)})", fontsize=11)
+    # the title as the legend's: a suptitle and an outside legend would share the top edge and overlap
+    legend = fig.legend([seen[m] for m in methods if m in seen], [m for m in methods if m in seen],
+                        loc="outside upper center", ncols=min(len(methods), 5), fontsize=9, frameon=False,
+                        title=f"Few-shot accuracy (bands: mean ± {spread_words(ci, ddof)})")
+    legend.get_title().set_fontsize(11)
     text = ("Average: mean over datasets of the dataset means at each K; its band comes from the per-seed "
             "averages over datasets and is left out where the datasets have different seeds.")
     if notes:
@@ -328,7 +338,7 @@ def transfer_bars(table: "TransferTable", ci: bool = False) -> "Figure":
     colours = method_colours([r.method for r in table.rows])
     k = max(1, len(table.rows))
     width = min(0.8 / k, 0.3)
-    fig = new_figure(max(6.5, 0.2 * k * len(groups) + 0.55 * len(groups) + 2.5), 4.8)
+    fig = new_figure(min(14.0, max(6.5, 0.2 * k * len(groups) + 0.55 * len(groups) + 2.5)), 4.8)
     ax = fig.add_subplot()
     partial = []
     for i, r in enumerate(table.rows):
@@ -349,7 +359,7 @@ def transfer_bars(table: "TransferTable", ci: bool = False) -> "Figure":
     _name_ticks(ax, range(len(groups)), groups)
     _value_axis(ax, "accuracy (%)")
     ax.set_ylim(0, 102)
-    ax.set_xlim(-0.6, len(groups) - 0.4)
+    _average_apart(ax, len(groups))
     ax.axvline(0.5, color="#bbbbbb", linewidth=0.8, linestyle=":")
     ddof = next((r.source.ddof for r in table.rows if r.source), 1)
     ax.set_title(f"{TITLES[table.setting]}: accuracy per target (error bars: {spread_words(ci, ddof)})",
