@@ -153,7 +153,8 @@ def test_hm_by_method_side_by_side(tmp_path):
         assert ys == pytest.approx([r.hm for r in t.rows] + [t.average.hm])
         per_seed = [[hm(b, n) for b, n in zip(r.base.values, r.new.values)] for r in t.rows]
         assert errs[:2] == pytest.approx([float(np.std(v, ddof=1)) for v in per_seed])
-        seed_avg = zip(np.mean([r.base.values for r in t.rows], axis=0), np.mean([r.new.values for r in t.rows], axis=0))
+        seed_avg = zip(np.mean([r.base.values for r in t.rows], axis=0),
+                       np.mean([r.new.values for r in t.rows], axis=0))
         assert errs[2] == pytest.approx(float(np.std([hm(b, n) for b, n in seed_avg], ddof=1)))
     assert [t.get_text() for t in ax.get_xticklabels()] == ["OxfordPets", "DescribableTextures", "Average"]
     xs = [points(ax, t.method)[0][0] for t in ts]
@@ -288,6 +289,10 @@ def test_plot_target_errors(tmp_path, capsys):
     assert (folder / "b2n_kd.png").read_text() == "not a picture" and file.read_text() == "| keep me |\n"
     with pytest.raises(ClipkdError, match="is a folder"):
         plot.check_target(folder)
+    sweep = tmp_path / "s"
+    write_run(sweep / "abkd" / "eurosat" / "a0.5_b0.5" / "seed1", b2n(80.0, 70.0))
+    rc, _, err = run_cli(capsys, "report", str(sweep), "--sweep", "--plot", str(file))  # --sweep: FILE, not a PNG
+    assert rc == 2 and "is not a PNG: not overwritten" in err and file.read_text() == "| keep me |\n"
 
 
 @pytest.mark.parametrize("extra", [(), ("--fewshot",), ("--sweep",), ("--xd",), ("--compare", "kd", "abkd")])

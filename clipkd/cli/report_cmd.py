@@ -52,6 +52,15 @@ seeds and, within each seed, test images from each run's predictions.npz (the sa
 runs without usable prediction files resample seeds only, and the row says so. Beside it a paired t-test over
 seeds (n/a with 1 seed) and a verdict on HM: "A better" / "B better" when the CI excludes 0, else "not resolved".
 
+--plot DIR also draws the report as PNGs in DIR (matplotlib: pip install 'clipkd[plot]'), printing "wrote PATH"
+on stderr for each: b2n_<method>.png (Base, New and HM per dataset and on average, error bars over seeds; HM's
+from the per-seed HMs) and, with several methods, b2n_hm.png (HM per dataset, methods side by side); --fewshot:
+fewshot.png (accuracy vs shots per dataset and on average, one line per method, bands of mean ± spread);
+--compare A B: compare_<A>_vs_<B>.png (Δ HM per dataset and on average with its bootstrap CI, a line at 0, the
+verdict as the marker); --xd/--dg: xd.png/dg.png. Error bars and bands: the std, or with --ci the 95% t-CI; an
+average over datasets gets one only when all datasets have the same seeds. A file in the way that is not a PNG
+is never overwritten. With --sweep, --plot FILE.png draws the HM heatmap (see --plot below).
+
 Dassl's tools/parse_test_res.py reads one accuracy per seed folder (the last "* accuracy: X%" line of
 <seed>/log.txt after a "Finish training" line, or after "=> result" with --test-log). A run's own log.txt
 ends like a Dassl training log with its base result (all, for few-shot runs), so

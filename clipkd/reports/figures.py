@@ -107,6 +107,20 @@ def caption(fig: "Figure", text: str) -> None:
     fig.supxlabel("\n".join(textwrap.wrap(text, width)), fontsize=CAPTION_SIZE, color="#333333")
 
 
+def title(ax: "Axes", text: str) -> None:
+    """An axes title wrapped to the figure's width (a long method name never runs off the picture)."""
+    fig = ax.get_figure()
+    width = max(40, int(fig.get_figwidth() * 12)) if fig is not None else 80
+    ax.set_title("\n".join(textwrap.wrap(text, width)), fontsize=10)
+
+
+def legend_columns(fig: "Figure", labels: Sequence[str]) -> int:
+    """As many legend columns as fit the figure's width with the longest label (at 9 pt, ~12 characters per
+    inch)."""
+    per = max((len(x) for x in labels), default=1) + 6
+    return max(1, min(len(labels), int(fig.get_figwidth() * 12 // per)))
+
+
 def _name_ticks(ax: "Axes", positions: Sequence[float], names: Sequence[str]) -> None:
     """Dataset names under grouped bars: slanted when there are many, so that 11 long names never overlap."""
     many = len(names) > 5
@@ -159,8 +173,7 @@ def b2n_bars(table: MethodTable, ci: bool = False) -> "Figure":
     if len(names) > len(rows):
         _average_apart(ax, len(names))
     ddof = rows[0].base.ddof if rows else 1
-    ax.set_title(f"{table.method}: base-to-new accuracy per dataset (error bars: {spread_words(ci, ddof)})",
-                 fontsize=10)
+    title(ax, f"{table.method}: base-to-new accuracy per dataset (error bars: {spread_words(ci, ddof)})")
     fig.legend(loc="outside upper right", ncols=3, fontsize=9, frameon=False)
     text = ("HM: harmonic mean of the mean Base and mean New; its error bar is the spread of the per-seed HMs. "
             "No bar: one seed.")
@@ -205,8 +218,9 @@ def hm_by_method(tables: Sequence[MethodTable], ci: bool = False) -> "Figure":
     ax.grid(axis="x", color="#f0f0f0", linewidth=0.8)
     _average_apart(ax, len(groups))
     ddof = tables[0].rows[0].base.ddof if tables and tables[0].rows else 1
-    ax.set_title(f"HM per dataset (error bars: {spread_words(ci, ddof)} of the per-seed HMs)", fontsize=10)
-    fig.legend(loc="outside upper right", ncols=min(k, 4), fontsize=9, frameon=False)
+    title(ax, f"HM per dataset (error bars: {spread_words(ci, ddof)} of the per-seed HMs)")
+    fig.legend(loc="outside upper right", ncols=legend_columns(fig, [t.method for t in tables]), fontsize=9,
+               frameon=False)
     text = ("Point: HM of the mean Base and mean New (as the tables). Average: HM of the dataset-mean Base and "
             "New, its error bar from the per-seed averages when all datasets have the same seeds.")
     if partial:
@@ -272,8 +286,9 @@ def fewshot_curves(tables: Sequence[FewShotTable], ci: bool = False) -> "Figure"
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 seen.setdefault(lab, h)
     # the title as the legend's: a suptitle and an outside legend would share the top edge and overlap
-    legend = fig.legend([seen[m] for m in methods if m in seen], [m for m in methods if m in seen],
-                        loc="outside upper center", ncols=min(len(methods), 5), fontsize=9, frameon=False,
+    shown = [m for m in methods if m in seen]
+    legend = fig.legend([seen[m] for m in shown], shown, loc="outside upper center",
+                        ncols=legend_columns(fig, shown), fontsize=9, frameon=False,
                         title=f"Few-shot accuracy (bands: mean ± {spread_words(ci, ddof)})")
     legend.get_title().set_fontsize(11)
     text = ("Average: mean over datasets of the dataset means at each K; its band comes from the per-seed "
@@ -315,8 +330,9 @@ def forest(c: "Comparison") -> "Figure":
     ax.grid(axis="x", color="#e5e5e5", linewidth=0.8)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title(f"{c.a} vs {c.b}: paired difference in HM", fontsize=10)
-    fig.legend(loc="outside upper center", ncols=4, fontsize=8, frameon=False)
+    title(ax, f"{c.a} vs {c.b}: paired difference in HM")
+    fig.legend(loc="outside upper center", ncols=legend_columns(fig, ax.get_legend_handles_labels()[1]), fontsize=8,
+               frameon=False)
     no_ci = [r.name for r, x in zip(rows, d) if x.low is None]
     text = (f"CI: paired bootstrap ({c.resamples} replicates, seed {c.seed}) over seeds and, where predictions.npz "
             "exist, test images. Verdict: a method is better when the CI excludes 0.")
@@ -362,9 +378,9 @@ def transfer_bars(table: "TransferTable", ci: bool = False) -> "Figure":
     _average_apart(ax, len(groups))
     ax.axvline(0.5, color="#bbbbbb", linewidth=0.8, linestyle=":")
     ddof = next((r.source.ddof for r in table.rows if r.source), 1)
-    ax.set_title(f"{TITLES[table.setting]}: accuracy per target (error bars: {spread_words(ci, ddof)})",
-                 fontsize=10)
-    fig.legend(loc="outside upper right", ncols=min(k, 4), fontsize=9, frameon=False)
+    title(ax, f"{TITLES[table.setting]}: accuracy per target (error bars: {spread_words(ci, ddof)})")
+    fig.legend(loc="outside upper right", ncols=legend_columns(fig, [r.method for r in table.rows]), fontsize=9,
+               frameon=False)
     text = "Accuracy over all classes of each test set. Average: mean of the target means (no error bar)."
     if partial:
         text += " Averages over fewer targets: " + ", ".join(partial) + "."
