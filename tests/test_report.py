@@ -216,8 +216,9 @@ def test_sweep_plot(root, tmp_path, capsys):
 def test_errors(tmp_path, root, capsys):
     rc, _, err = run_cli(capsys, "report", str(tmp_path / "missing"))
     assert rc == 2 and "not a folder" in err
-    rc, _, err = run_cli(capsys, "report", str(root), "--plot", "x.png")
-    assert rc == 2 and "--sweep" in err
+    (tmp_path / "x.png").write_text("a file where --plot wants a folder")
+    rc, _, err = run_cli(capsys, "report", str(root), "--plot", str(tmp_path / "x.png"))
+    assert rc == 2 and "not a folder" in err  # --plot DIR outside --sweep (tests/test_plots.py)
     rc, _, err = run_cli(capsys, "report", str(root), "--method", "nope")
     assert rc == 2 and "no completed" in err
 
@@ -227,7 +228,7 @@ def test_plot_without_matplotlib(root, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     rc, _, err = run_cli(capsys, "report", str(root), "--sweep", "--plot", str(tmp_path / "s.png"))
-    assert rc == 2 and "pip install matplotlib" in err
+    assert rc == 2 and "pip install 'clipkd[plot]'" in err
 
 
 def test_sweep_plot_with_missing_cell(root, tmp_path, capsys):

@@ -52,6 +52,15 @@ seeds and, within each seed, test images from each run's predictions.npz (the sa
 runs without usable prediction files resample seeds only, and the row says so. Beside it a paired t-test over
 seeds (n/a with 1 seed) and a verdict on HM: "A better" / "B better" when the CI excludes 0, else "not resolved".
 
+--plot DIR also draws the report as PNGs in DIR (matplotlib: pip install 'clipkd[plot]'), printing "wrote PATH"
+on stderr for each: b2n_<method>.png (Base, New and HM per dataset and on average, error bars over seeds; HM's
+from the per-seed HMs) and, with several methods, b2n_hm.png (HM per dataset, methods side by side); --fewshot:
+fewshot.png (accuracy vs shots per dataset and on average, one line per method, bands of mean ± spread);
+--compare A B: compare_<A>_vs_<B>.png (Δ HM per dataset and on average with its bootstrap CI, a line at 0, the
+verdict as the marker); --xd/--dg: xd.png/dg.png. Error bars and bands: the std, or with --ci the 95% t-CI; an
+average over datasets gets one only when all datasets have the same seeds. A file in the way that is not a PNG
+is never overwritten. With --sweep, --plot FILE.png draws the HM heatmap (see --plot below).
+
 Dassl's tools/parse_test_res.py reads one accuracy per seed folder (the last "* accuracy: X%" line of
 <seed>/log.txt after a "Finish training" line, or after "=> result" with --test-log). A run's own log.txt
 ends like a Dassl training log with its base result (all, for few-shot runs), so
@@ -94,10 +103,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--dg", action="store_true",
                       help="domain-generalisation table: ImageNet source and ImageNetV2/-Sketch/-A/-R, from the same "
                            "runs (scripts/dg.sh)")
-    p.add_argument("--plot", metavar="FILE.png",
-                   help="with --sweep: heatmap of HM over (alpha, beta) (needs matplotlib: the 'plot' extra); "
-                        "several sweeps write FILE_<method>_<dataset>.png; an existing folder (or a name ending "
-                        "in /) gets sweep_<method>_<dataset>.png inside; a name without a suffix gets .png")
+    p.add_argument("--plot", metavar="DIR",
+                   help="also draw the report as PNGs in folder DIR (created; needs matplotlib: the 'plot' "
+                        "extra): base-to-new b2n_<method>.png (Base/New/HM bars with error bars) and b2n_hm.png "
+                        "(HM per dataset, methods side by side) when ROOT holds several methods; --fewshot "
+                        "fewshot.png (accuracy vs shots per dataset and average, bands over seeds); --compare A B "
+                        "compare_<A>_vs_<B>.png (forest plot of Δ HM with its CI); --xd/--dg xd.png / dg.png. "
+                        "Error bars: the std, or with --ci the 95%% t-CI. --sweep: --plot FILE.png, the HM "
+                        "heatmap over (alpha, beta); several sweeps write FILE_<method>_<dataset>.png; an existing "
+                        "folder (or a name ending in /) gets sweep_<method>_<dataset>.png inside. A file that is "
+                        "not a PNG is never overwritten")
     p.add_argument("--dassl-logs", metavar="DIR",
                    help="also write the base-to-new results as Dassl logs that Dassl's unchanged "
                         "tools/parse_test_res.py reads the CoOp way: DIR/train_base/<dataset>/<method>/seed<S>/"
@@ -196,8 +211,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         args.compare = args.compare[0]  # "published": the tables below read it as a name
     if args.xd or args.dg:
         return _transfer_report(args)
-    if args.plot and not args.sweep:
-        raise ClipkdError("--plot draws a sweep heatmap: add --sweep")
+    if args.plot:  # before any work: a bad target or a missing matplotlib fails at once
+        if args.sweep:
+            from clipkd.reports.plot import require_matplotlib
+
+            require_matplotlib()
+        else:
+            _plot_folder(args.plot)
     if args.format == "latex" and args.sweep:
         raise ClipkdError("--format latex prints base-to-new and few-shot tables; for a sweep use md, csv or json")
     if args.dassl_logs and (args.sweep or args.fewshot):
@@ -244,8 +264,12 @@ def cmd_report(args: argparse.Namespace) -> int:
                 tables, ref, ci)
         if args.dassl_logs:
             _write_dassl_logs(runs, Path(args.dassl_logs))
+        if args.plot:
+            _write_plots(args.plot, "b2n", tables, ci)
     elif kind == KIND_FEWSHOT:
         ftables = aggregate.fewshot_tables(runs, ddof)
+        if args.plot:
+            _write_plots(args.plot, "fewshot", ftables, ci)
         text = {"md": render.fewshot_markdown, "csv": render.fewshot_csv, "latex": render.fewshot_latex,
                 "json": lambda t, c: render.dumps(render.fewshot_dict(t, c))}[args.format](ftables, ci)
     else:
@@ -253,11 +277,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         text = {"md": render.sweep_markdown, "csv": render.sweep_csv,
                 "json": lambda s, c: render.dumps(render.sweep_dict(s, c))}[args.format](sweeps, ci)
         if args.plot:
-            from clipkd.reports.plot import plot_sweep, sweep_plot_paths
+            from clipkd.reports.plot import check_target, report_figures, save_figure, sweep_plot_paths
 
-            for s, path in zip(sweeps, sweep_plot_paths(args.plot, sweeps)):
-                plot_sweep(s, path)
-                print(f"wrote {path}", file=sys.stderr)
+            paths = sweep_plot_paths(args.plot, sweeps)
+            for path in paths:
+                check_target(path)
+            for (_, fig), path in zip(report_figures("sweep", sweeps), paths):
+                print(f"wrote {save_figure(fig, path)}", file=sys.stderr)
 
     print(text.rstrip("\n"))
     # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
@@ -275,10 +301,12 @@ def _paired_report(args: argparse.Namespace) -> int:
     from clipkd.reports.compare import compare, compare_csv, compare_dict, compare_markdown, compare_notes
 
     for given, name in ((args.sweep, "--sweep"), (args.fewshot, "--fewshot"), (args.xd, "--xd"), (args.dg, "--dg"),
-                        (args.plot, "--plot"), (args.dassl_logs, "--dassl-logs"), (args.method, "--method"),
+                        (args.dassl_logs, "--dassl-logs"), (args.method, "--method"),
                         (args.format == "latex", "--format latex")):
         if given:
             raise ClipkdError(f"--compare A B compares two base-to-new methods (md, csv or json): drop {name}")
+    if args.plot:
+        _plot_folder(args.plot)
     col = collect(args.root)
     stem = dataset_stem(args.dataset) if args.dataset else None
     runs = [r for r in col.complete(KIND_B2N) if stem is None or r.dataset == stem]
@@ -291,6 +319,8 @@ def _paired_report(args: argparse.Namespace) -> int:
                      seed=0 if args.seed is None else args.seed)
     text = {"md": compare_markdown, "csv": compare_csv,
             "json": lambda c: render.dumps(compare_dict(c))}[args.format](result)
+    if args.plot:
+        _write_plots(args.plot, "compare", result, False)
     print(text.rstrip("\n"))
     if args.format == "csv":  # md holds them under its table, json in "notes" and "left_out"
         _print_problems(compare_notes(result), args.format)
@@ -319,9 +349,11 @@ def _transfer_report(args: argparse.Namespace) -> int:
     flag = f"--{setting}"
     if args.ci:
         raise ClipkdError(f"--ci is not in the {flag} table yet (--std is): drop it")
-    for given, name in ((args.plot, "--plot"), (args.dassl_logs, "--dassl-logs"), (args.dataset, "--dataset")):
+    for given, name in ((args.dassl_logs, "--dassl-logs"), (args.dataset, "--dataset")):
         if given:
             raise ClipkdError(f"{name} does not apply to {flag} (a table over all its datasets); drop it")
+    if args.plot:
+        _plot_folder(args.plot)
     ref = None
     if args.compare:
         rows, source = TRANSFER_REFERENCES[args.compare][setting]
@@ -341,6 +373,8 @@ def _transfer_report(args: argparse.Namespace) -> int:
         raise ClipkdError(f"no completed {setting} runs under {root}{where}: expected "
                           f"<method>/imagenet/seed<S>/results.json (scripts/{setting}.sh writes output/transfer)"
                           f"{hint}")
+    if args.plot:
+        _write_plots(args.plot, "transfer", table, False)
     render = {"md": transfer.transfer_markdown, "csv": transfer.transfer_csv, "latex": transfer.transfer_latex}
     if args.format == "json":
         from clipkd.reports.render import dumps
@@ -351,3 +385,33 @@ def _transfer_report(args: argparse.Namespace) -> int:
     print(text.rstrip("\n"))
     _print_problems(transfer.problem_lines(table, root), args.format)
     return 0
+
+
+def _plot_folder(target: str) -> Path:
+    """``--plot DIR`` checked before any work: matplotlib is there and DIR is (or can become) a folder."""
+    from clipkd.errors import ClipkdError
+    from clipkd.reports.plot import require_matplotlib
+
+    require_matplotlib()
+    folder = Path(target)
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            which = "is a file" if p == folder else f"is under {p}, a file"
+            raise ClipkdError(f"--plot {target} {which}, not a folder: give a folder for the PNGs (it is created), "
+                              "e.g. --plot plots/")
+        if p.exists():
+            break
+    return folder
+
+
+def _write_plots(target: str, kind: str, data: object, ci: bool) -> None:
+    """The report's figures as ``DIR/<stem>.png``; every target is checked before the first is written."""
+    from clipkd.reports.plot import PLOT_SUFFIX, check_target, report_figures, save_figure
+
+    folder = _plot_folder(target)
+    named = report_figures(kind, data, ci)
+    paths = [folder / f"{stem}{PLOT_SUFFIX}" for stem, _ in named]
+    for path in paths:
+        check_target(path)
+    for (_, fig), path in zip(named, paths):
+        print(f"wrote {save_figure(fig, path)}", file=sys.stderr)

@@ -30,13 +30,16 @@ class Stat:
     n: int
     ddof: int = SAMPLE
     sample_std: float | None = None  # ddof 1 whatever ``ddof`` is: what the confidence interval needs
+    # the values averaged, in the order given (seed order in the tables): the figures derive per-seed HM and
+    # seed-wise averages over datasets from them
+    values: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, values: list[float], ddof: int = SAMPLE) -> "Stat":
         n = len(values)
         sample = statistics.stdev(values) if n > 1 else None
         std = sample if ddof == SAMPLE else statistics.pstdev(values)
-        return cls(statistics.fmean(values), std, n, ddof, sample)
+        return cls(statistics.fmean(values), std, n, ddof, sample, tuple(values))
 
     @property
     def ci95(self) -> float | None:

@@ -1,15 +1,31 @@
-"""Heatmap of a sweep's HM over the (alpha, beta) plane. matplotlib is optional (extra ``plot``)."""
+"""The report's pictures as files: which figures a report has, their names, PNG bytes, atomic writes.
+
+The figures themselves are built in :mod:`clipkd.reports.figures`. matplotlib is optional (extra ``plot``):
+without it every entry point here raises the one-line :data:`~clipkd.reports.figures.MATPLOTLIB_MISSING`.
+Output is deterministic: the Agg renderer, and no "Software" (matplotlib version) key in the PNG.
+"""
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from clipkd.errors import ClipkdError
+from clipkd.fileio import atomic_write
+from clipkd.reports import figures
 from clipkd.reports.aggregate import Sweep
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 PLOT_SUFFIX = ".png"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_METADATA = {"Software": None}  # no matplotlib version in the file: the same figure gives the same bytes
+KINDS = ("b2n", "fewshot", "sweep", "compare", "transfer")
 
 
 def _safe(name: str) -> str:
@@ -35,56 +51,100 @@ def sweep_plot_paths(target: str, sweeps: list[Sweep]) -> list[Path]:
     return [out.with_name(f"{out.stem}_{_safe(s.method)}_{s.stem}{out.suffix}") for s in sweeps]
 
 
-def _pyplot():  # noqa: ANN202
+def require_matplotlib():  # noqa: ANN201
+    """pyplot on the Agg backend (files only, no display), or the one-line error naming the ``plot`` extra."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # files only, no display needed
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise ClipkdError("--plot needs matplotlib: pip install matplotlib (or pip install 'clipkd[plot]')") from exc
+        raise ClipkdError(figures.MATPLOTLIB_MISSING) from exc
     return plt
 
 
-def plot_sweep(sweep: Sweep, path: str | Path) -> Path:
-    """Write a PNG: rows alpha, columns beta, cells annotated with HM, best cell outlined."""
-    plt = _pyplot()
-    from matplotlib.patches import Rectangle
+_pyplot = require_matplotlib  # the name other modules used first
 
-    alphas, betas, best = sweep.alphas, sweep.betas, sweep.best
-    grid = [[float("nan")] * len(betas) for _ in alphas]
-    for c in sweep.cells:
-        grid[alphas.index(c.alpha)][betas.index(c.beta)] = c.hm
-    values = [c.hm for c in sweep.cells]
-    lo, hi = min(values), max(values)
 
-    fig, ax = plt.subplots(figsize=(1.1 * len(betas) + 2.6, 0.8 * len(alphas) + 1.8), dpi=120)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
-    import numpy as np
+def report_figures(kind: str, data: Any, ci: bool = False) -> list[tuple[str, "Figure"]]:
+    """The figures of one report, each with its file stem.
 
-    im = ax.imshow(np.ma.masked_invalid(np.array(grid)), cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1,
-                   origin="lower", aspect="auto")
-    ax.set_xticks(range(len(betas)), [format(b, "g") for b in betas])
-    ax.set_yticks(range(len(alphas)), [format(a, "g") for a in alphas])
-    ax.set_xlabel("beta")
-    ax.set_ylabel("alpha")
-    mid = (lo + hi) / 2
-    for i, a in enumerate(alphas):
-        for j, b in enumerate(betas):
-            v = grid[i][j]
-            text, colour = ("n/a", "black") if v != v else (f"{v:.2f}", "black" if v > mid else "white")
-            weight = "bold" if best is not None and (a, b) == (best.alpha, best.beta) else "normal"
-            ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9, fontweight=weight)
-    if best is not None:
-        j, i = betas.index(best.beta), alphas.index(best.alpha)
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-    ax.set_title(f"HM (%) over (alpha, beta): {sweep.name}, {sweep.method}\n"
-                 f"best alpha={format(best.alpha, 'g')}, beta={format(best.beta, 'g')}: HM {best.hm:.2f}",
-                 fontsize=10)
-    fig.colorbar(im, ax=ax, label="HM (%)")
-    fig.tight_layout()
+    ``kind``/``data``: "b2n" with the base-to-new tables (``b2n_<method>`` per method, and ``b2n_hm`` with the
+    methods side by side when there are several), "fewshot" with the few-shot tables (``fewshot``), "sweep" with
+    the sweeps (``sweep_<method>_<dataset>``), "compare" with a ``compare()`` result (``compare_<A>_vs_<B>``),
+    "transfer" with a transfer table (``xd`` or ``dg``). ``ci``: error bars and bands are the 95% t-CI
+    half-width of the seed mean instead of the std.
+    """
+    require_matplotlib()
+    if kind == "b2n":
+        out = [(f"b2n_{_safe(t.method)}", figures.b2n_bars(t, ci)) for t in data]
+        if len(data) > 1:
+            out.append(("b2n_hm", figures.hm_by_method(data, ci)))
+    elif kind == "fewshot":
+        out = [("fewshot", figures.fewshot_curves(data, ci))]
+    elif kind == "sweep":
+        out = [(f"sweep_{_safe(s.method)}_{s.stem}", figures.sweep_heatmap(s)) for s in data]
+    elif kind == "compare":
+        out = [(f"compare_{_safe(data.a)}_vs_{_safe(data.b)}", figures.forest(data))]
+    elif kind == "transfer":
+        out = [(data.setting, figures.transfer_bars(data, ci))]
+    else:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    return _unique(out)
+
+
+def _unique(named: list[tuple[str, "Figure"]]) -> list[tuple[str, "Figure"]]:
+    """Two names that _safe makes equal ("kd [a]" and "kd_a") get _2, _3, ...: no figure overwrites another."""
+    seen: dict[str, int] = {}
+    out = []
+    for stem, fig in named:
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append((stem if seen[stem] == 1 else f"{stem}_{seen[stem]}", fig))
+    return out
+
+
+def close(fig: "Figure") -> None:
+    """Release a figure (one made through pyplot is also dropped from pyplot's registry)."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.close(fig)
+
+
+def png_bytes(fig: "Figure") -> bytes:
+    """The figure as PNG bytes (for embedding, e.g. in an HTML report); the figure is closed."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", metadata=PNG_METADATA)
+    finally:
+        close(fig)
+    return buf.getvalue()
+
+
+def check_target(path: str | os.PathLike) -> None:
+    """Refuse to write over anything but a PNG (a table or a folder given by mistake is never replaced)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ClipkdError(f"--plot: {p} is a folder; remove it or pick another --plot target")
+    if p.exists():
+        try:
+            with open(p, "rb") as f:
+                head = f.read(len(PNG_MAGIC))
+        except OSError as exc:
+            raise ClipkdError(f"--plot: cannot read {p} ({exc.strerror}); pick another --plot target") from exc
+        if head != PNG_MAGIC:
+            raise ClipkdError(f"--plot: {p} exists and is not a PNG: not overwritten; move it or pick another "
+                              "--plot target")
+
+
+def save_figure(fig: "Figure", path: str | os.PathLike) -> Path:
+    """Write the figure as a PNG, atomically (a reader never sees half a file); the figure is closed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    data = png_bytes(fig)
+    atomic_write(path, lambda f: f.write(data))
     return path
+
+
+def plot_sweep(sweep: Sweep, path: str | Path) -> Path:
+    """Write the sweep's heatmap as a PNG: rows alpha, columns beta, cells annotated with HM, best cell outlined."""
+    require_matplotlib()
+    return save_figure(figures.sweep_heatmap(sweep), path)
