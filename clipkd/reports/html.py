@@ -34,6 +34,9 @@ th { background: #f6f8fa; border-bottom: 2px solid #afb8c1; white-space: nowrap;
 td.r, th.r { text-align: right; white-space: nowrap; }
 tbody tr:nth-child(even) { background: #fbfcfd; }
 tr.avg td { border-top: 2px solid #afb8c1; background: #f6f8fa; }
+.sub { color: #57606a; font-size: .85em; white-space: normal; }
+td.r .sub { display: inline-block; max-width: 11.5em; }
+section.problems p { font-weight: 600; margin-top: .6em; }
 p { margin: .3em 0; max-width: 75em; }
 section.tables p { color: #57606a; font-size: .93em; }
 section.problems { border-left: 4px solid #d4a72c; background: #fff8e5; padding: .3em 1em .6em; margin-top: 1.5em; }
@@ -65,6 +68,20 @@ def _cells(line: str) -> list[str]:
     return [c.strip().replace("\\|", "|") for c in _CELL_SPLIT.split(inner)]
 
 
+_LABEL = re.compile(r"^(.*?\S): (.+)$")  # "**Average** (3 datasets): HM of ..."
+_NUMBER_NOTE = re.compile(r"^(\S+) (\(.+\))$")  # "72.43 (mean of per-dataset HMs: 72.43)"
+
+
+def _average_cell(text: str, i: int) -> str:
+    """An Average-row cell with its explanation (the words after the label's colon, a number's parenthesis)
+    below it in small type, so that the long words do not widen the table's columns."""
+    m = (_LABEL if i == 0 else _NUMBER_NOTE).match(text)
+    if m is None:
+        return _inline(text)
+    head = m.group(1) + (":" if i == 0 else "")
+    return f'{_inline(head)}<br><span class="sub">{_inline(m.group(2))}</span>'
+
+
 def _table(lines: list[str]) -> list[str]:
     header, rows = _cells(lines[0]), lines[1:]
     right = [False] * len(header)
@@ -79,8 +96,11 @@ def _table(lines: list[str]) -> list[str]:
            + "".join(f"<th{cls(i)}>{_inline(c)}</th>" for i, c in enumerate(header)) + "</tr></thead>", "<tbody>"]
     for line in rows:
         cells = _cells(line)
-        avg = ' class="avg"' if cells and cells[0].startswith("**") else ""
-        out.append(f"<tr{avg}>" + "".join(f"<td{cls(i)}>{_inline(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
+        if cells and cells[0].startswith("**"):  # the Average row: its explanations go small, on a line of their own
+            out.append('<tr class="avg">' + "".join(f"<td{cls(i)}>{_average_cell(c, i)}</td>"
+                                                   for i, c in enumerate(cells)) + "</tr>")
+        else:
+            out.append("<tr>" + "".join(f"<td{cls(i)}>{_inline(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
     out.append("</tbody></table></div>")
     return out
 
