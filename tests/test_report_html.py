@@ -333,3 +333,39 @@ def test_chromium_screenshot_is_not_blank(tmp_path, root, capsys):
     grey = pixels[..., :3].mean(axis=2)
     assert (grey < 0.5).mean() > 0.005  # text drawn (dark pixels), not a white page
     assert (grey > 0.9).mean() > 0.5  # on a light background
+
+
+def test_figures_come_from_plot_report_figures_when_it_exists(root, capsys, monkeypatch):
+    """After the plot helper's merge every mode gets its figures from plot.report_figures(kind, data, ci)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from clipkd.errors import ClipkdError
+    from clipkd.reports import plot
+
+    seen = []
+
+    def report_figures(kind, data, ci=False):
+        seen.append((kind, type(data).__name__, ci))
+        if kind == "compare":
+            raise ClipkdError("no figure for this comparison")
+        fig, ax = plt.subplots(figsize=(2, 1))
+        ax.plot([0, 1], [1, 0])
+        return [(f"{kind} <fig>", fig)]
+
+    def png_bytes(fig):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+
+    monkeypatch.setattr(plot, "report_figures", report_figures, raising=False)
+    monkeypatch.setattr(plot, "png_bytes", png_bytes, raising=False)
+    rc, text, _ = run_cli(capsys, "report", str(root), "--ci", "--format", "html")
+    assert rc == 0 and seen == [("b2n", "list", True)]
+    page = Page(text)
+    assert [v for tag, k, v in page.attrs if tag == "img" and k == "alt"] == ["b2n <fig>"]
+    check_self_contained(text, page)
+    rc, text, _ = run_cli(capsys, "report", str(root), "--compare", "abkd", "kd", "--resamples", "100",
+                          "--format", "html")
+    assert rc == 0 and seen[-1] == ("compare", "Comparison", False)
+    assert "No figures: no figure for this comparison" in text and "<img" not in text

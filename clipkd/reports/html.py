@@ -184,8 +184,14 @@ def embedded_figures(kind: str, data: object, ci: bool = False) -> tuple[list[tu
     if make is not None and to_png is not None:
         import matplotlib.pyplot as plt
 
+        from clipkd.errors import ClipkdError
+
         out = []
-        for caption, fig in make(kind, data, ci=ci):
+        try:
+            drawn = make(kind, data, ci=ci)
+        except ClipkdError as exc:  # the tables still make a page; the page says why it has no figures
+            return [], f"No figures: {exc}"
+        for caption, fig in drawn:
             out.append((caption, to_png(fig)))
             plt.close(fig)
         return out, None
