@@ -187,7 +187,7 @@ def test_md_row_escapes_pipes():
 
 
 def test_every_mode_writes_a_page(root, tmp_path, capsys):
-    """b2n, --compare A B, --xd and --sweep/--fewshot (their own layouts) give a page each."""
+    """--sweep, --fewshot, --compare A B and --xd (their own layouts) give a page each."""
     sweep = tmp_path / "sweep"
     for a in (0.0, 0.5):
         for b in (0.3, 1.0):
@@ -212,8 +212,22 @@ def test_every_mode_writes_a_page(root, tmp_path, capsys):
         assert heading in page.headings
         same_cells(md_tables(md), page)
         check_self_contained(text, page)
-    rc, _, err = run_cli(capsys, "report", str(root), "--xd", "--format", "html")
-    assert rc == 2 and "no completed xd runs" in err  # the --xd mode takes html (and says what it lacks here)
+    transfer = tmp_path / "transfer"
+    for seed, (src, dtd) in {1: (70.0, 50.0), 2: (72.0, 54.0)}.items():
+        for folder, acc in (("", src), ("eval/dtd", dtd)):
+            run = transfer / "kd_xd" / "imagenet" / f"seed{seed}" / folder
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "config.yaml").write_text("SEED: 1\n")
+            (run / "results.json").write_text(json.dumps({"all": {"accuracy": acc, "n": 10}}))
+    (transfer / "kd_xd" / "imagenet" / "seed3").mkdir()  # unfinished
+    rc, md, _ = run_cli(capsys, "report", str(transfer), "--xd")
+    rc, text, _ = run_cli(capsys, "report", str(transfer), "--xd", "--format", "html")
+    assert rc == 0
+    page = Page(text)
+    same_cells(md_tables(md), page)
+    assert page.tables[0][1][:3] == ["kd_xd", "71.00 ± 1.41", "—"]  # source, then the first target (Caltech101)
+    assert any(i.startswith("kd_xd/imagenet/seed3: no results.json") for i in page.items)
+    check_self_contained(text, page)
 
 
 def test_sweep_page_embeds_its_heatmap_as_png(tmp_path, capsys):
