@@ -29,7 +29,7 @@ as the papers, with the mean of the per-dataset HMs beside it (json "mean_hm", c
 Warnings (after the table, with the problems): a run whose final model is its first epoch of several, a seed far
 from the others (more than 3 scaled MADs from the median and more than 1 point), missing seeds, runs selected on
 base test, and methods compared on different dataset/seed sets.
-Run folders without a readable results.json are listed as incomplete/failed (after the table for md,
+Run folders without a readable results.json are listed as incomplete/failed (after the table for md and html,
 on stderr for csv/json so that stdout stays machine-readable).
 Only runs of one kind are averaged together: the same DISTILL.PROTOCOL, DATASET.NUM_SHOTS, teacher (zero-shot,
 prompted, none) and final-epoch selection (results.json selected_on). A table mixing kinds is split into one
