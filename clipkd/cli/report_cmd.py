@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ as the papers, with the mean of the per-dataset HMs beside it (json "mean_hm", c
 Warnings (after the table, with the problems): a run whose final model is its first epoch of several, a seed far
 from the others (more than 3 scaled MADs from the median and more than 1 point), missing seeds, runs selected on
 base test, and methods compared on different dataset/seed sets.
-Run folders without a readable results.json are listed as incomplete/failed (after the table for md,
+Run folders without a readable results.json are listed as incomplete/failed (after the table for md and html,
 on stderr for csv/json so that stdout stays machine-readable).
 Only runs of one kind are averaged together: the same DISTILL.PROTOCOL, DATASET.NUM_SHOTS, teacher (zero-shot,
 prompted, none) and final-epoch selection (results.json selected_on). A table mixing kinds is split into one
@@ -41,6 +42,9 @@ are listed and left out; an accuracy outside [0, 100] makes results.json malform
 (md and csv print every method; csv has a method column). With --compare published, json entries gain
 "published" and "delta" (ours - published) keys. --fewshot json: {"methods": {M: {K: {"datasets", "average"}}}};
 --sweep json: {"sweeps": [{"method", "dataset", "cells", "best"}]}.
+
+--format html prints one self-contained page (no scripts, nothing fetched: tables, problems and warnings, figures
+embedded as PNG when matplotlib is installed) for every mode; -o FILE writes any format to FILE instead.
 
 --format latex prints one booktabs tabular per method (datasets as rows; Base, New, HM as columns; the
 Average row below a rule; mean ± std where a dataset has several seeds) or, with --fewshot, per method and K;
@@ -77,8 +81,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("root", metavar="ROOT",
                    help="results folder holding <method>/<dataset>/seed<S>/ run folders (e.g. output/base2new), "
                         "or a method, dataset or run folder below it")
-    p.add_argument("--format", choices=("md", "csv", "json", "latex"), default="md",
-                   help="output format (default md; latex: booktabs tables for a paper, not with --sweep)")
+    p.add_argument("--format", choices=("md", "csv", "json", "latex", "html"), default="md",
+                   help="output format (default md; latex: booktabs tables for a paper, not with --sweep; html: one "
+                        "self-contained page with the tables, problems and figures, to open in a browser or send)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the report to FILE (atomically: the old file or the whole new one, never half) "
+                        "instead of stdout; md and html put the problems into FILE, csv/json/latex leave them on "
+                        "stderr; not a folder, not inside a run folder")
     p.add_argument("--method", help="only this method (required for --format json when ROOT holds several)")
     p.add_argument("--dataset", help="only this dataset (stem, e.g. oxford_pets, or NAME, e.g. OxfordPets)")
     p.add_argument("--compare", nargs="+", metavar="published | A B",
@@ -194,6 +203,65 @@ def _write_dassl_logs(runs: list, out: Path) -> None:
           f"{DASSL_TRAIN_BASE} with --test-log (New)", file=sys.stderr)
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """``-o FILE`` must name a file outside every run folder (a report written into seed1/ would sit among the
+    run's own files, and be read as one of them); checked before any work, so a refused -o writes nothing."""
+    from clipkd.errors import ClipkdError
+    from clipkd.rundir import CONFIG_FILE, RESULTS_FILE, SEED_DIR
+
+    given = args.output
+    if given is None:
+        return
+    out = Path(given)
+    suffix = {"md": "md", "csv": "csv", "json": "json", "latex": "tex", "html": "html"}[args.format]
+    if given.endswith(("/", os.sep)) or out.is_dir():
+        raise ClipkdError(f"-o {given} is a folder: give a file name, e.g. -o {out / ('report.' + suffix)}")
+    target = out.resolve()
+    root = Path(args.root).resolve()
+    for folder in target.parents:
+        if folder != target.parent and folder != root and root not in folder.parents:
+            continue  # above ROOT only the folder the file goes into is checked
+        if SEED_DIR.match(folder.name) or any((folder / m).is_file() for m in (CONFIG_FILE, RESULTS_FILE)):
+            raise ClipkdError(f"-o {given}: {folder} is a run folder (seed<S>/ or holding {CONFIG_FILE}); write "
+                              f"the report outside the run folders, e.g. -o report.{suffix}")
+
+
+def _options(args: argparse.Namespace) -> list[str]:
+    """The options that shaped the report, for the html page's header."""
+    out = [f"--{name} {getattr(args, name)}" for name in ("method", "dataset") if getattr(args, name)]
+    if args.compare:
+        out.append("--compare " + (args.compare if isinstance(args.compare, str) else " ".join(args.compare)))
+    out += [f"--{name} {getattr(args, name)}" for name in ("resamples", "seed") if getattr(args, name) is not None]
+    if args.std != "sample":
+        out.append(f"--std {args.std}")
+    return out + ["--ci"] * bool(args.ci)
+
+
+def _emit(args: argparse.Namespace, text: str, problems: list[str], mode: str, figure_kind: str | None = None,
+          data: object = None) -> None:
+    """The report to stdout or -o FILE: md and html with the problems inside, csv/json/latex with them on
+    stderr (so that the output stays parseable)."""
+    fmt = args.format
+    if fmt == "html":
+        from clipkd.reports import html
+
+        figures, note = html.embedded_figures(figure_kind, data, args.ci) if figure_kind else ([], None)
+        body = html.page(args.root, mode, text, problems, figures, note, options=_options(args))
+    else:
+        body = text.rstrip("\n") + "\n"
+        if fmt == "md" and problems:
+            body += "\n" + "\n".join(problems) + "\n"
+    if args.output:
+        from clipkd.fileio import atomic_write_text
+
+        atomic_write_text(args.output, body)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(body)
+    if fmt not in ("md", "html") and problems:
+        print("\n".join(problems), file=sys.stderr)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from clipkd.errors import ClipkdError
     from clipkd.reports import aggregate, checks, render
@@ -201,6 +269,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                                         sort_out)
     from clipkd.reports.published import REFERENCES
 
+    _check_output(args)
     if args.compare and args.compare != ["published"]:
         if len(args.compare) != 2:
             raise ClipkdError(f"--compare {' '.join(args.compare)}: give 'published' or two methods A B")
@@ -249,6 +318,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     ddof = aggregate.POPULATION if args.std == "population" else aggregate.SAMPLE
     ci = args.ci
+    fmt = "md" if args.format == "html" else args.format  # the page shows the md tables
     warnings = checks.warnings(runs, kind)
     if kind == KIND_B2N:
         tables = aggregate.base_to_new_tables(runs, ddof)
@@ -260,22 +330,25 @@ def cmd_report(args: argparse.Namespace) -> int:
                                   f"--format json reports one: {pick}pass a ROOT that holds one of them")
             text = render.dumps(render.b2n_dict(tables[0], ref, ci))
         else:
-            text = {"md": render.b2n_markdown, "csv": render.b2n_csv, "latex": render.b2n_latex}[args.format](
+            text = {"md": render.b2n_markdown, "csv": render.b2n_csv, "latex": render.b2n_latex}[fmt](
                 tables, ref, ci)
         if args.dassl_logs:
             _write_dassl_logs(runs, Path(args.dassl_logs))
         if args.plot:
             _write_plots(args.plot, "b2n", tables, ci)
+        figure_kind, data, mode = "b2n", tables, "base-to-new"
     elif kind == KIND_FEWSHOT:
         ftables = aggregate.fewshot_tables(runs, ddof)
         if args.plot:
             _write_plots(args.plot, "fewshot", ftables, ci)
         text = {"md": render.fewshot_markdown, "csv": render.fewshot_csv, "latex": render.fewshot_latex,
-                "json": lambda t, c: render.dumps(render.fewshot_dict(t, c))}[args.format](ftables, ci)
+                "json": lambda t, c: render.dumps(render.fewshot_dict(t, c))}[fmt](ftables, ci)
+        figure_kind, data, mode = "fewshot", ftables, "few-shot"
     else:
         sweeps = aggregate.sweeps(runs, ddof)
         text = {"md": render.sweep_markdown, "csv": render.sweep_csv,
-                "json": lambda s, c: render.dumps(render.sweep_dict(s, c))}[args.format](sweeps, ci)
+                "json": lambda s, c: render.dumps(render.sweep_dict(s, c))}[fmt](sweeps, ci)
+        figure_kind, data, mode = "sweep", sweeps, "sweep, HM over (alpha, beta)"
         if args.plot:
             from clipkd.reports.plot import check_target, report_figures, save_figure, sweep_plot_paths
 
@@ -285,11 +358,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             for (_, fig), path in zip(report_figures("sweep", sweeps), paths):
                 print(f"wrote {save_figure(fig, path)}", file=sys.stderr)
 
-    print(text.rstrip("\n"))
     # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
     at_root = any(r.path == col.root for r in bad) or any(p.path == col.root for p in left_out)
-    _print_problems(render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out,
-                                            warnings=warnings), args.format)
+    problems = render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out, warnings=warnings)
+    _emit(args, text, problems, mode, figure_kind, data)
     return 0
 
 
@@ -304,7 +376,7 @@ def _paired_report(args: argparse.Namespace) -> int:
                         (args.dassl_logs, "--dassl-logs"), (args.method, "--method"),
                         (args.format == "latex", "--format latex")):
         if given:
-            raise ClipkdError(f"--compare A B compares two base-to-new methods (md, csv or json): drop {name}")
+            raise ClipkdError(f"--compare A B compares two base-to-new methods (md, csv, json or html): drop {name}")
     if args.plot:
         _plot_folder(args.plot)
     col = collect(args.root)
@@ -317,26 +389,16 @@ def _paired_report(args: argparse.Namespace) -> int:
     resamples = 10_000 if args.resamples is None else args.resamples
     result = compare(runs, args.compare[0], args.compare[1], resamples=resamples,
                      seed=0 if args.seed is None else args.seed)
-    text = {"md": compare_markdown, "csv": compare_csv,
+    text = {"md": compare_markdown, "html": compare_markdown, "csv": compare_csv,
             "json": lambda c: render.dumps(compare_dict(c))}[args.format](result)
     if args.plot:
         _write_plots(args.plot, "compare", result, False)
-    print(text.rstrip("\n"))
-    if args.format == "csv":  # md holds them under its table, json in "notes" and "left_out"
-        _print_problems(compare_notes(result), args.format)
+    # md and html hold the notes under their table, json in "notes" and "left_out"
+    notes = compare_notes(result) if args.format == "csv" else []
     at_root = any(r.path == col.root for r in bad) or any(p.path == col.root for p in left_out)
-    _print_problems(render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out), args.format)
+    problems = render.incomplete_lines(bad, col.root.parent if at_root else col.root, left_out)
+    _emit(args, text, notes + problems, f"{result.a} vs {result.b}, paired bootstrap", "compare", result)
     return 0
-
-
-def _print_problems(lines: list[str], fmt: str) -> None:
-    """Unfinished or failed runs: under the Markdown table, or on stderr so csv/json/latex stay parseable."""
-    if lines:
-        if fmt == "md":
-            print()
-            print("\n".join(lines))
-        else:
-            print("\n".join(lines), file=sys.stderr)
 
 
 def _transfer_report(args: argparse.Namespace) -> int:
@@ -375,15 +437,15 @@ def _transfer_report(args: argparse.Namespace) -> int:
                           f"{hint}")
     if args.plot:
         _write_plots(args.plot, "transfer", table, False)
-    render = {"md": transfer.transfer_markdown, "csv": transfer.transfer_csv, "latex": transfer.transfer_latex}
+    render = {"md": transfer.transfer_markdown, "html": transfer.transfer_markdown, "csv": transfer.transfer_csv,
+              "latex": transfer.transfer_latex}
     if args.format == "json":
         from clipkd.reports.render import dumps
 
         text = dumps(transfer.transfer_dict(table, ref))
     else:
         text = render[args.format](table, ref)
-    print(text.rstrip("\n"))
-    _print_problems(transfer.problem_lines(table, root), args.format)
+    _emit(args, text, transfer.problem_lines(table, root), transfer.TITLES[setting].lower(), "transfer", table)
     return 0
 
 

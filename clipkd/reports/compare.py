@@ -30,6 +30,7 @@ from clipkd.errors import ClipkdError
 from clipkd.reports.aggregate import dataset_name, dataset_order
 from clipkd.reports.collect import RunRecord
 from clipkd.reports.predictions import PREDICTIONS_FILE, PredictionsError, read_predictions
+from clipkd.reports.render import md_row
 
 METRICS = ("base", "new", "hm")
 IMAGES = "seeds and images"
@@ -277,8 +278,8 @@ def compare_markdown(c: Comparison) -> str:
         body.append([name, ", ".join(map(str, r.seeds)) or "—", _ci(r.deltas["base"]), _ci(r.deltas["new"]),
                      _ci(r.deltas["hm"]), _p(r), r.verdict(c.a, c.b), r.resampled])
     lines = [f"### {c.a} vs {c.b}", "",
-             "| " + " | ".join(header) + " |", "|---|---|" + "---:|" * 4 + "---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+             md_row(header), "|---|---|" + "---:|" * 4 + "---|---|"]
+    lines += [md_row(row) for row in body]
     lines += ["", f"Δ = {c.a} - {c.b} (accuracy points) on the datasets and seeds both have. CI: paired bootstrap "
                   f"({c.resamples} replicates, --seed {c.seed}) resampling seeds and, within each seed, test images "
                   "(the same images for both methods); 'seeds only' rows had no usable predictions.npz and resample "

@@ -69,9 +69,20 @@ def _d(x: float) -> str:
     return f"{x:+.2f}"
 
 
+def md_cell(text: object) -> str:
+    """Text made safe for a Markdown table cell: a ``|`` (a method or folder name may hold one) would end the
+    cell, so it is written ``\\|``; a line break would end the row, so it becomes a space."""
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def md_row(cells: Sequence[object]) -> str:
+    """One Markdown table row, each cell escaped (:func:`md_cell`)."""
+    return "| " + " | ".join(md_cell(c) for c in cells) + " |"
+
+
 def _md_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = [md_row(header), "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines += [md_row(r) for r in rows]
     return lines
 
 
