@@ -4,7 +4,8 @@ For each seed: the zero-shot teacher and zero-shot student (each CLIP with its o
 PromptKD student distilled with KD (forward KL) and with ABKD (alpha-beta divergence), in the inductive
 protocol (K-shot base classes) and, unless ``--no-transductive``, the transductive one. KD and ABKD of one
 protocol train fused (:mod:`clipkd.runs.fused`: one loader and teacher forward for both, results as alone).
-Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON. While it runs, a
+Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON; each distillation
+run is a run folder ``OUTPUT/runs/<method>-<protocol>/toy/seed<S>`` that ``clipkd report`` reads. While it runs, a
 line per stage and its elapsed time go to stderr (flushed, so a log file shows where a run is without a terminal).
 """
 
