@@ -7,8 +7,8 @@ Layout (written by scripts/xd.sh and scripts/dg.sh, ``ROOT`` = ``output/transfer
 or, for a transductive method that trains on every dataset, the run ``ROOT/<method>/<target>/seed<S>/results.json``.
 A target with both for one seed is ambiguous and listed as a problem. The warnings of the base-to-new tables
 (reports/checks.py: first-epoch selection, a far seed, missing seeds, base-test selection, methods on different
-target/seed sets) are checked by the same rules, a value being one column (source or target) of one seed. ROOT may also be a method folder (its name
-is then read from the path above), as for the base-to-new report.
+target/seed sets) are checked by the same rules, a value being one column (source or target) of one seed.
+ROOT may also be a method folder (its name is then read from the path above), as for the base-to-new report.
 
 Average: the mean of the per-target seed means over the targets present (the papers average their targets'
 means); the table says how many targets it covers, so a partial average is never mistaken for the full one.
