@@ -520,7 +520,7 @@ def test_transfer_warns_first_epoch_and_base_test_selection(tmp_path, capsys):
 def test_transfer_warns_a_far_seed_in_a_target(tmp_path, capsys):
     root = _transfer_tree(tmp_path / "t", dtd=(50.0, 51.0, 70.0))
     (line,) = _warnings(capsys, root, "--format", "md")
-    assert line.startswith("- m/imagenet/seed3/eval/dtd: seed 3 is far from the others: all accuracy 70.00 is "
+    assert line.startswith("- m/imagenet/seed3/eval/dtd: seed 3 is far from the others: accuracy 70.00 is "
                            "19.00 points from the median 51.00 of the 3 seeds")
 
 

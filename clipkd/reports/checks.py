@@ -70,7 +70,8 @@ def outlier_seeds(runs: list[RunRecord]) -> list[Problem]:
             limit = max(OUTLIER_MADS * MAD_SCALE * mad, OUTLIER_MIN_POINTS)
             for r, v in zip(group, values):
                 if abs(v - med) > limit:
-                    out.append(Problem(r.path, f"seed {r.seed} is far from the others: {half} accuracy {v:.2f} is "
+                    what = "accuracy" if half == "all" else f"{half} accuracy"  # all classes: few-shot, transfer
+                    out.append(Problem(r.path, f"seed {r.seed} is far from the others: {what} {v:.2f} is "
                                                f"{abs(v - med):.2f} points from the median {med:.2f} of the "
                                                f"{len(group)} seeds (MAD {mad:.2f}; rule: {RULE}); it is in the mean"))
     return out
