@@ -123,8 +123,9 @@ def run_demo(
 
 
 class _Stages:
-    """``[2/3] kd + abkd inductive (trained together), seed 1`` before a stage and its elapsed time after, on stderr (looked up
-    when written, so a redirected stderr gets them), flushed: tqdm's bars show only on a terminal."""
+    """``[2/3] kd + abkd inductive (trained together), seed 1`` before a stage and its elapsed time after, on
+    stderr (looked up when written, so a redirected stderr gets them), flushed: tqdm's bars show only on a
+    terminal."""
 
     def __init__(self, total: int, started: float) -> None:
         self.total, self.started, self.done, self.since, self.numbered = total, started, 0, started, True
