@@ -79,3 +79,42 @@ def test_demo_reports_each_stage_and_its_time_on_stderr(demo):
         after = lines[lines.index(stage) + 1]
         assert re.fullmatch(r"\s+done in \d+\.\d s \(\d+\.\d s so far\)", after), lines
     assert re.fullmatch(r"demo: 2 stages done in \d+\.\d s", lines[-1]), lines
+
+
+def test_demo_runs_are_in_the_reports_layout(demo, capsys):
+    """The demo writes runs/<method>-<protocol>/toy/seed<S>: `clipkd report` and `--compare A B` read the folder as
+    it is, and give the demo's own numbers."""
+    from clipkd.cli.main import main
+    from clipkd.reports.compare import IMAGES
+    from clipkd.toy.demo import run_folder
+
+    out, payload = demo
+    for method in ("kd", "abkd"):
+        assert (run_folder(out, method, "inductive", 1) / "results.json").is_file()
+    assert run_folder(out, "kd", "inductive", 1) == out / "runs" / "kd-inductive" / "toy" / "seed1"
+    capsys.readouterr()
+    assert main(["report", str(out / "runs"), "--method", "abkd-inductive", "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)["datasets"]["Toy"]
+    row = next(r for r in payload["rows"] if r["method"] == "abkd")
+    assert (got["base"]["mean"], got["new"]["mean"]) == (row["base"], row["new"])
+    assert main(["report", str(out / "runs"), "--compare", "abkd-inductive", "kd-inductive", "--resamples", "200",
+                 "--format", "json"]) == 0
+    toy = json.loads(capsys.readouterr().out)["datasets"]["Toy"]
+    kd = next(r for r in payload["rows"] if r["method"] == "kd")
+    assert toy["seeds"] == [1] and toy["resampled"] == IMAGES, toy
+    assert toy["delta"]["base"]["value"] == pytest.approx(row["base"] - kd["base"])
+
+
+def test_demo_table_is_mean_and_sample_std():
+    """As `clipkd report`: sample std (ddof 1) over seeds, n/a with one seed, and a line that says so."""
+    from clipkd.toy.demo import format_table
+
+    rows = [{"method": "kd", "protocol": "inductive", "seed": s, "base": b, "new": 30.0, "hm": 0.0,
+             "agreement": 50.0} for s, b in ((1, 50.0), (2, 52.0), (3, 54.0))]
+    rows.append({"method": "abkd", "protocol": "inductive", "seed": 1, "base": 40.0, "new": 20.0, "hm": 0.0,
+                 "agreement": 45.0})
+    lines = format_table(rows).splitlines()
+    assert lines[0].startswith("Mean ± sample std (ddof 1) over seeds 1, 2, 3"), lines
+    assert "| kd | inductive | 3 | 52.00 ± 2.00 | 30.00 ± 0.00 | 38.05 | 50.00 ± 0.00 |" in lines  # pstdev: 1.63
+    assert "| abkd | inductive | 1 | 40.00 ± n/a (1 seed) | 20.00 ± n/a (1 seed) | 26.67 | 45.00 ± n/a (1 seed) |" \
+        in lines

@@ -188,7 +188,7 @@ def test_missing_seeds_and_different_sets(tmp_path, capsys):
     root = tree(tmp_path / "runs", data={("kd", "dtd"): {1: DTD[1], 2: DTD[2]}})
     lines = warnings_of(capsys, root)
     assert len(lines) == 2
-    assert lines[0].startswith("- kd/dtd: missing seeds: kd has seed(s) 1, 2 on this dataset but 1, 2, 3 on others; "
+    assert lines[0].startswith("- kd/dtd: missing seeds: kd has seed(s) 1, 2 on dtd but 1, 2, 3 on other datasets; "
                                "seed(s) 3 missing")
     assert "methods compared on different dataset/seed sets: kd lacks dtd seed(s) 3;" in lines[1]
     # a method without one of the datasets: the comparison warning names it (no missing seeds within kd)

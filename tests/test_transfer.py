@@ -4,6 +4,8 @@ tiny random CLIPs)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import json
 import os
@@ -429,3 +431,109 @@ def test_report_rows_hold_one_kind_of_run_and_each_seed_once(tmp_path, capsys):
         captured.err
     assert main(["report", str(root), "--dg"]) == 0
     assert "Not averaged with the others (3):" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- --ci and the warnings (issue #19)
+def _ci95(values: list[float]) -> float:
+    from scipy import stats
+
+    return stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _transfer_tree(root: Path, method: str = "m", src=(70.0, 72.0, 71.0), dtd=(50.0, 54.0, 52.0),
+                   eurosat=(40.0, 42.0, 41.0), epochs: int = 5, **extra: object) -> Path:
+    """``method``'s source runs (seeds 1..) with evaluations on DTD and EuroSAT; None: no such evaluation."""
+    for seed, (s, d, e) in enumerate(zip(src, dtd, eurosat), start=1):
+        run = root / method / "imagenet" / f"seed{seed}"
+        _results(run, s, epoch=epochs, **extra)
+        (run / "config.yaml").write_text(run_config(DATASET__NAME="ImageNet", SEED=seed, OPTIM__MAX_EPOCH=epochs))
+        for stem, acc in (("dtd", d), ("eurosat", e)):
+            if acc is not None:
+                _results(run / "eval" / stem, acc)
+    return root
+
+
+def _warnings(capsys, root: Path, *extra: str) -> list[str]:
+    assert main(["report", str(root), "--xd", *extra]) == 0
+    out = capsys.readouterr().out
+    return [x for x in out.split("Warnings (")[1].splitlines()[1:] if x.startswith("- ")] if "Warnings (" in out \
+        else []
+
+
+def test_transfer_ci_in_every_format(tmp_path, capsys):
+    src, dtd = [70.0, 72.0, 71.0], [50.0, 54.0, 52.0]
+    root = _transfer_tree(tmp_path / "t", src=src, dtd=dtd, eurosat=(40.0, None, None))
+    assert main(["report", str(root), "--xd", "--format", "json", "--ci"]) == 0
+    row = json.loads(capsys.readouterr().out)["methods"]["m"]
+    assert row["source"] == pytest.approx({"mean": 71.0, "std": statistics.stdev(src), "n": 3, "ci95": _ci95(src)})
+    assert row["targets"]["dtd"]["ci95"] == pytest.approx(_ci95(dtd))
+    assert row["targets"]["eurosat"] == {"mean": 40.0, "std": None, "n": 1, "ci95": None}  # one seed: null
+    assert main(["report", str(root), "--xd", "--format", "json", "--ci", "--std", "population"]) == 0
+    row = json.loads(capsys.readouterr().out)["methods"]["m"]  # the CI always uses the sample std
+    assert row["source"]["std"] == pytest.approx(statistics.pstdev(src)) and row["source"]["ci95"] == \
+        pytest.approx(_ci95(src))
+    assert main(["report", str(root), "--xd", "--format", "json"]) == 0
+    assert "ci95" not in json.loads(capsys.readouterr().out)["methods"]["m"]["source"]
+    assert main(["report", str(root), "--xd", "--format", "csv", "--ci"]) == 0
+    lines = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    by = {(r["role"], r["dataset"]): r for r in lines}
+    assert float(by["source", "imagenet"]["ci95"]) == pytest.approx(_ci95(src))
+    assert float(by["target", "dtd"]["ci95"]) == pytest.approx(_ci95(dtd))
+    assert by["target", "eurosat"]["ci95"] == "n/a (1 seed)" and by["average", "average"]["ci95"] == ""
+    assert main(["report", str(root), "--xd", "--ci"]) == 0
+    md = capsys.readouterr().out
+    assert "| Seeds | ImageNet 95% CI | Caltech101 95% CI |" in md and "| UCF101 95% CI |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| m |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    want = {"dtd": f"± {_ci95(dtd):.2f}", "eurosat": "n/a (1 seed)"}  # ImageNet, then the targets in order
+    assert cells[-11:] == [f"± {_ci95(src):.2f}", *(want.get(t, "—") for t in XD_TARGETS)]
+    assert "95% CI: half-width of the t-based 95% confidence interval" in md
+    assert main(["report", str(root), "--xd", "--format", "latex", "--ci"]) == 0
+    tex = capsys.readouterr().out
+    assert f"m & 71.00 $\\pm$ {_ci95(src):.2f} &" in tex and f"52.00 $\\pm$ {_ci95(dtd):.2f}" in tex
+    assert "40.00 &" in tex and "95\\% confidence interval" in tex and "nan" not in tex.lower()
+
+
+def test_transfer_clean_tree_has_no_warnings(tmp_path, capsys):
+    root = _transfer_tree(tmp_path / "t")
+    _transfer_tree(root, "n")
+    assert _warnings(capsys, root) == []
+
+
+def test_transfer_warns_first_epoch_and_base_test_selection(tmp_path, capsys):
+    root = _transfer_tree(tmp_path / "t")
+    (root / "m" / "imagenet" / "seed2" / "results.json").write_text(json.dumps({"all": {"accuracy": 72.0},
+                                                                               "epoch": 1}))
+    (line,) = _warnings(capsys, root)
+    assert line.startswith("- m/imagenet/seed2: its final model is epoch 1 of 5")
+    # a transductive target run of its own is checked as a run too
+    _results(root / "m" / "eurosat" / "seed1", 41.0, epoch=1)
+    (root / "m" / "eurosat" / "seed1" / "config.yaml").write_text(run_config(DATASET__NAME="EuroSAT",
+                                                                             OPTIM__MAX_EPOCH=5))
+    assert any(x.startswith("- m/eurosat/seed1: its final model is epoch 1 of 5") for x in _warnings(capsys, root))
+    sel = _transfer_tree(tmp_path / "sel", selected_on="base_test")
+    (line,) = _warnings(capsys, sel)
+    assert line.startswith("- m/imagenet: 3 run(s) selected on base TEST")
+    assert "reported apart as 'm [selected on base test]'" in line
+
+
+def test_transfer_warns_a_far_seed_in_a_target(tmp_path, capsys):
+    root = _transfer_tree(tmp_path / "t", dtd=(50.0, 51.0, 70.0))
+    (line,) = _warnings(capsys, root, "--format", "md")
+    assert line.startswith("- m/imagenet/seed3/eval/dtd: seed 3 is far from the others: accuracy 70.00 is "
+                           "19.00 points from the median 51.00 of the 3 seeds")
+
+
+def test_transfer_warns_missing_seeds_and_different_target_sets(tmp_path, capsys):
+    root = _transfer_tree(tmp_path / "t", eurosat=(40.0, 42.0, None))
+    _transfer_tree(root, "n", eurosat=(None, None, None))
+    lines = _warnings(capsys, root)
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("- m/imagenet: missing seeds: m has seed(s) 1, 2 on eurosat but 1, 2, 3 on other "
+                               "datasets")
+    assert lines[1].endswith(": methods compared on different dataset/seed sets: n lacks eurosat seed(s) 1, 2; "
+                             "their averages are over different runs (compare on the datasets and seeds all have)")
+    # json/csv: on stderr, stdout stays parseable
+    assert main(["report", str(root), "--xd", "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "Warnings (2):" in captured.err and json.loads(captured.out)

@@ -15,7 +15,7 @@ few-shot ROOT/fewshot/<method>/<dataset>/shots<K>/seed<S>/results.json (--fewsho
 sweep ROOT/<method>/<dataset>/a<alpha>_b<beta>/seed<S>/results.json (--sweep);
 cross-dataset / domain generalisation ROOT/<method>/imagenet/seed<S>/results.json with eval/<target>/results.json
 inside, or ROOT/<method>/<target>/seed<S>/ for transductive methods (--xd, --dg; scripts/xd.sh and dg.sh write
-output/transfer).
+output/transfer); --std, --ci and the warnings below apply to their source and target columns as to Base/New.
 ROOT may also be a folder lower in these trees: a method folder (output/base2new/<method>,
 output/sweep/<method>, output/fewshot/<method>), a dataset folder below it, or a single run folder (seed<S>);
 the method and dataset names are then read from the folders above ROOT. A run folder holds config.yaml
@@ -409,8 +409,6 @@ def _transfer_report(args: argparse.Namespace) -> int:
 
     setting = "xd" if args.xd else "dg"
     flag = f"--{setting}"
-    if args.ci:
-        raise ClipkdError(f"--ci is not in the {flag} table yet (--std is): drop it")
     for given, name in ((args.dassl_logs, "--dassl-logs"), (args.dataset, "--dataset")):
         if given:
             raise ClipkdError(f"{name} does not apply to {flag} (a table over all its datasets); drop it")
@@ -436,15 +434,15 @@ def _transfer_report(args: argparse.Namespace) -> int:
                           f"<method>/imagenet/seed<S>/results.json (scripts/{setting}.sh writes output/transfer)"
                           f"{hint}")
     if args.plot:
-        _write_plots(args.plot, "transfer", table, False)
+        _write_plots(args.plot, "transfer", table, args.ci)
     render = {"md": transfer.transfer_markdown, "html": transfer.transfer_markdown, "csv": transfer.transfer_csv,
               "latex": transfer.transfer_latex}
     if args.format == "json":
         from clipkd.reports.render import dumps
 
-        text = dumps(transfer.transfer_dict(table, ref))
+        text = dumps(transfer.transfer_dict(table, ref, args.ci))
     else:
-        text = render[args.format](table, ref)
+        text = render[args.format](table, ref, args.ci)
     _emit(args, text, transfer.problem_lines(table, root), transfer.TITLES[setting].lower(), "transfer", table)
     return 0
 

@@ -7,6 +7,12 @@
 - runs selected on base TEST (reported apart, but their numbers are optimistic);
 - tables compared on different dataset/seed sets (their averages are over different runs).
 
+The same rules serve every report: the first-epoch and base-test checks read the runs that trained (their
+profile, their method name), the other three the values a table averages. In the base-to-new, few-shot and sweep
+tables those are the runs themselves; in the transfer tables (reports/transfer.py) a value is one column of one
+seed: the source run's accuracy, or a target's (an evaluation of the source run, or a run of its own), given as a
+RunRecord whose dataset is the column and whose results hold that one accuracy.
+
 Torch-free; every check reads what collect.sort_out already put in the runs (results, profile).
 """
 
@@ -64,7 +70,8 @@ def outlier_seeds(runs: list[RunRecord]) -> list[Problem]:
             limit = max(OUTLIER_MADS * MAD_SCALE * mad, OUTLIER_MIN_POINTS)
             for r, v in zip(group, values):
                 if abs(v - med) > limit:
-                    out.append(Problem(r.path, f"seed {r.seed} is far from the others: {half} accuracy {v:.2f} is "
+                    what = "accuracy" if half == "all" else f"{half} accuracy"  # all classes: few-shot, transfer
+                    out.append(Problem(r.path, f"seed {r.seed} is far from the others: {what} {v:.2f} is "
                                                f"{abs(v - med):.2f} points from the median {med:.2f} of the "
                                                f"{len(group)} seeds (MAD {mad:.2f}; rule: {RULE}); it is in the mean"))
     return out
@@ -79,6 +86,13 @@ def _table(kind: str) -> tuple[Callable[[RunRecord], Hashable], Callable[[RunRec
     return (lambda r: r.method), (lambda r: r.dataset), "dataset"
 
 
+def _row_name(row: Hashable, what: str) -> str:
+    if what == "cell":
+        alpha, beta = row  # type: ignore[misc]
+        return f"cell alpha={alpha:g}, beta={beta:g}"
+    return str(row)
+
+
 def missing_seeds(runs: list[RunRecord], kind: str) -> list[Problem]:
     table_of, row_of, what = _table(kind)
     out = []
@@ -88,9 +102,9 @@ def missing_seeds(runs: list[RunRecord], kind: str) -> list[Problem]:
             have = {r.seed for r in rruns}
             if have != every:
                 out.append(Problem(_common([r.path for r in rruns]),
-                                   f"missing seeds: {rruns[0].method} has seed(s) {_seeds(have)} on this {what} but "
-                                   f"{_seeds(every)} on others; seed(s) {_seeds(every - have)} missing, so its mean "
-                                   "is over fewer seeds"))
+                                   f"missing seeds: {rruns[0].method} has seed(s) {_seeds(have)} on "
+                                   f"{_row_name(row, what)} but {_seeds(every)} on other {what}s; seed(s) "
+                                   f"{_seeds(every - have)} missing, so its mean is over fewer seeds"))
     return out
 
 
@@ -137,7 +151,9 @@ def _group_pairs(pairs: set) -> dict:
     return out
 
 
-def warnings(runs: list[RunRecord], kind: str) -> list[Problem]:
-    """Every warning about ``runs`` (complete runs of ``kind``, as collect.sort_out kept them)."""
-    return (first_epoch(runs) + outlier_seeds(runs) + missing_seeds(runs, kind) + base_test_selected(runs)
-            + different_sets(runs, kind))
+def warnings(runs: list[RunRecord], kind: str, values: list[RunRecord] | None = None) -> list[Problem]:
+    """Every warning about ``runs`` (complete runs of ``kind``, as collect.sort_out kept them) and the ``values``
+    their table averages (default: the runs themselves; transfer tables: one per column and seed, see above)."""
+    values = runs if values is None else values
+    return (first_epoch(runs) + outlier_seeds(values) + missing_seeds(values, kind) + base_test_selected(runs)
+            + different_sets(values, kind))

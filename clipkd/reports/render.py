@@ -22,8 +22,12 @@ def na(n: int) -> str:
     return f"n/a ({n} seed" + ("" if n == 1 else "s") + ")"
 
 
-def _pm(s: Stat) -> str:
+def mean_pm(s: Stat) -> str:
+    """``mean ± std``, or ``mean ± n/a (1 seed)`` where the std is undefined (the cell every report prints)."""
     return f"{s.mean:.2f} ± {na(s.n) if s.std is None else f'{s.std:.2f}'}"
+
+
+_pm = mean_pm
 
 
 def _ci(s: Stat) -> str:

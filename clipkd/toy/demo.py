@@ -4,14 +4,14 @@ For each seed: the zero-shot teacher and zero-shot student (each CLIP with its o
 PromptKD student distilled with KD (forward KL) and with ABKD (alpha-beta divergence), in the inductive
 protocol (K-shot base classes) and, unless ``--no-transductive``, the transductive one. KD and ABKD of one
 protocol train fused (:mod:`clipkd.runs.fused`: one loader and teacher forward for both, results as alone).
-Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON. While it runs, a
+Prints a Base / New / HM table (the last thing printed) and writes it as Markdown and JSON; each distillation
+run is a run folder ``OUTPUT/runs/<method>-<protocol>/toy/seed<S>`` that ``clipkd report`` reads. While it runs, a
 line per stage and its elapsed time go to stderr (flushed, so a log file shows where a run is without a terminal).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,7 +21,10 @@ import torch
 
 from clipkd.config import build_config
 from clipkd.data.cache import default_cache_dir
+from clipkd.data.specs import TOY_SPEC
 from clipkd.metrics import harmonic_mean
+from clipkd.reports.aggregate import SAMPLE, Stat
+from clipkd.reports.render import mean_pm, na
 from clipkd.errors import ClipkdError
 from clipkd.fileio import atomic_write_text
 from clipkd.runs.fused import fit_fused
@@ -29,6 +32,7 @@ from clipkd.runs.run import Run
 from clipkd.toy.dataset import WORLD_VERSION, write_toy_dataset
 from clipkd.toy.pretrain import RECIPES, expand_compact, pretrain, weights_path
 
+TOY_STEM = TOY_SPEC.stem  # the dataset folder of the demo's runs (DATASET.NAME Toy)
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 METHODS = {"kd": ["DISTILL.LOSS", "kl"], "abkd": ["DISTILL.LOSS", "ab"]}
 
@@ -60,6 +64,12 @@ def demo_config(data_root: Path, weights: dict[str, Path], seed: int, *overrides
         "MODEL.TEACHER.PRETRAINED", str(weights["teacher"]), "MODEL.STUDENT.PRETRAINED", str(weights["student"]),
         *overrides,
     ])
+
+
+def run_folder(output_dir: Path, method: str, protocol: str, seed: int) -> Path:
+    """``OUTPUT/runs/<method>-<protocol>/toy/seed<S>``: the base-to-new layout ``clipkd report`` reads, so
+    ``clipkd report OUTPUT/runs --compare abkd-inductive kd-inductive`` works on a demo folder as it is."""
+    return Path(output_dir) / "runs" / f"{method}-{protocol}" / TOY_STEM / f"seed{seed}"
 
 
 def run_demo(
@@ -95,7 +105,7 @@ def run_demo(
             # KD and ABKD read the same stream: trained together, one teacher forward per batch (exactly as alone)
             runs = {method: Run(demo_config(data_root, weights, seed, "DISTILL.PROTOCOL", protocol, *extra,
                                             *overrides),
-                                output_dir / "runs" / f"{method}-{protocol}" / f"seed{seed}", echo=False)
+                                run_folder(output_dir, method, protocol, seed), echo=False)
                     for method, extra in METHODS.items()}
             outcomes = fit_fused(list(runs.values()), [False] * len(runs))
             for (method, run), res in zip(runs.items(), outcomes):
@@ -113,8 +123,9 @@ def run_demo(
 
 
 class _Stages:
-    """``[2/3] kd + abkd inductive (trained together), seed 1`` before a stage and its elapsed time after, on stderr (looked up
-    when written, so a redirected stderr gets them), flushed: tqdm's bars show only on a terminal."""
+    """``[2/3] kd + abkd inductive (trained together), seed 1`` before a stage and its elapsed time after, on
+    stderr (looked up when written, so a redirected stderr gets them), flushed: tqdm's bars show only on a
+    terminal."""
 
     def __init__(self, total: int, started: float) -> None:
         self.total, self.started, self.done, self.since, self.numbered = total, started, 0, started, True
@@ -142,21 +153,20 @@ def _row(method: str, protocol: str, seed: int, res: dict, agreement: float) -> 
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: one line per (method, protocol), mean +- population std over seeds."""
+    """Markdown: a line saying what the cells are, then one line per (method, protocol): mean ± sample std over
+    seeds (ddof 1, as ``clipkd report``; one seed: n/a (1 seed)); HM of the mean Base and mean New."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["protocol"]), []).append(r)
-    lines = ["| method | protocol | seeds | Base | New | HM | agreement with teacher (base) |",
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"Mean ± sample std (ddof 1) over seeds {', '.join(map(str, seeds))} (one seed: {na(1)}); HM of the "
+             "mean Base and mean New.", "",
+             "| method | protocol | seeds | Base | New | HM | agreement with teacher (base) |",
              "|---|---|---|---|---|---|---|"]
 
-    def cell(values: list[float]) -> str:
-        if len(values) == 1:
-            return f"{values[0]:.2f}"
-        return f"{statistics.fmean(values):.2f} ± {statistics.pstdev(values):.2f}"
-
     for (method, protocol), rs in groups.items():
-        base, new = [r["base"] for r in rs], [r["new"] for r in rs]
-        hm = harmonic_mean(statistics.fmean(base), statistics.fmean(new))
-        lines.append(f"| {method} | {protocol} | {len(rs)} | {cell(base)} | {cell(new)} | {hm:.2f} | "
-                     f"{cell([r['agreement'] for r in rs])} |")
+        base, new = Stat.of([r["base"] for r in rs], SAMPLE), Stat.of([r["new"] for r in rs], SAMPLE)
+        hm = harmonic_mean(base.mean, new.mean)
+        lines.append(f"| {method} | {protocol} | {len(rs)} | {mean_pm(base)} | {mean_pm(new)} | {hm:.2f} | "
+                     f"{mean_pm(Stat.of([r['agreement'] for r in rs], SAMPLE))} |")
     return "\n".join(lines)
