@@ -216,3 +216,28 @@ def test_no_sbatch_no_submitit_and_a_busy_root_are_one_line(cluster, tmp_path, c
         assert snapshot(out) == before
     finally:
         lock.release()
+
+
+def test_a_fused_sweep_group_is_one_job_and_its_command_trains_the_group(cluster, synth_root, tmp_path, capsys):
+    _, rec = cluster
+    from test_launch_local import TINY
+
+    out = tmp_path / "sweep"
+    sweep = ["sweep", "--alpha", "0.5:1:0.5", "--beta", "0:0:1", "--dataset", "dtd", "--root", str(synth_root),
+             "--config", str(ROOT / "configs/methods/abkd_promptkd.yaml"), "--output", str(out), "--launcher", "slurm"]
+    opts = [*TINY[:-4], "OPTIM.MAX_EPOCH", "1", "DATASET.NUM_SHOTS", "2"]
+    assert main([*sweep, "--fused", *opts]) == 0
+    [text] = sbatch_files(rec)
+    assert "#SBATCH --array" not in text  # the two cells share a data stream: one job
+    [row, row2] = [r for r in read(out) if r["state"] == "submitted"]
+    assert row["job"] == row2["job"] == "1000" and row["log"] == row2["log"] == f"{out}/abkd_promptkd/dtd/a0.5_b0/seed1.fused.log"
+    fn = submitit.helpers.DelayedSubmission.load(out / ".launch/slurm/1000_submitted.pkl").function
+    [command] = fn.commands()
+    assert command[3:5] == ["launch", "group"] and len(fn.job.cells) == 2
+    assert main(command[3:]) == 0  # what the job runs: the fused group, in one process
+    capsys.readouterr()
+    assert main([*sweep, "--status", *opts]) == 0
+    assert "2 cells: 2 done, 0 running, 0 failed, 0 pending" in capsys.readouterr().out
+    assert main([*sweep, *opts]) == 0  # unfused now: both cells are finished, nothing is submitted
+    assert "2 cells: 2 finished, 0 running, 0 cannot run, 0 to run in 0 jobs (slurm)" in capsys.readouterr().out
+    assert len(sbatch_files(rec)) == 1
