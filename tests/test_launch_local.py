@@ -86,3 +86,30 @@ def test_local_jobs_equal_inline_and_a_killed_job_resumes_bit_identical(synth_ro
     # and once all is done, a rerun has nothing to do
     assert main([*grid, "--output", str(local), "--launcher", "local", *TINY]) == 0
     assert "2 cells: 2 finished" in capsys.readouterr().out
+
+
+FAKE_GPU_RUN = """#!/usr/bin/env bash
+# a clipkd train that notes the GPUs it was given and "finishes": train --output-dir OUT ...
+mkdir -p "$3" && echo "$CUDA_VISIBLE_DEVICES" > "$3/gpus" && sleep 0.3 && echo '{}' > "$3/results.json"
+"""
+
+
+@pytest.mark.parametrize("per_job, expected", [("1", {"0", "1"}), ("2", {"0,1"})])
+def test_local_jobs_are_pinned_to_their_own_gpus(tmp_path, monkeypatch, capsys, per_job, expected):
+    """No GPU here: a fake clipkd records CUDA_VISIBLE_DEVICES; at most one job per GPU slot runs at a time."""
+    fake = tmp_path / "clipkd"
+    fake.write_text(FAKE_GPU_RUN)
+    fake.chmod(0o755)
+    monkeypatch.setenv("CLIPKD", str(fake))
+    out = tmp_path / "out"
+    assert main(["launch", "teacher", "--datasets", "dtd", "--seeds", "1", "2", "3", "--root", str(tmp_path),
+                 "--output", str(out), "--launcher", "local", "--gpus", "0,1", "--gpus-per-job", per_job]) == 0
+    slots = 2 // int(per_job)
+    assert f"local: {slots} jobs at a time, {per_job} GPU each of [0, 1]" in capsys.readouterr().out
+    seen = {(out / f"teachers/dtd/seed{s}/gpus").read_text().strip() for s in (1, 2, 3)}
+    assert seen == expected
+    running, most = 0, 0
+    for row in read(out):
+        running += {"running": 1, "finished": -1}.get(row["state"], 0)
+        most = max(most, running)
+    assert most == slots

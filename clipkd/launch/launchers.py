@@ -132,15 +132,18 @@ def slurm_options(res: Resources) -> dict[str, str]:
 
 
 def local_gpus(res: Resources) -> list[int]:
-    """The GPUs a local launch spreads its jobs over: --gpus, else CUDA_VISIBLE_DEVICES's count, else what torch
+    """The GPUs a local launch spreads its jobs over: --gpus, else those CUDA_VISIBLE_DEVICES lists, else all torch
     sees (none: CPU jobs)."""
     if res.gpus is not None:
         return list(res.gpus)
     if res.gpus_per_job == 0:
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return list(range(len([v for v in visible.split(",") if v.strip()])))
+    if visible is not None:  # each job's CUDA_VISIBLE_DEVICES is a subset of these
+        entries = [v.strip() for v in visible.split(",") if v.strip()]
+        if not all(v.isdigit() for v in entries):
+            raise ClipkdError(f"CUDA_VISIBLE_DEVICES={visible} names GPUs by UUID; pass --gpus 0,1,... (indices)")
+        return [int(v) for v in entries]
     try:
         import torch
     except ImportError:
