@@ -174,6 +174,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
     (["--launcher", "slurm", "--partition", "gpu large"], "--partition 'gpu large': one name without spaces"),
     (["--launcher", "slurm", "--slurm", "mail-type"], "--slurm 'mail-type': give KEY=VALUE"),
     (["--launcher", "local", "--partition", "gpu"], "--partition is for --launcher slurm"),
+    (["--launcher", "local", "--mem", "8"], "--mem is for --launcher slurm"),
+    (["--launcher", "inline", "--jobs", "2"], "--jobs is for --launcher local or slurm"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(cluster, tmp_path, capsys, bad, message):
     _, rec = cluster

@@ -20,8 +20,8 @@ def add_launcher_options(p: argparse.ArgumentParser) -> None:
                    "CPU); slurm: the array's cap, at most K running at once (%%K)")
     g.add_argument("--gpus", type=_gpu_list, metavar="0,1,...", help="local: the GPUs to use (default: all visible)")
     g.add_argument("--gpus-per-job", type=int, metavar="G", help="GPUs per job (default 1; 0: CPU jobs)")
-    g.add_argument("--cpus-per-job", type=int, metavar="C")
-    g.add_argument("--mem", type=float, dest="mem_gb", metavar="GB", help="memory per job, in GB")
+    g.add_argument("--cpus-per-job", type=int, metavar="C", help="slurm: CPU cores per job")
+    g.add_argument("--mem", type=float, dest="mem_gb", metavar="GB", help="slurm: memory per job, in GB")
     g.add_argument("--time", metavar="MIN|[D-]HH:MM:SS", help="time limit per job (slurm default 24:00:00); a job "
                    "that reaches it is requeued and resumes from its last epoch (at most --requeues times)")
     g.add_argument("--requeues", type=int, default=3, metavar="N", help="requeues after a time-out (default 3)")
@@ -96,7 +96,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from clipkd.launch.launchers import check, launch, print_commands
 
     res = resources(args)
-    check(res)
+    check(res, engine=not args.dry_run)
     if not args.root and not args.dry_run:
         raise ClipkdError("--root DATA is needed to launch (or pass --dry-run to print the commands)")
     opts = [o for o in (args.opts or []) if o != "--"]

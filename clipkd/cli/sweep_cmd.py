@@ -64,7 +64,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from clipkd.launch.launchers import check
 
     res = resources(args)
-    check(res)
+    check(res, engine=not (args.dry_run or args.status))
     opts = [o for o in (args.opts or []) if o != "--"]
     max_cells = MAX_CELLS if args.max_cells is None else args.max_cells
     launched = args.launcher != "inline" or args.status

@@ -75,8 +75,9 @@ def parse_time(text: str) -> int:
     return minutes
 
 
-def check(res: Resources) -> None:
-    """Every option problem as one line, before anything is written or submitted."""
+def check(res: Resources, engine: bool = True) -> None:
+    """Every option problem as one line, before anything is written or submitted; ``engine``: also that the
+    launcher's tools are there (submitit; sbatch and srun for slurm), which a dry run does not need."""
     if res.launcher not in LAUNCHERS:
         raise ClipkdError(f"unknown --launcher '{res.launcher}'; choose one of {', '.join(LAUNCHERS)}")
     for name, value in (("--jobs", res.jobs), ("--cpus-per-job", res.cpus_per_job), ("--mem", res.mem_gb)):
@@ -99,6 +100,9 @@ def check(res: Resources) -> None:
         raise ClipkdError(f"{slurm_only[0]} is for --launcher slurm (this launch is {res.launcher})")
     if res.gpus is not None and res.launcher != "local":
         raise ClipkdError("--gpus picks this machine's GPUs, for --launcher local (SLURM: --gpus-per-job)")
+    for name, value in (("--mem", res.mem_gb), ("--cpus-per-job", res.cpus_per_job)):
+        if value is not None and res.launcher == "local":
+            raise ClipkdError(f"{name} is for --launcher slurm (local jobs share this machine's memory and cores)")
     slurm_options(res)  # --slurm KEY=VALUE
     if res.launcher == "inline":
         for name, value in (("--jobs", res.jobs), ("--cpus-per-job", res.cpus_per_job), ("--mem", res.mem_gb),
@@ -106,6 +110,8 @@ def check(res: Resources) -> None:
             if value is not None:
                 raise ClipkdError(f"{name} is for --launcher local or slurm (inline runs one cell after another "
                                   "in this process)")
+        return
+    if not engine:
         return
     try:
         import submitit  # noqa: F401
@@ -196,8 +202,9 @@ def launch(jobs: Sequence[Job], root: str | os.PathLike, res: Resources, *,
     exe = clipkd_executable()
     with state.LaunchLock(root):
         p = plan(jobs, root, live=False)
+        known = {r["cell"]: r["outputs"] for r in state.read(root) if "outputs" in r}
         planned = [{"cell": c.name, "state": "planned", "outputs": list(c.outputs), "launcher": res.launcher}
-                   for j in jobs for c in j.cells]
+                   for j in jobs for c in j.cells if known.get(c.name) != list(c.outputs)]  # new cells only
         errors = [{"cell": cell, "state": "error", "reason": why, "launcher": res.launcher} for cell, why in p.errors]
         state.append(root, [*planned, *errors])
         say(f"launch: {sum(len(j.cells) for j in jobs)} cells: {p.done} finished, {p.running} running, "
@@ -267,7 +274,7 @@ def _local(jobs: list[Job], root: Path, res: Resources, exe: list[str], say: Cal
                 job = queue.pop(0)
                 use, free = free[:per], free[per:]
                 executor.update_parameters(timeout_min=res.minutes or NO_LIMIT_MIN, gpus_per_node=len(use),
-                                           visible_gpus=tuple(use), cpus_per_task=res.cpus_per_job or 1)
+                                           visible_gpus=tuple(use))
                 sub = executor.submit(CellJob(job, exe))
                 running[sub] = (job, use)
                 _record(root, job, "running", res, str(sub.job_id), gpus=use)
