@@ -1,6 +1,6 @@
 """``--launcher local`` on CPU with the tiny CLIPs: two cells run as parallel submitit jobs end exactly as the same
-cells run inline (in this process, from the cells' own configs); a job whose clipkd is killed mid-run fails, is named by status with its log, and a rerun submits it
-alone and resumes it from its last epoch to the same bits."""
+cells run inline (in this process, from the cells' own configs); a job whose clipkd is killed mid-run fails, is
+named by status with its log, and a rerun submits it alone and resumes it from its last epoch to the same bits."""
 
 from __future__ import annotations
 

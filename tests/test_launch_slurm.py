@@ -232,7 +232,8 @@ def test_a_fused_sweep_group_is_one_job_and_its_command_trains_the_group(cluster
     [text] = sbatch_files(rec)
     assert "#SBATCH --array" not in text  # the two cells share a data stream: one job
     [row, row2] = [r for r in read(out) if r["state"] == "submitted"]
-    assert row["job"] == row2["job"] == "1000" and row["log"] == row2["log"] == f"{out}/abkd_promptkd/dtd/a0.5_b0/seed1.fused.log"
+    assert row["job"] == row2["job"] == "1000"
+    assert row["log"] == row2["log"] == f"{out}/abkd_promptkd/dtd/a0.5_b0/seed1.fused.log"
     fn = submitit.helpers.DelayedSubmission.load(out / ".launch/slurm/1000_submitted.pkl").function
     [command] = fn.commands()
     assert command[3:5] == ["launch", "group"] and len(fn.job.cells) == 2

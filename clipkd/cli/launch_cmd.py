@@ -7,6 +7,10 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clipkd.launch.launchers import Resources
 
 
 def add_launcher_options(p: argparse.ArgumentParser) -> None:
@@ -40,7 +44,8 @@ def _gpu_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of GPU indices, e.g. 0,1") from None
 
 
-def resources(args: argparse.Namespace) -> "object":
+def resources(args: argparse.Namespace) -> Resources:
+    """The launcher options of ``args`` (checked by :func:`clipkd.launch.launchers.check`)."""
     from clipkd.launch.launchers import Resources
 
     return Resources(launcher=args.launcher, jobs=args.jobs, gpus=args.gpus, gpus_per_job=args.gpus_per_job,

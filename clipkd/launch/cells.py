@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from yacs.config import CfgNode
 
@@ -24,6 +25,9 @@ from clipkd.config import build_config
 from clipkd.config.recipes import command_files, configs_dir, dataset_file, method_file
 from clipkd.errors import ConfigError
 from clipkd.rundir import CONFIG_FILE, RESULTS_FILE, RunDir, eval_results_path, seed_dir
+
+if TYPE_CHECKING:
+    from clipkd.runs.sweep import Grid
 
 KINDS = ("base2new", "fewshot", "teacher", "xd", "dg")
 DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
@@ -222,13 +226,10 @@ def _transfer_jobs(kind: str, method: str, targets: list[str], seeds: Sequence[i
     return jobs
 
 
-def sweep_jobs(grid: "object", root_data: str, output: str, fused: bool = False) -> list[Job]:
+def sweep_jobs(grid: Grid, root_data: str, output: str, fused: bool = False) -> list[Job]:
     """The cells of a ``clipkd sweep`` grid (:class:`clipkd.runs.sweep.Grid`) as jobs: each cell its
     ``clipkd train`` command (the one ``--dry-run`` prints); with ``fused``, each group of cells that share a data
     stream (:func:`clipkd.runs.fused.group_cells`) one job, ``clipkd launch group`` running them fused."""
-    from clipkd.runs.sweep import Grid
-
-    assert isinstance(grid, Grid)
     root = Path(output)
     steps = [Step("train", tuple(grid.command(cell, root_data)[1:]), str(Path(cell.out) / RESULTS_FILE),
                   tuple(str(f) for f in grid.files),
