@@ -244,3 +244,24 @@ def test_a_fused_sweep_group_is_one_job_and_its_command_trains_the_group(cluster
     assert main([*sweep, *opts]) == 0  # unfused now: both cells are finished, nothing is submitted
     assert "2 cells: 2 finished, 0 running, 0 cannot run, 0 to run in 0 jobs (slurm)" in capsys.readouterr().out
     assert len(sbatch_files(rec)) == 1
+
+
+def test_a_cell_started_with_other_settings_is_named_not_submitted(cluster, tmp_path, capsys):
+    _, rec = cluster
+    out = tmp_path / "out"
+    [job] = paper_jobs("base2new", method="kd_promptkd", datasets=["dtd"], seeds=[1], output=str(out),
+                       data=str(tmp_path), opts=["OPTIM.MAX_EPOCH", "5"])
+    [step] = job.steps
+    step.run_dir.mkdir(parents=True)
+    (step.run_dir / "config.yaml").write_text(step.config().dump())  # started with 5 epochs
+    args = ["launch", "base2new", "--method", "kd_promptkd", "--datasets", "dtd", "--seeds", "1", "--root",
+            str(tmp_path), "--output", str(out), "--launcher", "slurm", "OPTIM.MAX_EPOCH", "3"]
+    assert main(args) == 1
+    said = capsys.readouterr().out
+    assert "0 to run in 0 jobs" in said and "cannot run base2new/kd_promptkd/dtd/seed1: --resume: the config " \
+        "differs" in said and "OPTIM.MAX_EPOCH (5 there, 3 now)" in said
+    assert not (rec / "calls").exists()  # nothing submitted
+    assert main(["launch", "status", str(out)]) == 0
+    assert "failed   base2new/kd_promptkd/dtd/seed1  (--resume: the config differs" in capsys.readouterr().out
+    args[-1] = "5"  # with the settings it was started with, it is submitted (and will resume)
+    assert main(args) == 0 and len(sbatch_files(rec)) == 1
