@@ -17,9 +17,9 @@ def add_launcher_options(p: argparse.ArgumentParser) -> None:
     """--launcher and the resources of each job (``clipkd sweep`` and ``clipkd launch``)."""
     g = p.add_argument_group("launcher", "where the cells run (local and slurm need: pip install 'clipkd[cluster]')")
     g.add_argument("--launcher", default="inline", metavar="inline|local|slurm",
-                   help="inline: one cell after another in this process (default); local: this machine, one job per "
-                        "GPU (CUDA_VISIBLE_DEVICES) or --jobs K on CPU, this command waits for them; slurm: one "
-                        "sbatch job array through submitit, this command returns once submitted")
+                   help="inline: one cell after another, run by this command (default); local: this machine, one "
+                        "job per GPU (CUDA_VISIBLE_DEVICES) or --jobs K on CPU, this command waits for them; slurm: "
+                        "one sbatch job array through submitit, this command returns once it is submitted")
     g.add_argument("--jobs", type=int, metavar="K", help="local: at most K jobs at once (default: one per GPU, or 1 on "
                    "CPU); slurm: the array's cap, at most K running at once (%%K)")
     g.add_argument("--gpus", type=_gpu_list, metavar="0,1,...", help="local: the GPUs to use (default: all visible)")
@@ -70,8 +70,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         if kind != "teacher":
             k.add_argument("--method", help="METHOD (configs/methods/METHOD.yaml; default abkd_promptkd)")
         k.add_argument("--datasets", nargs="+", default=["all"], metavar="all|STEM",
-                       help="dataset stems, or all (default)" + ("; the targets (all: the scripts' "
-                                                                 "targets)" if kind in ("xd", "dg") else ""))
+                       help=("the target datasets, or all (default: the script's targets)" if kind in ("xd", "dg")
+                             else "dataset stems, or all (default: the 11 of the paper)"))
         k.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
         if kind == "fewshot":
             k.add_argument("--shots", type=int, nargs="+", default=[16], help="K-shot settings (default 16)")
