@@ -220,12 +220,13 @@ def test_no_sbatch_no_submitit_and_a_busy_root_are_one_line(cluster, tmp_path, c
         lock.release()
 
 
-def test_a_fused_sweep_group_is_one_job_and_its_command_trains_the_group(cluster, synth_root, tmp_path, capsys):
+def test_a_fused_sweep_group_is_one_job_and_its_command_runs_the_group(cluster, tmp_path, capsys):
     _, rec = cluster
     from test_launch_local import TINY
 
     out = tmp_path / "sweep"
-    sweep = ["sweep", "--alpha", "0.5:1:0.5", "--beta", "0:0:1", "--dataset", "dtd", "--root", str(synth_root),
+    data = str(tmp_path / "data")
+    sweep = ["sweep", "--alpha", "0.5:1:0.5", "--beta", "0:0:1", "--dataset", "dtd", "--root", data,
              "--config", str(ROOT / "configs/methods/abkd_promptkd.yaml"), "--output", str(out), "--launcher", "slurm"]
     opts = [*TINY[:-4], "OPTIM.MAX_EPOCH", "1", "DATASET.NUM_SHOTS", "2"]
     assert main([*sweep, "--fused", *opts]) == 0
@@ -237,8 +238,22 @@ def test_a_fused_sweep_group_is_one_job_and_its_command_trains_the_group(cluster
     fn = submitit.helpers.DelayedSubmission.load(out / ".launch/slurm/1000_submitted.pkl").function
     [command] = fn.commands()
     assert command[3:5] == ["launch", "group"] and len(fn.job.cells) == 2
-    assert main(command[3:]) == 0  # what the job runs: the fused group, in one process
     capsys.readouterr()
+    assert main([*sweep, "--status", *opts]) == 0
+    assert "2 cells: 0 done, 0 running, 0 failed, 2 pending" in capsys.readouterr().out  # sacct knows no job 1000
+    # what the job runs, on cells finished meanwhile (training a fused group is tested in test_fused.py): the group's
+    # cells are read back from the command and skipped, each checked against its folder's config
+    from clipkd.launch.cells import sweep_jobs
+    from clipkd.runs.sweep import build_grid
+
+    grid = build_grid(str(ROOT / "configs/methods/abkd_promptkd.yaml"), "dtd", "0.5:1:0.5", "0:0:1", [1], out, opts)
+    for cell in grid.cells:
+        cell.out.mkdir(parents=True)
+        (cell.out / "config.yaml").write_text(grid.config(cell, data).dump())
+        (cell.out / "results.json").write_text("{}")
+    assert [j.cells for j in sweep_jobs(grid, data, str(out), fused=True)] == [fn.job.cells]
+    assert main(command[3:]) == 0
+    assert "sweep: 0 done, 2 skipped (finished before), 0 failed" in capsys.readouterr().out
     assert main([*sweep, "--status", *opts]) == 0
     assert "2 cells: 2 done, 0 running, 0 failed, 0 pending" in capsys.readouterr().out
     assert main([*sweep, *opts]) == 0  # unfused now: both cells are finished, nothing is submitted
