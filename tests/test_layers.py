@@ -22,6 +22,7 @@ LAYERS = [
     {"methods"},
     {"engine"},
     {"runs"},
+    {"launch"},  # the cells of grids and sweeps as jobs (reads recipes, run folders, sweep grids), run by engines
     {"reports", "cli", "toy", "__main__"},
 ]
 LAYER = {unit: n for n, units in enumerate(LAYERS) for unit in units}

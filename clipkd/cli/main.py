@@ -19,7 +19,8 @@ from clipkd.errors import ClipkdError
 
 # Each command and the module (clipkd.cli.<module>) whose add_parsers adds it, in the order --help lists them.
 COMMANDS = {"data": "data_cmd", "train": "train_cmd", "eval": "train_cmd", "demo": "toy_cmd", "toy": "toy_cmd",
-            "report": "report_cmd", "analyze": "analyze_cmd", "sweep": "sweep_cmd", "config": "config_cmd"}
+            "report": "report_cmd", "analyze": "analyze_cmd", "sweep": "sweep_cmd", "launch": "launch_cmd",
+            "config": "config_cmd"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

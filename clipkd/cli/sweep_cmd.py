@@ -4,8 +4,11 @@ process or printed as commands."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+
+from clipkd.cli.launch_cmd import add_launcher_options, resources
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +49,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "teacher) together in this process: one loader and one teacher forward per batch for all "
                         "their students; each cell still writes exactly the folder clipkd train writes, resumes "
                         "on its own, and fails on its own (with --dry-run: the per-cell commands, unfused)")
+    p.add_argument("--status", action="store_true",
+                   help="print done / running / failed / pending for each cell of this grid under --output (with "
+                        "the logs of failed jobs) and stop")
+    add_launcher_options(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides for every cell")
     p.set_defaults(func=cmd_sweep)
 
@@ -54,11 +61,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from clipkd.runs.sweep import MAX_CELLS, build_grid, run_grid
     from clipkd.errors import ClipkdError
 
+    from clipkd.launch.launchers import check
+
+    res = resources(args)
+    check(res, engine=not (args.dry_run or args.status))
     opts = [o for o in (args.opts or []) if o != "--"]
     max_cells = MAX_CELLS if args.max_cells is None else args.max_cells
-    grid = build_grid(args.config or args.method, args.dataset, args.alpha, args.beta, args.seeds, args.output,
+    launched = args.launcher != "inline" or args.status
+    output = os.path.abspath(args.output) if launched else args.output  # jobs may start in another folder
+    grid = build_grid(args.config or args.method, args.dataset, args.alpha, args.beta, args.seeds, output,
                       opts, alpha_plus_beta=args.alpha_plus_beta, vary=[tuple(v) for v in args.vary],
                       max_cells=max_cells)
+    if args.status:
+        from clipkd.launch.state import status, status_lines
+
+        for line in status_lines(args.output, status(output, {str(os.path.relpath(c.out, output)): (
+                str(c.out / "results.json"),) for c in grid.cells})):
+            print(line)
+        return 0
     if args.dry_run:
         root = args.root or "$DATA"
         for cell in grid.cells:
@@ -66,6 +86,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     if not args.root:
         raise ClipkdError("--root DATA is needed to run the sweep (or pass --dry-run to print the commands)")
+    if args.launcher != "inline":
+        from clipkd.launch.cells import sweep_jobs
+        from clipkd.launch.launchers import launch
+
+        return launch(sweep_jobs(grid, os.path.abspath(args.root), output, fused=args.fused), output, res)
     summary = run_grid(grid, args.root, fused=args.fused)
     for line in summary.lines():
         print(line, file=sys.stderr if summary.failed else sys.stdout)
