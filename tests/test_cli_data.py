@@ -245,7 +245,7 @@ def test_a_command_builds_only_its_own_parser():
     from clipkd.cli.main import build_parser
 
     full = build_parser()
-    for cmd in ("data", "train", "eval", "demo", "toy", "report", "analyze", "sweep", "config"):
+    for cmd in ("data", "train", "eval", "demo", "toy", "report", "analyze", "sweep", "launch", "config"):
         assert _help(build_parser(cmd), [cmd, "--help"]) == _help(full, [cmd, "--help"]), cmd
     assert _help(build_parser("nonsense"), ["--help"]) == _help(full, ["--help"])
     assert "report" in _help(full, ["--help"])
