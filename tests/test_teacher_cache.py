@@ -429,3 +429,27 @@ def test_a_cache_files_read_failure_is_told_as_a_checkpoints_is(tmp_path, conten
     with pytest.raises(ConfigError) as err:
         entry.load(path.name)
     assert f"cannot be read ({load_error_cause(refused.value)}): it is damaged" in str(err.value)
+
+
+
+def test_a_run_writing_the_key_holds_the_entry(tmp_path, monkeypatch):
+    """A run that opens an entry while another run is writing its key.json must not take that write's temp file
+    for a killed one (it once did under load: the first run then failed with 'cannot write ...key.json')."""
+    import clipkd.engine.teacher_features as tf
+    from clipkd.fileio import atomic_write
+
+    first = []
+
+    def key_write_meets_another_run(path, text):  # noqa: ANN001
+        def write(f):  # noqa: ANN001
+            f.write(text.encode("utf-8"))
+            if not first:  # while the first run's temp file exists, a second run opens the entry
+                first.append(stale_temp_files(Path(path).parent))
+                CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open().close()
+        atomic_write(path, write)
+
+    monkeypatch.setattr(tf, "atomic_write_text", key_write_meets_another_run)
+    entry = CacheEntry(tmp_path, "train", {"a": 1}, {"b": 2}).open()
+    assert first and first[0]  # the temp file existed when the second run opened the entry
+    assert json.loads((entry.path / "key.json").read_text())["config"]["a"] == 1
+    entry.close()

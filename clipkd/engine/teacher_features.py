@@ -159,17 +159,23 @@ class CacheEntry:
         holds the folder (see the module's doc) until :meth:`close`, or its end."""
         key_file = self.path / KEY_FILE
         record = {"config": self.config, "content": self.content}
+        with _writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+        # hold the folder before writing into it: a run that finds it free removes temp files, and key.json's
+        # own temp file, written by a run that did not hold the folder yet, was once removed that way under load
+        self._hold()
         if not key_file.is_file():
             with _writing(key_file):
                 atomic_write_text(key_file, json.dumps(record, indent=2, sort_keys=True) + "\n")
         try:
             saved = json.loads(key_file.read_text())
         except (OSError, ValueError) as exc:
+            self.close()
             raise ConfigError(f"DISTILL.TEACHER_CACHE: {key_file} cannot be read ({exc}); delete {self.path} "
                               "(a later run recomputes it)") from None
         if saved == record:
-            self._hold()
             return self
+        self.close()
         if not isinstance(saved, dict):
             saved = {}
         if saved.get("config") != self.config:  # a hash-prefix collision, or a hand-edited key.json
