@@ -15,13 +15,9 @@ Under a results ROOT (:data:`LAYOUTS`): ``<method>/<stem>/seed<S>`` (base-to-new
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,8 @@ from yacs.config import CfgNode
 
 from clipkd.config import build_config, flatten
 from clipkd.errors import TrainingError
-from clipkd.fileio import OutputError, atomic_write, atomic_write_text, os_error_message, stale_temp_files
+from clipkd.fileio import atomic_write, atomic_write_text, stale_temp_files
+from clipkd.locks import HolderLock
 
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results.json"
@@ -88,7 +85,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._lock_fd: int | None = None
+        self._lock = HolderLock(self.path / LOCK_FILE, remove_on_release=True)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -122,7 +119,7 @@ class RunDir:
         if p.exists() and not p.is_dir():
             raise TrainingError(f"--output-dir {p} is a file, not a folder; pass a folder for the evaluation's "
                                 f"{RESULTS_FILE} (or --output FILE)")
-        holder = self.holder() if self._lock_fd is None else None
+        holder = None if self._lock.held else self.holder()
         if holder is not None:
             raise TrainingError(f"--output-dir {p} is in use by {holder}; wait for it to finish or pick another "
                                 "--output-dir")
@@ -177,61 +174,15 @@ class RunDir:
     # ------------------------------------------------------------------------------------ the lock
     def acquire(self) -> None:
         """Hold ``.lock`` (an flock, so a killed process's lock is released by the kernel) or refuse."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(os_error_message(self.path, exc, "create")) from exc
-        lock = self.path / LOCK_FILE
-        while True:
-            try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise OutputError(os_error_message(lock, exc, "create")) from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                holder = _read_holder(fd)
-                os.close(fd)
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise OutputError(os_error_message(lock, exc, "lock")) from exc
-                raise TrainingError(
-                    f"output dir {self.path} is in use by {holder}; wait for it to finish or pick another "
-                    "--output-dir") from None
-            try:  # the file we locked may have been unlinked by its previous holder meanwhile: retry then
-                same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self._lock_fd = fd
+        self._lock.acquire(lambda holder: TrainingError(
+            f"output dir {self.path} is in use by {holder}; wait for it to finish or pick another --output-dir"))
 
     def holder(self) -> str | None:
         """Who holds the lock now (None when nobody does); creates nothing."""
-        try:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the close below
-        except OSError:
-            return _read_holder(fd)
-        finally:
-            os.close(fd)
-        return None
+        return self._lock.holder()
 
     def release(self) -> None:
-        if self._lock_fd is None:
-            return
-        try:
-            os.unlink(self.path / LOCK_FILE)
-        except OSError:
-            pass
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        self._lock.release()
 
     # ------------------------------------------------------------------------------------ resume
     def clean_for_resume(self, epoch: int) -> list[str]:
@@ -315,11 +266,3 @@ def _metrics_through(metrics: Path, epoch: int) -> tuple[list[str], int]:
 def _damaged(metrics: Path, what: str) -> str:
     return (f"{metrics} is damaged ({what}); delete that line, or the whole file (it only holds the run's "
             "curves), and rerun with --resume")
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        return f"process {info['pid']} on {info['host']} (since {info['since']})"
-    except (OSError, ValueError, KeyError):
-        return "another process"

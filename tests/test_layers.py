@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "clipkd"
 
 # low -> high; a unit is a top-level module or subpackage of clipkd
 LAYERS = [
-    {"errors", "fileio", "registry", "metrics"},
+    {"errors", "fileio", "locks", "registry", "metrics"},
     {"config"},
     {"rundir"},  # reads a run's config.yaml back (RunDir.check_config)
     {"data"},

@@ -10,11 +10,8 @@ submitted, or stopped before it ended). A rerun submits the failed and pending c
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterable
@@ -24,6 +21,7 @@ from typing import Any
 
 from clipkd.errors import ClipkdError
 from clipkd.fileio import OutputError, os_error_message
+from clipkd.locks import HolderLock
 
 RECORD_FILE = "launch.jsonl"
 LOCK_FILE = "launch.lock"
@@ -34,55 +32,17 @@ SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                 "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "READY"}
 
 
-class LaunchLock:
-    """``ROOT/launch.lock``: an flock (released by the kernel when its holder dies) naming its holder."""
+class LaunchLock(HolderLock):
+    """``ROOT/launch.lock``: held while jobs are submitted into ROOT, and by a local launch until its jobs end. The
+    file stays when released (unlinking it would race with the next holder); the flock goes."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.path = Path(root) / LOCK_FILE
-        self._fd: int | None = None
+        super().__init__(Path(root) / LOCK_FILE)
 
-    def holder(self) -> str | None:
-        """Who holds the lock now, or None; creates nothing."""
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return _holder(fd)
-        finally:
-            os.close(fd)
-        return None
-
-    def acquire(self) -> None:
-        holder = self.holder()
-        if holder is not None:  # before anything is created
-            raise ClipkdError(f"{self.path.parent} is in use by another launch ({self.path}, held by {holder}); "
-                              "wait for it to end, or launch into another root")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OutputError(os_error_message(self.path, exc, "create")) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _holder(fd)
-            os.close(fd)
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise OutputError(os_error_message(self.path, exc, "lock")) from exc
-            raise ClipkdError(f"{self.path.parent} is in use by another launch ({self.path}, held by {holder}); "
-                              "wait for it to end, or launch into another root") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # the file stays (unlinking it races with a new holder); the flock goes
-            self._fd = None
+    def acquire(self) -> None:  # type: ignore[override]
+        super().acquire(lambda holder: ClipkdError(
+            f"{self.path.parent} is in use by another launch ({self.path}, held by {holder}); wait for it to end, "
+            "or launch into another root"))
 
     def __enter__(self) -> "LaunchLock":
         self.acquire()
@@ -90,14 +50,6 @@ class LaunchLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-        return f"process {info['pid']} on {info['host']} since {info['since']}"
-    except (OSError, ValueError, KeyError):
-        return "another process"
 
 
 def append(root: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
