@@ -122,3 +122,19 @@ def test_unknown_grid_inputs_are_named(capsys):
     assert main(["launch", "fewshot", "--datasets", "dtd", "nowhere", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and len(err.strip().splitlines()) == 1
+
+
+def test_all_datasets_and_targets_are_the_scripts_lists():
+    """``--datasets all`` means what the scripts loop over: base2new_all.sh's 11 datasets, xd.sh's and dg.sh's
+    default targets (read from the scripts, compared with the dataset specs the launcher uses)."""
+    import re
+
+    from clipkd.launch import cells
+
+    def listed(script: str, pattern: str) -> tuple[str, ...]:
+        text = (ROOT / "scripts" / script).read_text()
+        return tuple(re.search(pattern, text).group(1).split())
+
+    assert cells.DATASETS == listed("base2new_all.sh", r"DATASETS=\(([^)]*)\)")
+    assert cells.XD_TARGETS == listed("xd.sh", r"\$\{XD_TARGETS:-([^}]*)\}")
+    assert cells.DG_TARGETS == listed("dg.sh", r"\$\{DG_TARGETS:-([^}]*)\}")

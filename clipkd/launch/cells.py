@@ -23,6 +23,7 @@ from yacs.config import CfgNode
 
 from clipkd.config import build_config
 from clipkd.config.recipes import command_files, configs_dir, dataset_file, method_file
+from clipkd.data.specs import DG_TARGETS, STEMS, TRANSFER_SOURCE, XD_TARGETS
 from clipkd.errors import ConfigError
 from clipkd.rundir import CONFIG_FILE, RESULTS_FILE, RunDir, eval_results_path, seed_dir
 
@@ -30,11 +31,7 @@ if TYPE_CHECKING:
     from clipkd.runs.sweep import Grid
 
 KINDS = ("base2new", "fewshot", "teacher", "xd", "dg")
-DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
-            "sun397", "dtd", "eurosat", "ucf101")  # scripts/base2new_all.sh
-TRANSFER_SOURCE = "imagenet"
-XD_TARGETS = DATASETS[1:]  # scripts/xd.sh
-DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # scripts/dg.sh
+DATASETS = STEMS  # the 11 benchmark datasets, in scripts/base2new_all.sh's order (xd.sh / dg.sh: the targets)
 TEACHER_METHOD = "promptsrc_teacher"  # scripts/teacher.sh
 
 
