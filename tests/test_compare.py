@@ -191,6 +191,9 @@ def test_bad_input_messages(tmp_path, capsys):
     assert rc == 2 and "give 'published' or two methods A B" in err
     rc, _, err = run_cli(capsys, "report", str(tmp_path), "--compare", "abkd", "kd", "--format", "latex")
     assert rc == 2 and "drop --format latex" in err
+    for extra in (["--ci"], ["--std", "population"]):  # the seed tables' spread; a comparison has its own CIs
+        rc, _, err = run_cli(capsys, "report", str(tmp_path), "--compare", "abkd", "kd", *extra)
+        assert rc == 2 and err.count("\n") == 1 and f"{' '.join(extra)} shapes the seed tables" in err
     rc, _, err = run_cli(capsys, "report", str(tmp_path), "--seed", "3")
     assert rc == 2 and "add --compare A B" in err
 

@@ -377,6 +377,10 @@ def _paired_report(args: argparse.Namespace) -> int:
                         (args.format == "latex", "--format latex")):
         if given:
             raise ClipkdError(f"--compare A B compares two base-to-new methods (md, csv, json or html): drop {name}")
+    for given, name in ((args.ci, "--ci"), (args.std != "sample", f"--std {args.std}")):
+        if given:
+            raise ClipkdError(f"{name} shapes the seed tables; --compare A B reports differences with their own "
+                              "paired-bootstrap 95% CIs: drop it")
     if args.plot:
         _plot_folder(args.plot)
     col = collect(args.root)
