@@ -113,3 +113,40 @@ def test_local_jobs_are_pinned_to_their_own_gpus(tmp_path, monkeypatch, capsys, 
         running += {"running": 1, "finished": -1}.get(row["state"], 0)
         most = max(most, running)
     assert most == slots
+
+
+FAKE_RECORD = """#!/usr/bin/env bash
+echo "$@" >> "$(dirname "$0")/calls.txt"
+"""
+
+
+def test_a_job_waits_for_a_run_another_job_trains_then_resumes_it(tmp_path, monkeypatch):
+    """xd and dg of one seed share the ImageNet run: the second job waits while the first holds the run's lock,
+    then runs its own command (with --resume, as the folder holds a started run), instead of failing on the lock."""
+    import threading
+
+    from clipkd.launch import jobs
+    from clipkd.launch.cells import Cell, Job, Step
+    from clipkd.rundir import RunDir
+
+    fake = tmp_path / "clipkd"
+    fake.write_text(FAKE_RECORD)
+    fake.chmod(0o755)
+    out = tmp_path / "transfer" / "m" / "imagenet" / "seed1"
+    step = Step("train", ("train", "--output-dir", str(out), "--seed", "1"), str(out / "results.json"))
+    job = Job("m/imagenet/seed1", (Cell("m/imagenet/seed1", (str(out / "results.json"),)),), (step,),
+              str(tmp_path / "seed1.log"))
+    other = RunDir(out)  # the first job's training run
+    other.acquire()
+    (out / "config.yaml").write_text("SEED: 1\n")
+    monkeypatch.setattr(jobs, "LOCK_POLL_S", 0.05)
+    worker = threading.Thread(target=jobs.CellJob(job, [str(fake)]))
+    worker.start()
+    worker.join(0.5)
+    assert worker.is_alive() and not (tmp_path / "calls.txt").exists()  # waiting, nothing run
+    other.release()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert (tmp_path / "calls.txt").read_text().split() == ["train", "--output-dir", str(out), "--resume",
+                                                            "--seed", "1"]
+    assert "is in use by process" in (tmp_path / "seed1.log").read_text()

@@ -21,8 +21,10 @@ from typing import Any
 
 from clipkd.errors import ClipkdError
 from clipkd.launch.cells import Job
+from clipkd.rundir import RunDir
 
 STOP_WAIT_S = 120.0  # how long a stopped command may take to wind down before it is killed
+LOCK_POLL_S = 10.0  # how often a job that waits for another job's run folder looks again
 
 
 class JobFailed(ClipkdError):
@@ -68,6 +70,8 @@ class CellJob(_checkpointable()):  # type: ignore[misc]
             log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {self.job.name}: job {where} on "
                       f"{socket.gethostname()}\n".encode())
             for step in self.job.steps:
+                if step.kind == "train":
+                    wait_for_run_dir(step.run_dir, log)
                 args = step.args_now()
                 if args is None:
                     log.write(f"-- skip {step.output} (exists)\n".encode())
@@ -111,6 +115,20 @@ class CellJob(_checkpointable()):  # type: ignore[misc]
 
         self.stop()
         return DelayedSubmission(CellJob(self.job, self.exe))
+
+
+def wait_for_run_dir(folder: str | os.PathLike, log: Any) -> None:
+    """Wait while another process trains in ``folder`` (its ``.lock`` is held): xd and dg of one seed share the
+    ImageNet run, so the second job waits for the first and then resumes or skips it as usual (``clipkd train
+    --resume``), where it would fail on the lock."""
+    run = RunDir(folder)
+    holder = run.holder()
+    if holder is None:
+        return
+    log.write(f"-- {folder} is in use by {holder}: waiting for it to end\n".encode())
+    log.flush()
+    while run.holder() is not None:
+        time.sleep(LOCK_POLL_S)
 
 
 def _ignore_requeue_signal() -> None:
