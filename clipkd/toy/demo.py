@@ -24,10 +24,12 @@ from clipkd.data.cache import default_cache_dir
 from clipkd.data.specs import TOY_SPEC
 from clipkd.metrics import harmonic_mean
 from clipkd.reports.aggregate import SAMPLE, Stat
+from clipkd.reports.predictions import read_predictions
 from clipkd.reports.render import mean_pm, na
 from clipkd.errors import ClipkdError
 from clipkd.fileio import atomic_write_text
 from clipkd.runs.fused import fit_fused
+from clipkd.rundir import TEACHER_PRED
 from clipkd.runs.run import Run
 from clipkd.toy.dataset import WORLD_VERSION, write_toy_dataset
 from clipkd.toy.pretrain import RECIPES, expand_compact, pretrain, weights_path
@@ -111,7 +113,8 @@ def run_demo(
             for (method, run), res in zip(runs.items(), outcomes):
                 if isinstance(res, Exception):
                     raise res
-                rows.append(_row(method, protocol, seed, res, _agreement(run.predict("base"), teacher_pred)))
+                rows.append(_row(method, protocol, seed, res, _recorded_agreement(run_folder(output_dir, method,
+                                                                                            protocol, seed))))
             stages.end()
     stages.say(f"demo: {stages.total} stages done in {time.time() - started:.1f} s")
     payload = {"rows": rows, "seconds": round(time.time() - started, 1),
@@ -145,6 +148,13 @@ class _Stages:
 
 def _agreement(pred: torch.Tensor, reference: torch.Tensor) -> float:
     return 100.0 * float((pred == reference).float().mean())
+
+
+def _recorded_agreement(folder: Path) -> float:
+    """A distillation run's agreement with its teacher on base test images, from the student's and the teacher's
+    predictions its predictions.npz holds (demo.yaml: TEST.TEACHER_PREDICTIONS), not from a second pass."""
+    base = read_predictions(folder)["base"]
+    return _agreement(torch.from_numpy(base["pred"]), torch.from_numpy(base[TEACHER_PRED]))
 
 
 def _row(method: str, protocol: str, seed: int, res: dict, agreement: float) -> dict:
