@@ -246,7 +246,7 @@ def test_report_figures_names_png_bytes_and_save(tmp_path):
     assert [n for n, _ in plot.report_figures("b2n", ts[:1])] == ["b2n_abkd"]  # one method: no b2n_hm
     with pytest.raises(ValueError, match="kind must be one of"):
         plot.report_figures("pie", ts)
-    assert plot._pyplot is plot.require_matplotlib and plot._pyplot().get_backend().lower() == "agg"
+    assert plot.require_matplotlib().get_backend().lower() == "agg"
 
 
 # ---------------------------------------------------------------- the command

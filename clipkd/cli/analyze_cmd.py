@@ -54,9 +54,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ClipkdError(f"--plot {args.plot} is a file: give a folder (the diagram is written to "
                           f"{args.plot}/{PLOT_FILE})")
     if target is not None:
-        from clipkd.reports.plot import _pyplot
+        from clipkd.reports.plot import require_matplotlib
 
-        _pyplot()  # before reading anything: without matplotlib, one line naming the extra
+        require_matplotlib()  # before reading anything: without matplotlib, one line naming the extra
     entries, notes = analyze(args.runs, bins=args.bins, mean=not args.no_mean)
     if args.format == "json":
         text = dumps(analyze_dict(entries, args.bins, notes))

@@ -321,12 +321,12 @@ def analyze_csv(entries: list[Entry], bins: int, counts: bool = False) -> str:
 def plot_reliability(entries: list[Entry], path: str | os.PathLike) -> Path:
     """A PNG reliability diagram: one panel per half, per entry its (mean confidence, accuracy) per non-empty bin
     (pooled over its runs), the diagonal of perfect calibration, and the entry's ECE in the legend."""
-    from clipkd.fileio import atomic_write
-    from clipkd.reports.plot import _pyplot
+    from clipkd.reports.figures import new_figure
+    from clipkd.reports.plot import save_figure
 
-    plt = _pyplot()
     halves = present_halves(entries)
-    fig, axes = plt.subplots(1, len(halves), figsize=(4.6 * len(halves), 4.6), dpi=110, squeeze=False)
+    fig = new_figure(4.6 * len(halves), 4.6)
+    axes = fig.subplots(1, len(halves), squeeze=False)
     for ax, half in zip(axes[0], halves):
         ax.plot([0, 100], [0, 100], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
         for e in entries:
@@ -344,10 +344,4 @@ def plot_reliability(entries: list[Entry], path: str | os.PathLike) -> Path:
         ax.set_ylabel("accuracy in bin (%)")
         ax.set_title(f"{half}: reliability")
         ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    out = Path(path)
-    try:
-        atomic_write(out, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, path)

@@ -63,9 +63,6 @@ def require_matplotlib():  # noqa: ANN201
     return plt
 
 
-_pyplot = require_matplotlib  # the name other modules used first
-
-
 def report_figures(kind: str, data: Any, ci: bool = False) -> list[tuple[str, "Figure"]]:
     """The figures of one report, each with its file stem.
 
@@ -142,9 +139,3 @@ def save_figure(fig: "Figure", path: str | os.PathLike) -> Path:
     data = png_bytes(fig)
     atomic_write(path, lambda f: f.write(data))
     return path
-
-
-def plot_sweep(sweep: Sweep, path: str | Path) -> Path:
-    """Write the sweep's heatmap as a PNG: rows alpha, columns beta, cells annotated with HM, best cell outlined."""
-    require_matplotlib()
-    return save_figure(figures.sweep_heatmap(sweep), path)

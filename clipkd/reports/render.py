@@ -27,8 +27,6 @@ def mean_pm(s: Stat) -> str:
     return f"{s.mean:.2f} ± {na(s.n) if s.std is None else f'{s.std:.2f}'}"
 
 
-_pm = mean_pm
-
 
 def _ci(s: Stat) -> str:
     h = s.ci95
@@ -112,7 +110,7 @@ def b2n_markdown(tables: list[MethodTable], ref: Reference | None = None, ci: bo
             header += ["Pub. Base", "Pub. New", "Pub. HM", "Δ Base", "Δ New", "Δ HM"]
         rows = []
         for r in t.rows:
-            row = [r.name, _pm(r.base), _pm(r.new), f"{r.hm:.2f}", str(r.base.n)]
+            row = [r.name, mean_pm(r.base), mean_pm(r.new), f"{r.hm:.2f}", str(r.base.n)]
             if ci:
                 row += [_ci(r.base), _ci(r.new)]
             if ref:
@@ -315,7 +313,7 @@ def fewshot_latex(tables: list[FewShotTable], ci: bool = False) -> str:
 def fewshot_markdown(tables: list[FewShotTable], ci: bool = False) -> str:
     out: list[str] = []
     for t in tables:
-        rows = [[r.name, _pm(r.acc), str(r.acc.n)] + ([_ci(r.acc)] if ci else []) for r in t.rows]
+        rows = [[r.name, mean_pm(r.acc), str(r.acc.n)] + ([_ci(r.acc)] if ci else []) for r in t.rows]
         rows.append([f"**Average** ({_n(len(t.rows))})", f"{t.average:.2f}", ""] + ([""] if ci else []))
         out += [f"### {t.method}, {t.shots} shots", ""]
         out += _md_table(["Dataset", "Accuracy", "Seeds"] + (["95% CI"] if ci else []), rows, "lrr" + "r" * ci)
@@ -352,7 +350,7 @@ def _g(x: float) -> str:
 def best_line(s: Sweep) -> str:
     b = s.best
     return (f"Best cell: alpha={_g(b.alpha)}, beta={_g(b.beta)}: HM {b.hm:.2f} "
-            f"(Base {_pm(b.base)}, New {_pm(b.new)}, {b.base.n} seeds)")
+            f"(Base {mean_pm(b.base)}, New {mean_pm(b.new)}, {b.base.n} seeds)")
 
 
 def sweep_markdown(sweeps: list[Sweep], ci: bool = False) -> str:
