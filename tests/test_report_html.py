@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from clipkd.cli.main import main
-from clipkd.reports.html import CSP, PLOT_HINT, PNG_MAGIC, markdown_html
+from clipkd.reports.html import CSP, PLOT_HINT, markdown_html
+from clipkd.reports.plot import PNG_MAGIC
 from clipkd.reports.render import md_row
 from test_compare import bern
 from test_compare import write_run as write_predicted_run

@@ -27,6 +27,7 @@ from clipkd.errors import ClipkdError
 from clipkd.rundir import PREDICTIONS_FILE, RESULTS_FILE, SEED_DIR, TEACHER_PRED
 from clipkd.reports.collect import KIND_ATTRS, collect, read_profile
 from clipkd.reports.predictions import HALVES, read_predictions
+from clipkd.reports.render import md_row
 
 DEFAULT_BINS = 15
 # (key, header in tables): every value in % but entropy (nats) and n
@@ -251,24 +252,23 @@ def analyze_markdown(entries: list[Entry], bins: int, counts: bool = False) -> s
     lines = []
     for half in present_halves(entries):
         lines += [f"### {half}", "",
-                  "| run | runs | images | " + " | ".join(h for _, h in QUANTITIES) + " |",
+                  md_row(["run", "runs", "images", *(h for _, h in QUANTITIES)]),
                   "|---|---:|---:|" + "---:|" * len(QUANTITIES)]
         for e in entries:
             b = e.halves.get(half)
             if b is None:
                 continue
             cells = [_fmt(b[k], b["std"][k], 3 if k == "entropy" else 2) for k, _ in QUANTITIES]
-            lines.append(f"| {e.label} | {b['runs']} | {b['n']} | " + " | ".join(cells) + " |")
+            lines.append(md_row([e.label, b["runs"], b["n"], *cells]))
         lines.append("")
         if counts:
             edges = _edges(bins)
             lines += [f"{half}: images per confidence bin (all runs of a row pooled)", "",
-                      "| run | " + " | ".join(f"≤{edges[i + 1]:.2f}" for i in range(bins)) + " |",
+                      md_row(["run", *(f"≤{edges[i + 1]:.2f}" for i in range(bins))]),
                       "|---|" + "---:|" * bins]
             for e in entries:
                 if half in e.halves:
-                    lines.append(f"| {e.label} | " + " | ".join(str(int(c)) for c in e.halves[half]["bins"].count)
-                                 + " |")
+                    lines.append(md_row([e.label, *(int(c) for c in e.halves[half]["bins"].count)]))
             lines.append("")
     lines.append(f"Mean over each row's runs (± sample std); %, entropy in nats; ECE over {bins} equal-width "
                  "confidence bins: sum of |acc - conf| weighted by each bin's share of the images.")

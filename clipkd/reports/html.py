@@ -16,7 +16,6 @@ from html import escape
 
 PLOT_HINT = "Figures need matplotlib: pip install 'clipkd[plot]'"
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;
