@@ -350,13 +350,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "json": lambda s, c: render.dumps(render.sweep_dict(s, c))}[fmt](sweeps, ci)
         figure_kind, data, mode = "sweep", sweeps, "sweep, HM over (alpha, beta)"
         if args.plot:
-            from clipkd.reports.plot import check_target, report_figures, save_figure, sweep_plot_paths
+            from clipkd.reports.plot import report_figures, sweep_plot_paths
 
-            paths = sweep_plot_paths(args.plot, sweeps)
-            for path in paths:
-                check_target(path)
-            for (_, fig), path in zip(report_figures("sweep", sweeps), paths):
-                print(f"wrote {save_figure(fig, path)}", file=sys.stderr)
+            _save_figures(report_figures("sweep", sweeps), sweep_plot_paths(args.plot, sweeps))
 
     # paths are shown relative to ROOT; when ROOT is itself a run folder, relative to its parent
     at_root = any(r.path == col.root for r in bad) or any(p.path == col.root for p in left_out)
@@ -470,11 +466,18 @@ def _plot_folder(target: str) -> Path:
 
 def _write_plots(target: str, kind: str, data: object, ci: bool) -> None:
     """The report's figures as ``DIR/<stem>.png``; every target is checked before the first is written."""
-    from clipkd.reports.plot import PLOT_SUFFIX, check_target, report_figures, save_figure
+    from clipkd.reports.plot import PLOT_SUFFIX, report_figures
 
     folder = _plot_folder(target)
     named = report_figures(kind, data, ci)
-    paths = [folder / f"{stem}{PLOT_SUFFIX}" for stem, _ in named]
+    _save_figures(named, [folder / f"{stem}{PLOT_SUFFIX}" for stem, _ in named])
+
+
+def _save_figures(named: list, paths: list[Path]) -> None:
+    """Each figure to its path; every path is checked before the first is written (nothing but a PNG is ever
+    replaced)."""
+    from clipkd.reports.plot import check_target, save_figure
+
     for path in paths:
         check_target(path)
     for (_, fig), path in zip(named, paths):
